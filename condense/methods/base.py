@@ -1,0 +1,52 @@
+"""What every distillation method receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from condense.config import DSAConfig, ModelConfig
+from condense.prepare import PreparedDataset
+from condense.progress import Progress
+from condense.training import sample_per_class
+
+
+@dataclass
+class DistillInputs:
+    data: PreparedDataset
+    ipc: int
+    seed: int
+    method_cfg: Any
+    model_cfg: ModelConfig
+    dsa_cfg: DSAConfig
+    experts: Any = None
+    """An ``ExpertBuffer`` for trajectory methods, None otherwise."""
+
+
+@dataclass
+class SyntheticSet:
+    images: torch.Tensor
+    """(n, C, H, W) network inputs (normalised or whitened like the real data)."""
+    labels: torch.Tensor
+    """(n,) hard labels, class-major: ipc images of class 0, then class 1, ..."""
+    lr: float | None = None
+    """A learned training step size (MTT's alpha), used by evaluation when ``evaluate.lr: learned``."""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Checkpoints(Protocol):
+    """Where a long optimisation keeps its resumable state."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+
+__all__ = ["Checkpoints", "DistillInputs", "Progress", "SyntheticSet", "init_real"]
+
+
+def init_real(data: PreparedDataset, ipc: int, generator: torch.Generator) -> torch.Tensor:
+    """``ipc`` randomly chosen real training images per class, class-major order."""
+    return data.train_x[sample_per_class(data.train_y, data.num_classes, ipc, generator)].clone()

@@ -1,0 +1,87 @@
+"""The run summary (the ``--json`` object, ``summary.json``) and its human forms: a terminal table
+and a markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUMMARY_STAGES = ("experts", "distill", "soft_labels", "evaluate")
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    return "-" if not entry else f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+
+
+def accuracy_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per evaluation architecture: distilled vs. random real vs. full data."""
+    by_arch = summary.get("baselines_by_arch", {})
+    return [
+        {
+            "model": arch,
+            "distilled": _cell(entry),
+            "random_real": _cell(by_arch.get(arch, {}).get("random_real")),
+            "full_data": _cell(by_arch.get(arch, {}).get("full_data")),
+        }
+        for arch, entry in summary["accuracy"].items()
+    ]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def text_table(summary: dict[str, Any]) -> str:
+    lines = [
+        f"condense: {summary['dataset']} / {summary['method']} / ipc {summary['ipc']}"
+        f"  (run {summary['run_id']}, {summary['seconds']:.1f} s)",
+        "",
+    ]
+    stage_rows = [["stage", "cached", "seconds", "key"]]
+    for name, stage in summary["stages"].items():
+        stage_rows.append([name, "yes" if stage["cached"] else "no", f"{stage['seconds']:.1f}", stage["key"]])
+    lines += _table(stage_rows)
+    runs = summary["evaluation_runs"]
+    lines += ["", f"test accuracy (%), mean ± std over {runs} fresh networks each:"]
+    acc_rows = [["model", "distilled", "random_real", "full_data"]]
+    acc_rows += [list(row.values()) for row in accuracy_rows(summary)]
+    lines += _table(acc_rows)
+    lines += [
+        "",
+        f"distilled set: {summary['artifacts']['manifest']}",
+        f"grid: {summary['artifacts']['grid_png']}",
+    ]
+    return "\n".join(lines)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    rows = accuracy_rows(summary)
+    out = [
+        f"# {summary['dataset']} / {summary['method']} / ipc {summary['ipc']}",
+        "",
+        f"Run `{summary['run_id']}` in {summary['seconds']:.1f} s, store `{summary['store']}`.",
+        "",
+        "## Test accuracy (%)",
+        "",
+        "| model | distilled | random real | full data |",
+        "|---|---|---|---|",
+        *[f"| {r['model']} | {r['distilled']} | {r['random_real']} | {r['full_data']} |" for r in rows],
+        "",
+        f"Mean ± std over {summary['evaluation_runs']} fresh networks per cell, trained only on that set.",
+        "",
+        "## Stages",
+        "",
+        "| stage | cached | seconds | key |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} | `{s['key']}` |"
+            for name, s in summary["stages"].items()
+        ],
+        "",
+        "## Synthetic images",
+        "",
+        "![synthetic set](grid.png)",
+        "",
+        f"Shards and manifest: `{summary['artifacts']['manifest']}`",
+    ]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,75 @@
+"""The plain supervised loop shared by expert recording and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from condense.augment import dsa
+from condense.config import DSAConfig
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def random_seed(generator: torch.Generator) -> int:
+    """Draw a seed for a sub-step (a DSA transform, a batch order) from ``generator``."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    yield from torch.split(order, batch_size)
+
+
+def train_epoch(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: DSAConfig | None,
+) -> float:
+    """One pass over (x, targets) in random order, DSA on every batch when ``augment`` is given.
+
+    Returns the mean training loss.
+    """
+    model.train()
+    total, count = 0.0, 0
+    for idx in batches(len(x), batch_size, generator):
+        inputs = x[idx]
+        if augment is not None:
+            inputs = dsa(inputs, augment, random_seed(generator))
+        loss = loss_fn(model(inputs), targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for x, in eval mode, batched."""
+    model.eval()
+    return torch.cat([model(chunk) for chunk in torch.split(x, batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((predict(model, x).argmax(1) == y).float().mean() * 100)
+
+
+def sample_per_class(
+    labels: torch.Tensor, num_classes: int, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of ``k`` random samples of each class, class-major (k of class 0, then class 1, ...)."""
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(picks)

@@ -1,0 +1,59 @@
+"""ZCA whitening as MTT uses it (kornia ``ZCAWhitening(eps=0.1, compute_inv=True)``), in plain torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ZCA", "apply_zca", "fit_zca", "invert_zca"]
+
+_CHUNK = 2048
+
+
+@dataclass
+class ZCA:
+    """Fitted whitening of flattened images: ``(x - mean) @ transform``; ``inverse`` undoes it."""
+
+    mean: torch.Tensor  # (D,)
+    transform: torch.Tensor  # (D, D)
+    inverse: torch.Tensor  # (D, D)
+
+
+def fit_zca(x: torch.Tensor, eps: float = 0.1) -> ZCA:
+    """Fit on (N, C, H, W) images: unbiased covariance, T = U diag(1/sqrt(S+eps)) U^T.
+
+    Accumulated in float64 chunk by chunk, so N=50,000 x D=3072 needs only a few D x D buffers.
+    """
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"fit_zca needs at least 2 images, got {n}")
+    flat = x.detach().reshape(n, -1)
+    mean = torch.zeros(flat.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in flat.split(_CHUNK):
+        mean += chunk.double().sum(0)
+    mean /= n
+    cov = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in flat.split(_CHUNK):
+        centred = chunk.double() - mean
+        cov.addmm_(centred.T, centred)
+    cov /= n - 1
+    s, u = torch.linalg.eigh(cov)
+    # eigh can return tiny negative eigenvalues for rank-deficient data; the covariance is PSD.
+    s = s.clamp(min=0) + eps
+    transform = (u * s.rsqrt()) @ u.T
+    inverse = (u * s.sqrt()) @ u.T
+    return ZCA(mean=mean.float(), transform=transform.float(), inverse=inverse.float())
+
+
+def apply_zca(x: torch.Tensor, zca: ZCA) -> torch.Tensor:
+    """Whiten (N, ...) images; same shape out, differentiable in x."""
+    t = zca.transform.to(x)
+    bias = -(zca.mean.to(x) @ t)
+    # addmm folds the centring into the bias, so no centred copy of x is materialised.
+    return torch.addmm(bias, x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+
+def invert_zca(x: torch.Tensor, zca: ZCA) -> torch.Tensor:
+    """Map whitened images back to pixel space; same shape out, differentiable in x."""
+    return torch.addmm(zca.mean.to(x), x.reshape(x.shape[0], -1), zca.inverse.to(x)).reshape(x.shape)

@@ -1,0 +1,140 @@
+"""The ``condense`` command.
+
+Prefect is configured to run quietly and offline before it is imported: no telemetry, warnings
+only, and (with no ``PREFECT_API_URL``) the in-process ephemeral API, so no server is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Dataset distillation as a cached Prefect pipeline: experts -> distill -> soft labels -> evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+QUIET_PREFECT = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+def _configure_prefect(debug: bool) -> None:
+    for name, value in QUIET_PREFECT.items():
+        os.environ.setdefault(name, value)
+    # Failures are reported by this command as one line; Prefect's own tracebacks only with --debug.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if debug else "CRITICAL")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    preset: Annotated[
+        str, typer.Argument(help="Preset name (see `condense presets`) or a YAML config path.")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config field: --set ipc=10 --set distill.iterations=300."),
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Artifact store directory (default: data/store, or $CONDENSE_STORE).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON line at the end.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks and Prefect's logs.")] = False,
+) -> None:
+    """Run the whole pipeline; a rerun reuses every stage whose inputs did not change."""
+    started = time.perf_counter()
+    _configure_prefect(debug)
+    from condense.config import load_config
+    from condense.errors import CondenseError
+
+    overrides = list(set_ or [])
+    try:
+        load_config(preset, overrides)  # bad config fails here, before any Prefect or store work
+    except CondenseError as err:
+        _fail(str(err), 2)
+
+    from flows.pipeline import DEFAULT_STORE, pipeline
+
+    store_dir = str(store or DEFAULT_STORE)
+    try:
+        if os.environ.get("PREFECT_API_URL"):
+            summary = pipeline(preset, overrides, store_dir, quiet)
+        else:
+            # A local ephemeral API dies with this process, so its run heartbeats (a fixed ~1 s at
+            # exit) guard nothing.
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                summary = pipeline(preset, overrides, store_dir, quiet)
+    except CondenseError as err:
+        if debug:
+            raise
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume from the last checkpoint", 130)
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if debug:
+            raise
+        _fail(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
+
+    from condense.report import text_table
+    from condense.store import write_json
+
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(Path(summary["artifacts"]["run_dir"]) / "summary.json", summary)
+    typer.echo(text_table(summary))
+    if as_json:
+        typer.echo(json.dumps(summary, separators=(",", ":")))
+
+
+@app.command()
+def presets() -> None:
+    """List the bundled presets."""
+    from condense.config import PRESET_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        typer.echo(f"{name:<16} {first}")
+
+
+@app.command()
+def config(
+    preset: Annotated[str, typer.Argument(help="Preset name or YAML path.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field, as for `run`.")] = None,
+) -> None:
+    """Print the fully resolved config (every field, defaults included) as YAML."""
+    import yaml
+
+    from condense.config import load_config
+    from condense.errors import CondenseError
+
+    try:
+        cfg = load_config(preset, list(set_ or []))
+    except CondenseError as err:
+        _fail(str(err), 2)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

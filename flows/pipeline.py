@@ -1,0 +1,234 @@
+"""The pipeline DAG: dataset -> experts (fan-out) -> distill -> soft labels -> evaluation (fan-out)
+-> export + report.
+
+Composition only: every stage is a task in ``tasks.stages``; keys come from ``condense.stages``.
+Run it in-process (``condense run`` or ``python -m flows.pipeline``) or as a deployment
+(``prefect.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from condense import report, stages
+from condense.config import PipelineConfig, load_config
+from condense.evaluate import summarize
+from condense.methods import get_method
+from condense.store import Store, write_json
+from tasks import stages as t
+
+DEFAULT_STORE = os.environ.get("CONDENSE_STORE", str(Path(__file__).resolve().parents[1] / "data" / "store"))
+
+
+class StageClock:
+    """Wall time and cache status per summary stage (a stage is cached when its artifact existed)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def start(self, name: str, key: str, cached: bool) -> float:
+        self.stages[name] = {"cached": cached, "seconds": 0.0, "key": key}
+        return time.perf_counter()
+
+    def stop(self, name: str, started: float) -> None:
+        self.stages[name]["seconds"] = round(time.perf_counter() - started, 3)
+
+
+def _run(task: Any, cached: bool, **params: Any) -> Any:
+    """Submit a stage; when its artifact is missing, bypass any stale Prefect cache record."""
+    return (task if cached else task.with_options(refresh_cache=True)).submit(**params)
+
+
+@flow(name="condense-pipeline")
+def pipeline(
+    preset: str = "digits-mtt",
+    overrides: list[str] | None = None,
+    store: str = DEFAULT_STORE,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Distil a dataset with the preset's method, evaluate it, export it; returns the run summary."""
+    started = time.perf_counter()
+    cfg: PipelineConfig = load_config(preset, overrides or [])
+    st = Store(store)
+    results = st.root / "_prefect_results"
+    tasks = {
+        name: getattr(t, name).with_options(result_storage=results)
+        for name in ("record_expert", "finish_experts", "distill", "soft_labels", "evaluate", "export")
+    }
+    clock = StageClock()
+
+    dataset_key = t.prepare_dataset(cfg, str(st.root))
+    keys = {"dataset": dataset_key}
+
+    method = get_method(cfg.method)
+    experts_key = stages.experts_key(cfg, dataset_key)
+    keys["experts"] = experts_key
+    cached = st.has(stages.EXPERTS, experts_key)
+    begun = clock.start("experts", experts_key, cached)
+    stages.open_experts(st, experts_key, cfg, dataset_key)
+    futures = [
+        _run(
+            tasks["record_expert"],
+            cached,
+            store=str(st.root),
+            key=experts_key,
+            cfg=cfg,
+            dataset_key=dataset_key,
+            index=i,
+            quiet=quiet,
+        )
+        for i in range(cfg.experts.num_experts)
+    ]
+    _run(
+        tasks["finish_experts"],
+        cached,
+        store=str(st.root),
+        key=experts_key,
+        records=[f.result() for f in futures],
+    ).result()
+    clock.stop("experts", begun)
+
+    distill_key = stages.distill_key(cfg, dataset_key, experts_key if method.needs_experts else None)
+    keys["distill"] = distill_key
+    cached = st.has(stages.DISTILL, distill_key)
+    begun = clock.start("distill", distill_key, cached)
+    _run(
+        tasks["distill"],
+        cached,
+        store=str(st.root),
+        key=distill_key,
+        cfg=cfg,
+        dataset_key=dataset_key,
+        experts_key=experts_key if method.needs_experts else None,
+        quiet=quiet,
+    ).result()
+    clock.stop("distill", begun)
+
+    labels_key = stages.soft_labels_key(cfg, distill_key, experts_key)
+    keys["soft_labels"] = labels_key
+    cached = st.has(stages.SOFT_LABELS, labels_key)
+    begun = clock.start("soft_labels", labels_key, cached)
+    _run(
+        tasks["soft_labels"],
+        cached,
+        store=str(st.root),
+        key=labels_key,
+        cfg=cfg,
+        dataset_key=dataset_key,
+        distill_key=distill_key,
+        experts_key=experts_key,
+    ).result()
+    clock.stop("soft_labels", begun)
+
+    subjects = ["distilled"]
+    subjects += ["random_real"] if cfg.evaluate.random_real else []
+    subjects += ["full_data"] if cfg.evaluate.full_data else []
+    runs = []
+    for subject in subjects:
+        inputs = stages.evaluation_inputs(cfg, subject, dataset_key, distill_key, labels_key, experts_key)
+        for arch in cfg.evaluate.models:
+            for index in range(cfg.evaluate.seeds):
+                key = stages.evaluation_key(cfg, subject, arch, index, inputs)
+                runs.append((subject, arch, key, st.has(stages.EVALUATE, key), index))
+    eval_keys = [r[2] for r in runs]
+    evaluate_key = stages.evaluation_set_key(eval_keys)
+    begun = clock.start("evaluate", evaluate_key, all(r[3] for r in runs))
+    futures = [
+        (
+            subject,
+            arch,
+            _run(
+                tasks["evaluate"],
+                hit,
+                store=str(st.root),
+                key=key,
+                cfg=cfg,
+                subject=subject,
+                arch=arch,
+                index=index,
+                keys=keys,
+                quiet=quiet,
+            ),
+        )
+        for subject, arch, key, hit, index in runs
+    ]
+    accuracies: dict[str, dict[str, list[float]]] = {}
+    for subject, arch, future in futures:
+        accuracies.setdefault(arch, {}).setdefault(subject, []).append(future.result()["accuracy"])
+    clock.stop("evaluate", begun)
+
+    table = {
+        arch: {subject: summarize(accs) for subject, accs in by_subject.items()}
+        for arch, by_subject in accuracies.items()
+    }
+    export_key = stages.export_key(distill_key, labels_key, eval_keys)
+    export_meta = _run(
+        tasks["export"],
+        st.has(stages.EXPORT, export_key),
+        store=str(st.root),
+        key=export_key,
+        cfg=cfg,
+        keys=keys,
+        accuracy=table,
+    ).result()
+    export_dir = st.path(stages.EXPORT, export_key)
+
+    run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run_dir = st.root / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    shutil.copy(export_dir / "grid.png", run_dir / "grid.png")
+    first = cfg.evaluate.models[0]
+    summary = {
+        "run_id": run_id,
+        "config_name": cfg.name,
+        "dataset": st.meta("dataset", dataset_key)["card"]["name"],
+        "method": cfg.method,
+        "ipc": cfg.ipc,
+        "store": str(st.root),
+        "seconds": round(time.perf_counter() - started, 2),
+        "stages": clock.stages,
+        "accuracy": {arch: table[arch]["distilled"] for arch in cfg.evaluate.models},
+        "baselines": {s: {k: table[first][s][k] for k in ("mean", "std")} for s in subjects[1:]},
+        "baselines_by_arch": {
+            arch: {s: table[arch][s] for s in subjects[1:]} for arch in cfg.evaluate.models
+        },
+        "evaluation_runs": cfg.evaluate.seeds,
+        "learned_lr": st.meta(stages.DISTILL, distill_key)["lr"],
+        "artifacts": {
+            "synthetic": str(st.path(stages.DISTILL, distill_key) / "synthetic.zarr"),
+            "soft_labels": str(st.path(stages.SOFT_LABELS, labels_key) / "labels.zarr"),
+            "shards": [str(export_dir / name) for name in export_meta["shards"]],
+            "manifest": str(export_dir / "manifest.json"),
+            "grid_png": str(run_dir / "grid.png"),
+            "run_dir": str(run_dir),
+        },
+        "keys": keys,
+    }
+    write_json(run_dir / "summary.json", summary)
+    (run_dir / "report.md").write_text(report.markdown(summary))
+    create_markdown_artifact(
+        key="condense-report",
+        markdown=report.markdown(summary).replace("(grid.png)", f"({(run_dir / 'grid.png').as_uri()})"),
+        description="condense run report",
+    )
+    create_table_artifact(
+        key="condense-accuracy",
+        table=report.accuracy_rows(summary),
+        description="test accuracy (%), mean ± std",
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(report.text_table(pipeline(sys.argv[1] if len(sys.argv) > 1 else "digits-mtt", sys.argv[2:])))

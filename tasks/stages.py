@@ -1,0 +1,81 @@
+"""Prefect tasks: one per pipeline stage, each a few lines around a ``condense.stages`` call.
+
+Every task takes the store root and its stage key (computed by the flow from configs and input keys)
+and returns the artifact's small metadata dict, never tensors. Prefect's cache key for a task is
+the store key: the store is the truth, Prefect's cache is the index to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from condense import prepare, stages
+from condense.config import PipelineConfig
+from condense.progress import Progress
+from condense.store import Store
+
+
+def store_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """``<task>-<store key>``: the task name keeps two stages with equal keys from sharing a record."""
+    return f"{context.task.name}-{parameters['key']}"
+
+
+@task(name="prepare-dataset", retries=0)
+def prepare_dataset(cfg: PipelineConfig, store: str) -> str:
+    """Decode the source into the store (cached by content fingerprint); returns the dataset key."""
+    key, _ = prepare.prepare(cfg.dataset, Store(store), cfg.ipc)
+    return key
+
+
+@task(name="record-expert", cache_key_fn=store_cache_key)
+def record_expert(
+    store: str, key: str, cfg: PipelineConfig, dataset_key: str, index: int, quiet: bool = False
+) -> dict:
+    return stages.record_expert(Store(store), key, cfg, dataset_key, index, Progress("experts", quiet=quiet))
+
+
+@task(name="finish-experts", cache_key_fn=store_cache_key)
+def finish_experts(store: str, key: str, records: list[dict]) -> dict:
+    stages.finish_experts(Store(store), key, records)
+    return Store(store).meta(stages.EXPERTS, key)
+
+
+@task(name="distill", cache_key_fn=store_cache_key)
+def distill(
+    store: str, key: str, cfg: PipelineConfig, dataset_key: str, experts_key: str | None, quiet: bool = False
+) -> dict:
+    return stages.run_distill(
+        Store(store), key, cfg, dataset_key, experts_key, Progress(cfg.method, quiet=quiet)
+    )
+
+
+@task(name="soft-labels", cache_key_fn=store_cache_key)
+def soft_labels(
+    store: str, key: str, cfg: PipelineConfig, dataset_key: str, distill_key: str, experts_key: str
+) -> dict:
+    return stages.run_soft_labels(Store(store), key, cfg, dataset_key, distill_key, experts_key)
+
+
+@task(name="evaluate", cache_key_fn=store_cache_key)
+def evaluate(
+    store: str,
+    key: str,
+    cfg: PipelineConfig,
+    subject: str,
+    arch: str,
+    index: int,
+    keys: dict[str, str],
+    quiet: bool = False,
+) -> dict:
+    label = f"eval {subject} {arch} #{index}"
+    return stages.run_evaluation(
+        Store(store), key, cfg, subject, arch, index, keys, Progress(label, quiet=quiet)
+    )
+
+
+@task(name="export", cache_key_fn=store_cache_key)
+def export(store: str, key: str, cfg: PipelineConfig, keys: dict[str, str], accuracy: dict) -> dict:
+    return stages.run_export(Store(store), key, cfg, keys, accuracy)

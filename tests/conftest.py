@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny budgets so real end-to-end runs stay fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A real MTT run on a digits subset, small enough for seconds on a CPU.
+TINY = [
+    "dataset.train_per_class=20",
+    "experts.num_experts=2",
+    "experts.epochs=4",
+    "distill.iterations=6",
+    "distill.syn_steps=4",
+    "distill.max_start_epoch=2",
+    "distill.checkpoint_every=2",
+    "evaluate.seeds=2",
+    "evaluate.epochs=20",
+    "evaluate.full_data_epochs=2",
+]
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for CLI subprocesses: a throwaway PREFECT_HOME shared by the session (so the
+    ephemeral API's database migrates once), offline and quiet."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"condense {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def tiny_args(store: Path, *extra: str) -> list[str]:
+    args = ["run", "digits-mtt", "--store", str(store), "--json", "-q"]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def tree(path: Path) -> list[str]:
+    """Every file and directory under ``path`` (to prove a store unchanged)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from condense.config import load_config, parse_override, preset_names
+from condense.errors import ConfigError
+
+
+def test_every_preset_validates():
+    names = preset_names()
+    assert "digits-mtt" in names and "cifar10-mtt" in names
+    for name in names:
+        assert load_config(name).name == name
+
+
+def test_overrides_reach_nested_fields_and_parse_yaml_values():
+    cfg = load_config(
+        "digits-mtt", ["ipc=10", "distill.iterations=300", "evaluate.models=[convnet, resnet18]"]
+    )
+    assert cfg.ipc == 10
+    assert cfg.distill.iterations == 300
+    assert cfg.evaluate.models == ["convnet", "resnet18"]
+    assert parse_override("dataset.path=/x/y") == ("dataset.path", "/x/y")
+
+
+def test_typo_in_key_is_an_error_with_a_suggestion():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'distill.iteratons' \(did you mean 'distill.iterations'"
+    ):
+        load_config("digits-mtt", ["distill.iteratons=5"])
+    with pytest.raises(ConfigError, match="unknown config key 'ipcs'"):
+        load_config("digits-mtt", ["ipcs=5"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ipc=0", "'ipc'"),
+        ("ipc=-3", "'ipc'"),
+        ("ipc=many", "'ipc'"),
+        ("method=nope", "unknown method 'nope'"),
+        ("distill.max_start_epoch=30", "experts.epochs >= 32"),
+        ("dsa.strategy=color_blur", "unknown DSA families"),
+        ("noequals", "key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config("digits-mtt", [override])
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'digits-mt'.*digits-mtt"):
+        load_config("digits-mt")
+
+
+def test_yaml_file_in_place_of_a_preset(tmp_path: Path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("method: mtt\nipc: 3\ndataset: {source: digits}\n")
+    cfg = load_config(str(path))
+    assert (cfg.ipc, cfg.name) == (3, "mine")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))

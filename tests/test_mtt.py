@@ -1,0 +1,118 @@
+"""MTT on a real (tiny) digits subset: the loss, the unroll, resume and divergence handling."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from condense import stages
+from condense.config import load_config
+from condense.errors import DivergenceError
+from condense.methods.mtt import trajectory_loss, unroll
+from condense.models import ConvNet, FlatParams
+from condense.prepare import prepare
+from condense.store import Store, load_arrays
+from tests.conftest import TINY
+
+
+def test_trajectory_loss_is_normalised_by_the_expert_segment():
+    start, target = torch.zeros(5), torch.ones(5)
+    assert trajectory_loss(target, start, target) == 0
+    assert trajectory_loss(start, start, target) == 1
+    assert trajectory_loss(2 * target, start, target) == 1
+
+
+def test_unroll_reaches_images_and_learning_rate():
+    cfg = load_config("digits-mtt")
+    net = FlatParams(ConvNet(1, 3, 8))
+    images = torch.randn(6, 1, 8, 8, requires_grad=True)
+    lr = torch.tensor(0.01, requires_grad=True)
+    start = net.flatten()
+    end = unroll(
+        net,
+        start,
+        images,
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        lr,
+        3,
+        4,
+        torch.Generator().manual_seed(0),
+        cfg.dsa,
+    )
+    end.pow(2).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert lr.grad is not None and torch.isfinite(lr.grad)
+
+
+class KillAfter:
+    """Checkpoints that simulate a kill right after the n-th save."""
+
+    def __init__(self, inner, saves: int):
+        self.inner, self.saves = inner, saves
+
+    def load(self):
+        return self.inner.load()
+
+    def save(self, state):
+        self.inner.save(state)
+        self.saves -= 1
+        if self.saves == 0:
+            raise KeyboardInterrupt
+
+
+def _experts(store: Store, cfg) -> tuple[str, str]:
+    dataset_key, _ = prepare(cfg.dataset, store, cfg.ipc)
+    key = stages.experts_key(cfg, dataset_key)
+    stages.open_experts(store, key, cfg, dataset_key)
+    records = [stages.record_expert(store, key, cfg, dataset_key, i) for i in range(cfg.experts.num_experts)]
+    stages.finish_experts(store, key, records)
+    return dataset_key, key
+
+
+def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch):
+    cfg = load_config("digits-mtt", TINY)
+    store = Store(tmp_path)
+    dataset_key, experts_key = _experts(store, cfg)
+    key = stages.distill_key(cfg, dataset_key, experts_key)
+
+    original = stages.TorchCheckpoints
+    monkeypatch.setattr(stages, "TorchCheckpoints", lambda path: KillAfter(original(path), saves=1))
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_distill(store, key, cfg, dataset_key, experts_key)
+    assert not store.has(stages.DISTILL, key)
+    assert original(store.partial(stages.DISTILL, key) / "checkpoint.pt").load()["iteration"] == 2
+    monkeypatch.setattr(stages, "TorchCheckpoints", original)
+
+    notes = []
+
+    class Recorder:
+        def note(self, message):
+            notes.append(message)
+
+        def step(self, *args):
+            pass
+
+    stages.run_distill(store, key, cfg, dataset_key, experts_key, Recorder())
+    assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes)
+    resumed = load_arrays(store.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
+
+    fresh = Store(tmp_path / "fresh")
+    dataset_key2, experts_key2 = _experts(fresh, cfg)
+    stages.run_distill(fresh, key, cfg, dataset_key2, experts_key2)
+    uninterrupted = load_arrays(fresh.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
+    assert np.isfinite(resumed).all()
+    assert resumed.tobytes() == uninterrupted.tobytes()
+    assert store.meta(stages.DISTILL, key)["lr"] == fresh.meta(stages.DISTILL, key)["lr"]
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path):
+    cfg = load_config("digits-mtt", [*TINY, "distill.lr_img=1e30", "distill.checkpoint_every=1"])
+    store = Store(tmp_path)
+    dataset_key, experts_key = _experts(store, cfg)
+    key = stages.distill_key(cfg, dataset_key, experts_key)
+    with pytest.raises(DivergenceError, match="diverged at iteration .* last good checkpoint: iteration"):
+        stages.run_distill(store, key, cfg, dataset_key, experts_key)
+    state = stages.TorchCheckpoints(store.partial(stages.DISTILL, key) / "checkpoint.pt").load()
+    assert torch.isfinite(state["images"]).all()
+    assert not store.has(stages.DISTILL, key)
