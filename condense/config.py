@@ -129,6 +129,8 @@ class PipelineConfig(Strict):
     """One pipeline run: dataset -> experts -> distill -> soft labels -> evaluate."""
 
     name: str = "custom"
+    budget: str | None = None
+    """The named budget (from the config's ``budgets`` section) applied on top of the preset."""
     method: str = "mtt"
     ipc: int = Field(default=1, gt=0)
     """Images per class of the distilled set."""
@@ -239,10 +241,27 @@ def build_config(data: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(_explain(err, PipelineConfig)) from None
 
 
-def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """A preset name or YAML path, plus ``key=value`` overrides, validated."""
-    data = _read_yaml(source)
-    for text in overrides:
-        key, value = parse_override(text)
+def _apply_budget(data: dict[str, Any], budget: str | None) -> None:
+    """A config may name budgets (``budgets: {paper: {dotted.key: value}}``) so that a whole scale
+    change, e.g. CPU-sized to paper-sized, is one ``--set budget=paper`` away."""
+    budgets = data.pop("budgets", None) or {}
+    if budget is None:
+        return
+    if budget not in budgets:
+        known = ", ".join(sorted(budgets)) or "none"
+        raise ConfigError(f"unknown budget {budget!r} for this config; budgets: {known}")
+    for key, value in budgets[budget].items():
         _set_path(data, key, value)
+    data["budget"] = budget
+
+
+def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """A preset name or YAML path, then its selected budget, then ``key=value`` overrides, validated."""
+    data = _read_yaml(source)
+    parsed = [parse_override(text) for text in overrides]
+    budget = next((value for key, value in reversed(parsed) if key == "budget"), data.get("budget"))
+    _apply_budget(data, budget)
+    for key, value in parsed:
+        if key != "budget":
+            _set_path(data, key, value)
     return build_config(data)

@@ -32,7 +32,9 @@ def _configure_prefect(debug: bool) -> None:
     for name, value in QUIET_PREFECT.items():
         os.environ.setdefault(name, value)
     # Failures are reported by this command as one line; Prefect's own tracebacks only with --debug.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if debug else "CRITICAL")
+    level = "INFO" if debug else "CRITICAL"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
+    os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", level)  # e.g. the events worker's exit notes
 
 
 def _fail(message: str, code: int = 1) -> None:

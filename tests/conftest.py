@@ -60,8 +60,8 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def tiny_args(store: Path, *extra: str) -> list[str]:
-    args = ["run", "digits-mtt", "--store", str(store), "--json", "-q"]
+def tiny_args(store: Path, *extra: str, quiet: bool = True) -> list[str]:
+    args = ["run", "digits-mtt", "--store", str(store), "--json", *(["-q"] if quiet else [])]
     for item in [*TINY, *extra]:
         args += ["--set", item]
     return args

@@ -1,0 +1,180 @@
+"""The `condense` command end to end on digits at a tiny budget: summary, caching, determinism,
+export, resume after SIGKILL, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+import condense
+from condense.store import load_arrays
+from tests.conftest import ROOT, last_json, run_cli, tiny_args, tree
+
+STAGES = ("experts", "distill", "soft_labels", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, prefect_env) -> tuple[Path, dict]:
+    store = tmp_path_factory.mktemp("store")
+    return store, last_json(run_cli(tiny_args(store), prefect_env).stdout)
+
+
+def test_summary_has_the_documented_shape(first_run):
+    store, summary = first_run
+    for key in ("run_id", "dataset", "method", "ipc", "store", "seconds"):
+        assert key in summary
+    assert (summary["dataset"], summary["method"], summary["ipc"]) == ("digits", "mtt", 1)
+    assert list(summary["stages"]) == list(STAGES)
+    for stage in summary["stages"].values():
+        assert stage["cached"] is False and stage["seconds"] >= 0 and len(stage["key"]) == 20
+    convnet = summary["accuracy"]["convnet"]
+    assert len(convnet["runs"]) == 2 and 0 <= convnet["mean"] <= 100
+    assert set(summary["baselines"]) == {"random_real", "full_data"}
+    artifacts = summary["artifacts"]
+    assert Path(artifacts["synthetic"]).is_dir() and Path(artifacts["manifest"]).is_file()
+    assert Path(artifacts["grid_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(Path(p).is_file() for p in artifacts["shards"])
+    run_dir = Path(artifacts["run_dir"])
+    assert (run_dir / "summary.json").is_file() and "![synthetic set](grid.png)" in (
+        run_dir / "report.md"
+    ).read_text()
+
+
+def test_a_rerun_hits_every_cache(first_run, prefect_env):
+    store, summary = first_run
+    again = last_json(run_cli(tiny_args(store), prefect_env).stdout)
+    assert all(again["stages"][s]["cached"] for s in STAGES)
+    assert again["stages"] == {
+        name: {**stage, "cached": True, "seconds": again["stages"][name]["seconds"]}
+        for name, stage in summary["stages"].items()
+    }
+    assert again["accuracy"] == summary["accuracy"]
+
+
+def test_changing_evaluation_reuses_experts_and_synthetic_set(first_run, prefect_env):
+    store, _ = first_run
+    changed = last_json(run_cli(tiny_args(store, "evaluate.epochs=10"), prefect_env).stdout)
+    cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
+    assert cached == {"experts": True, "distill": True, "soft_labels": True, "evaluate": False}
+
+
+def test_changing_distillation_reuses_experts(first_run, prefect_env):
+    store, _ = first_run
+    changed = last_json(run_cli(tiny_args(store, "distill.iterations=4"), prefect_env).stdout)
+    cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
+    assert cached == {"experts": True, "distill": False, "soft_labels": False, "evaluate": False}
+
+
+def test_two_fresh_stores_get_byte_identical_synthetic_images(first_run, prefect_env, tmp_path):
+    _, summary = first_run
+    other = last_json(run_cli(tiny_args(tmp_path), prefect_env).stdout)
+    a = load_arrays(Path(summary["artifacts"]["synthetic"]))["images"]
+    b = load_arrays(Path(other["artifacts"]["synthetic"]))["images"]
+    assert a.tobytes() == b.tobytes()
+    assert other["stages"]["distill"]["key"] == summary["stages"]["distill"]["key"]
+
+
+def test_the_distilled_set_loads_in_python_and_with_plain_webdataset(first_run):
+    _, summary = first_run
+    ds = condense.load_distilled(summary["artifacts"]["run_dir"])
+    assert len(ds) == 10
+    image, label, soft = ds[3]
+    assert image.shape == (1, 8, 8) and label == 3
+    assert soft.shape == (10,) and abs(float(soft.sum()) - 1) < 1e-5
+    synthetic = load_arrays(Path(summary["artifacts"]["synthetic"]))["images"]
+    np.testing.assert_array_equal(ds.images.numpy(), synthetic)
+
+    plain = list(wds.WebDataset(summary["artifacts"]["shards"], shardshuffle=False).decode("rgb8"))
+    assert sorted(int(s["cls"]) for s in plain) == list(range(10))
+    assert {"input.npy", "png", "cls", "soft.npy"} <= set(plain[0])
+    assert plain[0]["png"].shape == (8, 8, 3)
+
+
+def test_sigkill_during_distillation_resumes_from_the_checkpoint(prefect_env, tmp_path):
+    args = tiny_args(tmp_path, "distill.iterations=400", "distill.checkpoint_every=5", quiet=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env=prefect_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    checkpoint = None
+    while time.monotonic() < deadline and checkpoint is None:
+        found = list((tmp_path / "distill" / ".partial").glob("*/checkpoint.pt"))
+        checkpoint = found[0] if found else None
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint is not None, "no distillation checkpoint appeared"
+
+    resumed = run_cli(args, prefect_env)
+    summary = last_json(resumed.stdout)
+    assert summary["stages"]["experts"]["cached"] is True
+    assert "resuming MTT from checkpoint at iteration" in resumed.stderr
+    images = load_arrays(Path(summary["artifacts"]["synthetic"]))["images"]
+    assert images.shape == (10, 1, 8, 8) and np.isfinite(images).all()
+
+
+def _shards(tmp_path: Path, corrupt: bool) -> Path:
+    root = tmp_path / "shards"
+    root.mkdir()
+    for split in ("train", "test"):
+        path = root / f"{split}-000000.tar"
+        if corrupt and split == "train":
+            path.write_bytes(os.urandom(4096))
+        else:
+            path.write_bytes(b"")  # an empty (zero-sample) shard
+    return root
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["run", "digits-mtt", "--set", "distill.iteratons=5"], "unknown config key 'distill.iteratons'"),
+        (["run", "digits-mtt", "--set", "method=dreamy"], "unknown method 'dreamy'"),
+        (["run", "digits-mtt", "--set", "ipc=0"], "'ipc'"),
+        (["run", "digits-mtt", "--set", "ipc=1000"], "ipc=1000 is larger than the smallest class"),
+        (
+            ["run", "cifar10-mtt", "--set", "dataset.path=/nonexistent/cifar"],
+            "dataset path not found: /nonexistent/cifar",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_leaves_the_store_alone(args, message, prefect_env, tmp_path):
+    store = tmp_path / "store"
+    before = tree(store)
+    proc = run_cli([*args, "--store", str(store)], prefect_env, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert tree(store) == before
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"), [(True, "corrupt or unreadable shard"), (False, "no samples")]
+)
+def test_bad_shards_are_one_line_errors(corrupt, message, prefect_env, tmp_path):
+    root = _shards(tmp_path, corrupt)
+    store = tmp_path / "store"
+    proc = run_cli(
+        ["run", "cifar10-mtt", "--set", f"dataset.path={root}", "--store", str(store)],
+        prefect_env,
+        check=False,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert tree(store) == []
