@@ -21,6 +21,7 @@ from condense import augment, evaluate, experts, export, labels, models, prepare
 from condense.config import PipelineConfig
 from condense.errors import CondenseError
 from condense.evaluate import Recipe
+from condense.methods import base as method_base
 from condense.methods import get_method
 from condense.methods.base import DistillInputs, SyntheticSet
 from condense.progress import SILENT, Progress
@@ -131,7 +132,7 @@ def distill_key(cfg: PipelineConfig, dataset_key: str, experts_key_: str | None)
     inputs = {"dataset": dataset_key}
     if experts_key_ is not None:
         inputs["experts"] = experts_key_
-    return stage_key(DISTILL, config, code_version(*TRAINING_CODE, method.module), inputs)
+    return stage_key(DISTILL, config, code_version(*TRAINING_CODE, method_base, method.module), inputs)
 
 
 class TorchCheckpoints:
@@ -390,16 +391,10 @@ def run_export(
         shards = export.write_distilled(
             tmp, arrays["images"], arrays["pixels"], arrays["labels"], soft, manifest
         )
-        export.image_grid(arrays["pixels"], per_row=cfg.ipc if cfg.ipc > 1 else card_columns(card)).save(
-            tmp / "grid.png"
-        )
+        per_row = cfg.ipc if cfg.ipc > 1 else len(card["classes"])  # one row per class; IPC 1 as one row
+        export.image_grid(arrays["pixels"], per_row=per_row).save(tmp / "grid.png")
         store.commit(EXPORT, key, tmp, {"shards": [p.name for p in shards]})
     return store.meta(EXPORT, key)
-
-
-def card_columns(card: dict[str, Any]) -> int:
-    """IPC 1 grids read better as one row of classes."""
-    return len(card["classes"])
 
 
 def evaluation_set_key(evaluation_keys: list[str]) -> str:
