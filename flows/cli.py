@@ -35,6 +35,32 @@ def _configure_prefect(debug: bool) -> None:
     level = "INFO" if debug else "CRITICAL"
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
     os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", level)  # e.g. the events worker's exit notes
+    # The ephemeral API server logs its shutdown (cancelled event flushes, sqlalchemy pool resets, via
+    # the root logger) as errors: noise for a local run.
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", level)
+    os.environ.setdefault("PREFECT_LOGGING_ROOT_LEVEL", level)
+
+
+def _start_local_api_quietly() -> None:
+    """Start Prefect's ephemeral API server now, its output going to a log file in PREFECT_HOME.
+
+    The server is a subprocess that inherits stderr, and at shutdown it sometimes logs cancelled
+    database work as errors, after this command has said all it has to say. Prefect reuses this
+    same server instance for the rest of the process.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    with open(home / "condense-ephemeral-server.log", "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            SubprocessASGIServer().start()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -83,6 +109,8 @@ def run(
             # exit) guard nothing.
             from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+            if not debug:
+                _start_local_api_quietly()
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 summary = pipeline(preset, overrides, store_dir, quiet)
     except CondenseError as err:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def _shards(tmp_path: Path, corrupt: bool) -> Path:
         if corrupt and split == "train":
             path.write_bytes(os.urandom(4096))
         else:
-            path.write_bytes(b"")  # an empty (zero-sample) shard
+            tarfile.open(path, "w").close()  # a valid tar with no samples
     return root
 
 

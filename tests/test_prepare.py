@@ -22,7 +22,7 @@ def test_digits_card_and_normalisation(tmp_path: Path):
     # inputs are normalised with the training split's own statistics
     assert abs(float(data.train_x.mean())) < 1e-4 and abs(float(data.train_x.std()) - 1) < 1e-3
     pixels = data.to_pixels(data.train_x[:5])
-    assert 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+    assert float(pixels.min()) >= 0 and float(pixels.max()) <= 1
 
 
 def test_ipc_larger_than_a_class_fails_before_writing(tmp_path: Path):

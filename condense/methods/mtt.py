@@ -153,7 +153,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
             last = checkpoints.load()
             kept = f"iteration {last['iteration']}" if last else "none yet"
             raise DivergenceError(
-                f"MTT diverged at iteration {it + 1} (loss={float(loss)}); last good checkpoint: {kept};"
+                f"MTT diverged at iteration {it + 1} (loss={loss.item()}); last good checkpoint: {kept};"
                 " lower distill.lr_img or distill.lr_lr"
             )
         opt_img.zero_grad(set_to_none=True)
@@ -168,4 +168,4 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
             save(it + 1)
 
-    return SyntheticSet(images=images.detach().clone(), labels=labels, lr=float(syn_lr), history=history)
+    return SyntheticSet(images=images.detach().clone(), labels=labels, lr=syn_lr.item(), history=history)
