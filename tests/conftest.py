@@ -70,3 +70,16 @@ def tiny_args(store: Path, *extra: str, quiet: bool = True) -> list[str]:
 def tree(path: Path) -> list[str]:
     """Every file and directory under ``path`` (to prove a store unchanged)."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def record_experts(store, cfg) -> tuple[str, str]:
+    """Dataset and expert stages, run directly (no Prefect); returns their keys."""
+    from condense import stages
+    from condense.prepare import prepare
+
+    dataset_key, _ = prepare(cfg.dataset, store, cfg.ipc)
+    key = stages.experts_key(cfg, dataset_key)
+    stages.open_experts(store, key, cfg, dataset_key)
+    records = [stages.record_expert(store, key, cfg, dataset_key, i) for i in range(cfg.experts.num_experts)]
+    stages.finish_experts(store, key, records)
+    return dataset_key, key

@@ -11,9 +11,8 @@ from condense.config import load_config
 from condense.errors import DivergenceError
 from condense.methods.mtt import trajectory_loss, unroll
 from condense.models import ConvNet, FlatParams
-from condense.prepare import prepare
 from condense.store import Store, load_arrays
-from tests.conftest import TINY
+from tests.conftest import TINY, record_experts
 
 
 def test_trajectory_loss_is_normalised_by_the_expert_segment():
@@ -61,19 +60,10 @@ class KillAfter:
             raise KeyboardInterrupt
 
 
-def _experts(store: Store, cfg) -> tuple[str, str]:
-    dataset_key, _ = prepare(cfg.dataset, store, cfg.ipc)
-    key = stages.experts_key(cfg, dataset_key)
-    stages.open_experts(store, key, cfg, dataset_key)
-    records = [stages.record_expert(store, key, cfg, dataset_key, i) for i in range(cfg.experts.num_experts)]
-    stages.finish_experts(store, key, records)
-    return dataset_key, key
-
-
 def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch):
     cfg = load_config("digits-mtt", TINY)
     store = Store(tmp_path)
-    dataset_key, experts_key = _experts(store, cfg)
+    dataset_key, experts_key = record_experts(store, cfg)
     key = stages.distill_key(cfg, dataset_key, experts_key)
 
     original = stages.TorchCheckpoints
@@ -98,7 +88,7 @@ def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path
     resumed = load_arrays(store.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
 
     fresh = Store(tmp_path / "fresh")
-    dataset_key2, experts_key2 = _experts(fresh, cfg)
+    dataset_key2, experts_key2 = record_experts(fresh, cfg)
     stages.run_distill(fresh, key, cfg, dataset_key2, experts_key2)
     uninterrupted = load_arrays(fresh.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
     assert np.isfinite(resumed).all()
@@ -109,7 +99,7 @@ def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path):
     cfg = load_config("digits-mtt", [*TINY, "distill.lr_img=1e30", "distill.checkpoint_every=1"])
     store = Store(tmp_path)
-    dataset_key, experts_key = _experts(store, cfg)
+    dataset_key, experts_key = record_experts(store, cfg)
     key = stages.distill_key(cfg, dataset_key, experts_key)
     with pytest.raises(DivergenceError, match="diverged at iteration .* last good checkpoint: iteration"):
         stages.run_distill(store, key, cfg, dataset_key, experts_key)

@@ -1,0 +1,57 @@
+import torch
+
+from condense.config import DatasetConfig, DSAConfig
+from condense.evaluate import Recipe, random_real_subset, summarize, train_and_test
+from condense.labels import kd_loss, soft_labels
+from condense.models import ConvNet
+from condense.prepare import load, prepare
+from condense.store import Store
+
+
+def _digits(tmp_path):
+    store = Store(tmp_path)
+    key, _ = prepare(DatasetConfig(train_per_class=20), store, ipc=1)
+    return load(store, key)
+
+
+def test_random_real_subset_has_ipc_per_class_and_depends_on_seed(tmp_path):
+    data = _digits(tmp_path)
+    x, y = random_real_subset(data, 3, seed=0)
+    assert x.shape == (30, 1, 8, 8)
+    assert torch.equal(torch.bincount(y), torch.full((10,), 3))
+    x2, _ = random_real_subset(data, 3, seed=1)
+    assert not torch.equal(x, x2)
+    assert torch.equal(random_real_subset(data, 3, seed=0)[0], x)
+
+
+def test_training_on_real_data_beats_chance_and_is_deterministic(tmp_path):
+    data = _digits(tmp_path)
+    recipe = Recipe(epochs=15, lr=0.01, batch_size=64, momentum=0.9, weight_decay=5e-4, dsa=DSAConfig())
+    first = train_and_test("convnet", data, data.train_x, data.train_y, recipe, seed=3)
+    second = train_and_test("convnet", data, data.train_x, data.train_y, recipe, seed=3)
+    assert first["accuracy"] > 50  # 10 classes: chance is 10%
+    assert first["accuracy"] == second["accuracy"]
+
+
+def test_soft_label_training_with_kd_loss_and_a_timm_student(tmp_path):
+    data = _digits(tmp_path)
+    teacher = ConvNet(1, 10, 8)
+    probs = soft_labels(teacher, data.train_x[:40], temperature=4.0)
+    torch.testing.assert_close(probs.sum(1), torch.ones(40))
+    recipe = Recipe(
+        epochs=1, lr=0.01, batch_size=20, momentum=0.9, weight_decay=5e-4, dsa=None, temperature=4.0
+    )
+    result = train_and_test("resnet18", data, data.train_x[:40], probs, recipe, seed=0)
+    assert 0 <= result["accuracy"] <= 100 and result["train_loss"] >= 0
+
+
+def test_kd_loss_is_zero_for_matching_distributions():
+    logits = torch.randn(5, 10)
+    target = torch.softmax(logits / 2.0, dim=1)
+    assert float(kd_loss(logits, target, 2.0)) < 1e-6
+    assert float(kd_loss(-logits, target, 2.0)) > 0.1
+
+
+def test_summary_statistics():
+    assert summarize([90.0, 92.0]) == {"mean": 91.0, "std": 1.0, "runs": [90.0, 92.0]}
+    assert summarize([50.0])["std"] == 0.0
