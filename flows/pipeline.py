@@ -42,6 +42,13 @@ class StageClock:
     def stop(self, name: str, started: float) -> None:
         self.stages[name]["seconds"] = round(time.perf_counter() - started, 3)
 
+    def run(self, name: str, cached: bool, task: Any, **params: Any) -> Any:
+        """Run a single-task stage, timed; ``params['key']`` is its store key."""
+        begun = self.start(name, params["key"], cached)
+        result = _run(task, cached, **params).result()
+        self.stop(name, begun)
+        return result
+
 
 def _run(task: Any, cached: bool, **params: Any) -> Any:
     """Submit a stage; when its artifact is missing, bypass any stale Prefect cache record."""
@@ -99,35 +106,31 @@ def pipeline(
 
     distill_key = stages.distill_key(cfg, dataset_key, experts_key if method.needs_experts else None)
     keys["distill"] = distill_key
-    cached = st.has(stages.DISTILL, distill_key)
-    begun = clock.start("distill", distill_key, cached)
-    _run(
+    clock.run(
+        "distill",
+        st.has(stages.DISTILL, distill_key),
         tasks["distill"],
-        cached,
         store=str(st.root),
         key=distill_key,
         cfg=cfg,
         dataset_key=dataset_key,
         experts_key=experts_key if method.needs_experts else None,
         quiet=quiet,
-    ).result()
-    clock.stop("distill", begun)
+    )
 
     labels_key = stages.soft_labels_key(cfg, distill_key, experts_key)
     keys["soft_labels"] = labels_key
-    cached = st.has(stages.SOFT_LABELS, labels_key)
-    begun = clock.start("soft_labels", labels_key, cached)
-    _run(
+    clock.run(
+        "soft_labels",
+        st.has(stages.SOFT_LABELS, labels_key),
         tasks["soft_labels"],
-        cached,
         store=str(st.root),
         key=labels_key,
         cfg=cfg,
         dataset_key=dataset_key,
         distill_key=distill_key,
         experts_key=experts_key,
-    ).result()
-    clock.stop("soft_labels", begun)
+    )
 
     subjects = ["distilled"]
     subjects += ["random_real"] if cfg.evaluate.random_real else []

@@ -19,8 +19,10 @@ from condense.store import Store
 
 
 def store_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """``<task>-<store key>``: the task name keeps two stages with equal keys from sharing a record."""
-    return f"{context.task.name}-{parameters['key']}"
+    """``<task>-<store key>[-<index>]``: the task name keeps two stages with equal keys from sharing a
+    record, the index the experts that fill one stage."""
+    index = parameters.get("index")
+    return f"{context.task.name}-{parameters['key']}" + ("" if index is None else f"-{index}")
 
 
 @task(name="prepare-dataset", retries=0)
