@@ -190,7 +190,13 @@ def run_distill(
     )
     write_json(work / "history.json", result.history)
     (work / "checkpoint.pt").unlink(missing_ok=True)
-    meta = {"lr": result.lr, "method": cfg.method, "ipc": cfg.ipc, "seconds": time.perf_counter() - started}
+    meta = {
+        "lr": result.lr,
+        "method": cfg.method,
+        "ipc": cfg.ipc,
+        "seconds": time.perf_counter() - started,
+        "stats": result.stats,
+    }
     store.commit(DISTILL, key, work, meta)
     return store.meta(DISTILL, key)
 

@@ -206,6 +206,7 @@ def pipeline(
         },
         "evaluation_runs": cfg.evaluate.seeds,
         "learned_lr": st.meta(stages.DISTILL, distill_key)["lr"],
+        "distill_stats": st.meta(stages.DISTILL, distill_key).get("stats", {}),
         "artifacts": {
             "synthetic": str(st.path(stages.DISTILL, distill_key) / "synthetic.zarr"),
             "soft_labels": str(st.path(stages.SOFT_LABELS, labels_key) / "labels.zarr"),

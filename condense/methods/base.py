@@ -34,6 +34,8 @@ class SyntheticSet:
     lr: float | None = None
     """A learned training step size (MTT's alpha), used by evaluation when ``evaluate.lr: learned``."""
     history: list[dict[str, float]] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+    """Cost accounting the run summary reports (e.g. feature-extraction and k-means seconds)."""
 
 
 class Checkpoints(Protocol):
