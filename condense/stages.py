@@ -132,7 +132,7 @@ def distill_key(cfg: PipelineConfig, dataset_key: str, experts_key_: str | None)
     inputs = {"dataset": dataset_key}
     if experts_key_ is not None:
         inputs["experts"] = experts_key_
-    return stage_key(DISTILL, config, code_version(*TRAINING_CODE, method_base, method.module), inputs)
+    return stage_key(DISTILL, config, code_version(*TRAINING_CODE, method_base, *method.modules), inputs)
 
 
 class TorchCheckpoints:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
-from condense.methods import mtt
+from condense import sampling
+from condense.methods import dm, dream, dsa, matching, mtt
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 
 
@@ -18,12 +20,18 @@ class Method:
     check: Callable[[Any], None]
     """Cross-field validation against the whole pipeline config; raises ValueError."""
     needs_experts: bool
-    module: Any
-    """The module implementing it: its source is the method's code version in cache keys."""
+    modules: tuple[ModuleType, ...]
+    """The modules implementing it: their source is the method's code version in cache keys."""
 
 
+MATCHING = (matching, sampling)
 METHODS: dict[str, Method] = {
-    "mtt": Method("mtt", mtt.MTTConfig, mtt.distill, mtt.check, needs_experts=True, module=mtt),
+    "mtt": Method("mtt", mtt.MTTConfig, mtt.distill, mtt.check, needs_experts=True, modules=(mtt, sampling)),
+    "dsa": Method("dsa", dsa.DSAMatchConfig, dsa.distill, dsa.check, False, (dsa, *MATCHING)),
+    "dm": Method("dm", dm.DMConfig, dm.distill, dm.check, False, (dm, *MATCHING)),
+    "dream": Method(
+        "dream", dream.DREAMConfig, dream.distill, dream.check, False, (dream, dsa, dm, *MATCHING)
+    ),
 }
 
 

@@ -26,8 +26,8 @@ from condense.augment import dsa
 from condense.config import Strict
 from condense.errors import DivergenceError
 from condense.experts import ExpertBuffer, student_model
-from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet, init_real
-from condense.models import FlatParams
+from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet, initial_images
+from condense.models import ConvNet, FlatParams
 from condense.training import random_seed
 
 
@@ -47,7 +47,8 @@ class MTTConfig(Strict):
     momentum: float = Field(default=0.5, ge=0)
     batch_syn: int | None = Field(default=None, gt=0)
     """Synthetic images per student step; None = the whole set (the paper's default)."""
-    init: Literal["real", "noise"] = "real"
+    init: Literal["real", "noise", "kmeans"] = "real"
+    """Random real images, noise, or the real images nearest k-means centroids of an expert's features."""
     checkpoint_every: int = Field(default=50, gt=0)
 
 
@@ -97,16 +98,12 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
     data = inputs.data
     generator = torch.Generator().manual_seed(inputs.seed)
 
-    if cfg.init == "real":
-        images = init_real(data, inputs.ipc, generator)
-    else:
-        images = torch.randn(
-            data.num_classes * inputs.ipc,
-            data.channels,
-            data.resolution,
-            data.resolution,
-            generator=generator,
-        )
+    def trained_expert(seed: int) -> ConvNet:
+        # k-means needs meaningful features: embed with an expert's final weights, not a random net.
+        net = FlatParams(student_model(data, inputs.model_cfg, seed))
+        return net.load_into(buffer.snapshot(0, buffer.num_snapshots - 1))
+
+    images = initial_images(data, inputs.ipc, cfg.init, generator, trained_expert)
     labels = torch.arange(data.num_classes).repeat_interleave(inputs.ipc)
     images.requires_grad_(True)
     syn_lr = torch.tensor(cfg.lr_init, requires_grad=True)
