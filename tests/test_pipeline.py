@@ -179,3 +179,25 @@ def test_bad_shards_are_one_line_errors(corrupt, message, prefect_env, tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert tree(store) == []
+
+
+def test_dream_runs_end_to_end_and_reports_its_clustering_cost(prefect_env, tmp_path):
+    args = ["run", "digits-dream", "--store", str(tmp_path), "--json", "-q"]
+    for item in (
+        "dataset.train_per_class=40",
+        "experts.epochs=2",
+        "distill.iterations=12",
+        "distill.interval=5",
+        "distill.checkpoint_every=5",
+        "evaluate.seeds=2",
+        "evaluate.epochs=20",
+        "evaluate.full_data_epochs=2",
+    ):
+        args += ["--set", item]
+    summary = last_json(run_cli(args, prefect_env).stdout)
+    assert summary["method"] == "dream"
+    stats = summary["distill_stats"]
+    # 12 iterations, re-clustered at 0, 5 and 10 for each of 10 classes
+    assert stats["reclusters"] == 30 and stats["kmeans_seconds"] > 0 and stats["feature_seconds"] > 0
+    assert summary["learned_lr"] is None
+    assert len(condense.load_distilled(summary["artifacts"]["run_dir"])) == 10
