@@ -8,7 +8,8 @@ the k-means centroids of that class's features under the current network, re-clu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -20,6 +21,25 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 # k-means++ seeding puts one centroid in each well-separated group almost surely, where uniform seeding
 # can start two in one group and leave Lloyd stuck; older faiss builds lack it and fall back to uniform.
 _KMEANS_PLUS_PLUS = getattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
+
+
+SMALL_KMEANS_WORK = 50_000_000
+"""Below this many multiply-adds per k-means pass (n * d * k), faiss runs single-threaded."""
+
+
+@contextmanager
+def _threads_for(work: int) -> Iterator[None]:
+    """One OpenMP thread for small problems: a per-class clustering (hundreds of points) is over in
+    milliseconds, and faiss's thread start-up and spin-waiting made it 16x slower on 2 busy cores."""
+    if work >= SMALL_KMEANS_WORK:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def kmeans_nearest(features: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
@@ -40,12 +60,13 @@ def kmeans_nearest(features: np.ndarray, k: int, seed: int, niter: int = 20) -> 
     options["min_points_per_centroid"] = 1
     if _KMEANS_PLUS_PLUS is not None:
         options["init_method"] = _KMEANS_PLUS_PLUS
-    kmeans = faiss.Kmeans(d, k, verbose=False, **options)
-    kmeans.train(x)
-    index = faiss.IndexFlatL2(d)
-    index.add(x)
-    # k neighbours per centroid always suffice: at most k - 1 of them can already be taken.
-    _, neighbours = index.search(kmeans.centroids, k)
+    with _threads_for(n * d * k):
+        kmeans = faiss.Kmeans(d, k, verbose=False, **options)
+        kmeans.train(x)
+        index = faiss.IndexFlatL2(d)
+        index.add(x)
+        # k neighbours per centroid always suffice: at most k - 1 of them can already be taken.
+        _, neighbours = index.search(kmeans.centroids, k)
     taken: set[int] = set()
     chosen = []
     for row in neighbours:
