@@ -75,3 +75,39 @@ def initial_images(
             return kmeans_init(data.train_x, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
     shape = (data.num_classes * ipc, data.channels, data.resolution, data.resolution)
     return torch.randn(*shape, generator=generator)
+
+
+class Resumable:
+    """What a long optimisation checkpoints: named tensors, their optimizers, the RNG, the history.
+
+    ``snapshot`` and ``restore`` are inverse, so a run killed after a checkpoint and resumed from it
+    continues exactly as the uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        optimizers: dict[str, torch.optim.Optimizer],
+        generator: torch.Generator,
+    ):
+        self.tensors, self.optimizers, self.generator = tensors, optimizers, generator
+
+    def snapshot(self, iteration: int, history: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "history": history,
+            "rng": self.generator.get_state(),
+            **{name: t.detach().clone() for name, t in self.tensors.items()},
+            **{name: opt.state_dict() for name, opt in self.optimizers.items()},
+            **extra,
+        }
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+        """Load a snapshot in place; returns (iteration reached, history so far)."""
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                tensor.copy_(state[name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+        self.generator.set_state(state["rng"])
+        return state["iteration"], state["history"]

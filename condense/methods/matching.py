@@ -21,7 +21,14 @@ from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig, Strict
 from condense.errors import DivergenceError
 from condense.experts import student_model
-from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet, initial_images
+from condense.methods.base import (
+    Checkpoints,
+    DistillInputs,
+    Progress,
+    Resumable,
+    SyntheticSet,
+    initial_images,
+)
 from condense.models import ConvNet
 from condense.prepare import PreparedDataset
 from condense.sampling import Embed, make_sampler
@@ -136,19 +143,14 @@ def run_matching(
         data, inputs.ipc, cfg.init, generator, lambda seed: student_model(data, inputs.model_cfg, seed)
     ).requires_grad_(True)
     optimizer = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
+    resumable = Resumable({"images": images}, {"opt_img": optimizer}, generator)
     history: list[dict[str, float]] = []
     stats: dict[str, float] = {}
     start_it = 0
-
     state = checkpoints.load()
     if state is not None:
-        with torch.no_grad():
-            images.copy_(state["images"])
-        optimizer.load_state_dict(state["opt_img"])
-        generator.set_state(state["rng"])
-        history = state["history"]
+        start_it, history = resumable.restore(state)
         stats = state["sampler_stats"]
-        start_it = state["iteration"]
         progress.note(f"resuming {label} from checkpoint at iteration {start_it}/{cfg.iterations}")
 
     run = MatchingRun(
@@ -163,18 +165,6 @@ def run_matching(
         generator=generator,
         sampler=new_sampler(data, cfg, generator, stats),
     )
-
-    def save(iteration: int) -> None:
-        checkpoints.save(
-            {
-                "iteration": iteration,
-                "images": images.detach().clone(),
-                "opt_img": optimizer.state_dict(),
-                "rng": generator.get_state(),
-                "history": history,
-                "sampler_stats": dict(run.sampler.stats),
-            }
-        )
 
     for it in range(start_it, cfg.iterations):
         if it > start_it and it % cfg.checkpoint_every == 0:
@@ -194,7 +184,7 @@ def run_matching(
         history.append({"iteration": it + 1, "loss": loss, **run.sampler.stats})
         progress.step(it + 1, cfg.iterations, f"loss {loss:.4f}")
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            save(it + 1)
+            checkpoints.save(resumable.snapshot(it + 1, history, sampler_stats=dict(run.sampler.stats)))
 
     return SyntheticSet(
         images=images.detach().clone(),

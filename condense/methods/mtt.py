@@ -26,7 +26,14 @@ from condense.augment import dsa
 from condense.config import Strict
 from condense.errors import DivergenceError
 from condense.experts import ExpertBuffer, student_model
-from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet, initial_images
+from condense.methods.base import (
+    Checkpoints,
+    DistillInputs,
+    Progress,
+    Resumable,
+    SyntheticSet,
+    initial_images,
+)
 from condense.models import ConvNet, FlatParams
 from condense.training import random_seed
 
@@ -109,33 +116,15 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
     syn_lr = torch.tensor(cfg.lr_init, requires_grad=True)
     opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
     opt_lr = torch.optim.SGD([syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
+    resumable = Resumable(
+        {"images": images, "syn_lr": syn_lr}, {"opt_img": opt_img, "opt_lr": opt_lr}, generator
+    )
     history: list[dict[str, float]] = []
     start_it = 0
-
     state = checkpoints.load()
     if state is not None:
-        with torch.no_grad():
-            images.copy_(state["images"])
-            syn_lr.copy_(state["syn_lr"])
-        opt_img.load_state_dict(state["opt_img"])
-        opt_lr.load_state_dict(state["opt_lr"])
-        generator.set_state(state["rng"])
-        history = state["history"]
-        start_it = state["iteration"]
+        start_it, history = resumable.restore(state)
         progress.note(f"resuming MTT from checkpoint at iteration {start_it}/{cfg.iterations}")
-
-    def save(iteration: int) -> None:
-        checkpoints.save(
-            {
-                "iteration": iteration,
-                "images": images.detach().clone(),
-                "syn_lr": syn_lr.detach().clone(),
-                "opt_img": opt_img.state_dict(),
-                "opt_lr": opt_lr.state_dict(),
-                "rng": generator.get_state(),
-                "history": history,
-            }
-        )
 
     net = FlatParams(student_model(data, inputs.model_cfg, inputs.seed))
     batch = cfg.batch_syn or len(images)
@@ -163,6 +152,6 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
         history.append({"iteration": it + 1, "loss": loss.item(), "lr": syn_lr.item()})
         progress.step(it + 1, cfg.iterations, f"loss {loss.item():.4f} lr {syn_lr.item():.4g}")
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            save(it + 1)
+            checkpoints.save(resumable.snapshot(it + 1, history))
 
     return SyntheticSet(images=images.detach().clone(), labels=labels, lr=syn_lr.item(), history=history)
