@@ -75,6 +75,27 @@ def load_arrays(path: Path, names: list[str] | None = None) -> dict[str, np.ndar
     return {name: group[name][...] for name in (names or sorted(group.array_keys()))}
 
 
+def _make_dir_racing_cleanup(path: Path, exist_ok: bool = False, attempts: int = 20) -> None:
+    """``mkdir -p`` that tolerates concurrent writers pruning the (empty) parents in between.
+
+    A writer that finishes removes empty scaffolding directories (see :meth:`Store.writing`); if
+    that happens while we create the parents, ``mkdir`` fails with FileNotFoundError, or with
+    FileExistsError for a parent that vanished again before pathlib could check it. Both mean
+    "try again". Once the leaf exists its parents are non-empty and nobody prunes them.
+    """
+    for attempt in range(attempts):
+        try:
+            path.mkdir(parents=True, exist_ok=exist_ok)
+            return
+        except (FileNotFoundError, FileExistsError):
+            if path.is_dir():
+                if exist_ok:
+                    return
+                raise
+            if attempt == attempts - 1:
+                raise
+
+
 class Store:
     """A directory of finished artifacts, addressed by (stage, key)."""
 
@@ -93,7 +114,7 @@ class Store:
     def partial(self, stage: str, key: str) -> Path:
         """Scratch directory of an unfinished artifact; survives crashes so work can resume."""
         path = self.root / stage / ".partial" / key
-        path.mkdir(parents=True, exist_ok=True)
+        _make_dir_racing_cleanup(path, exist_ok=True)
         return path
 
     def commit(self, stage: str, key: str, work_dir: Path, meta: Mapping[str, Any]) -> Path:
@@ -120,7 +141,7 @@ class Store:
         The caller commits it with :meth:`commit` inside the block.
         """
         tmp = self.root / stage / ".tmp" / f"{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        _make_dir_racing_cleanup(tmp)
         try:
             yield tmp
         finally:

@@ -1,3 +1,5 @@
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +47,20 @@ def test_a_second_commit_of_the_same_key_keeps_the_first(tmp_path: Path):
             store.commit("stage", "k", tmp, {"value": value})
     assert store.meta("stage", "k")["value"] == 1
     assert not list((tmp_path / "stage" / ".tmp").glob("*"))
+
+
+def _write_one(args: tuple[str, int]) -> bool:
+    root, index = args
+    store = Store(root)
+    with store.writing("evaluate", f"k{index}") as tmp:
+        store.commit("evaluate", f"k{index}", tmp, {"index": index})
+    return store.has("evaluate", f"k{index}")
+
+
+def test_concurrent_writers_do_not_trip_over_each_others_cleanup(tmp_path: Path):
+    # Each finished write prunes the empty scaffolding (.tmp/, the stage directory) that another
+    # process may be creating at that very moment; the CI once failed on exactly this race.
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(_write_one, [(str(tmp_path), i) for i in range(400)], chunksize=10))
+    assert all(done)
+    assert not (tmp_path / "evaluate" / ".tmp").exists()
