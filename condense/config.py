@@ -86,16 +86,91 @@ class ExpertsConfig(Strict):
     dsa: bool = True
 
 
-class SoftLabelsConfig(Strict):
-    """Teacher soft labels for the synthetic set."""
+class TeacherConfig(Strict):
+    """The teacher (RDED's "observer", SRe2L's "squeeze" stage): labels synthetic images, scores RDED's
+    patches, and drives the KD recipe. It is a stage of its own, cached like every other."""
 
-    teacher: Literal["best_expert"] = "best_expert"
-    """The expert whose final weights fit the training data best (highest train accuracy)."""
+    source: Literal["best_expert", "train", "file"] = "best_expert"
+    """``best_expert``: the expert with the best final train accuracy (free when experts exist);
+    ``train``: train ``arch`` on the full real data with the settings below; ``file``: a PyTorch
+    state_dict of ``arch`` at ``path`` (e.g. a published observer)."""
+    path: str | None = None
+    arch: str = "convnet"
+    """``convnet`` (ConvNet-D with ``norm``, width/depth from ``model``) or a timm name, e.g. ``resnet18``."""
+    norm: Literal["instancenorm", "batchnorm", "none"] = "batchnorm"
+    """Norm of a trained ConvNet teacher; RDED's and SRe2L's teachers use batch norm."""
+    epochs: int = Field(default=30, gt=0)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    batch_size: int = Field(default=256, gt=0)
+    dsa: bool = True
+    """Train with DSA on every batch (cosine learning rate to 0 over ``epochs``)."""
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> TeacherConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("teacher.source 'file' needs teacher.path (a state_dict saved with torch.save)")
+        return self
+
+
+class SoftLabelsConfig(Strict):
+    """One soft label per synthetic image (exported with the set): the teacher's softmax at T."""
+
     temperature: float = Field(default=4.0, gt=0)
 
 
+class RelabelConfig(Strict):
+    """How the KD recipe gets its labels: the teacher's top-k probabilities on every augmented batch.
+
+    ``online`` runs the teacher during student training (RDED). ``stored`` (FKD/SRe2L) precomputes,
+    for every epoch, each image's crop box, flip, the batch's CutMix and the teacher's top-k
+    probabilities, so a student trains later without the teacher.
+    """
+
+    mode: Literal["online", "stored"] = "online"
+    top_k: int | None = Field(default=None, gt=0)
+    """Keep the k largest probabilities and spread the rest uniformly (FKD's marginal smoothing);
+    None keeps all classes. Applied in both modes, so they train on the same labels."""
+    fp16: bool = True
+    """Store boxes and probabilities as float16 (FKD's --use_fp16)."""
+
+
+class KDRecipeConfig(Strict):
+    """The knowledge-distillation evaluation recipe of RDED/SRe2L (``evaluate.recipe: kd``)."""
+
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay, not applied to biases and norm weights."""
+    final_lr_fraction: float = Field(default=0.0, ge=0, le=1)
+    """Cosine from ``lr`` to ``lr * final_lr_fraction`` (SRe2L: 0; RDED's quarter cosine ends at 0.5)."""
+    temperature: float = Field(default=20.0, gt=0)
+    """KL divergence between student and teacher at this temperature (RDED/SRe2L with CutMix: 20)."""
+    crop_scale: tuple[float, float] | None = None
+    """RandomResizedCrop area range; None: (1/factor, 1) of the set's stitching factor, as RDED."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    cutmix_beta: float = Field(default=1.0, ge=0)
+    cutmix_prob: float = Field(default=1.0, ge=0, le=1)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _valid_scale(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("crop_scale must be (low, high) with 0 < low <= high <= 1")
+        return value
+
+
 class EvaluateConfig(Strict):
-    """Train fresh networks on a set, test on the real test split (MTT's evaluate_synset recipe)."""
+    """Train fresh networks on a set, test on the real test split.
+
+    ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA, hard or stored soft labels); ``recipe: kd`` is
+    the RDED/SRe2L recipe (AdamW, cosine, crops + CutMix, KL to the teacher at every step). Every
+    baseline is trained with the same recipe as the distilled set.
+    """
+
+    recipe: Literal["mtt", "kd"] = "mtt"
+    kd: KDRecipeConfig = Field(default_factory=KDRecipeConfig)
 
     models: list[str] = Field(default_factory=lambda: ["convnet"], min_length=1)
     """``convnet`` (the distillation architecture) and/or timm names such as ``resnet18``."""
@@ -108,7 +183,7 @@ class EvaluateConfig(Strict):
     weight_decay: float = Field(default=5e-4, ge=0)
     dsa: bool = True
     labels: Literal["hard", "soft"] = "hard"
-    """``soft``: KD loss (KL at ``temperature``) against the stored teacher soft labels."""
+    """MTT recipe only. ``soft``: KD loss (KL at ``temperature``) against the per-image soft labels."""
     temperature: float = Field(default=4.0, gt=0)
     random_real: bool = True
     """Baseline: the same number of randomly chosen real images, same recipe, lr ``baseline_lr``."""
@@ -123,6 +198,12 @@ class EvaluateConfig(Strict):
         if not isinstance(value, str) and value <= 0:
             raise ValueError("lr must be > 0 or 'learned'")
         return value
+
+    @model_validator(mode="after")
+    def _labels_belong_to_mtt(self) -> EvaluateConfig:
+        if self.recipe == "kd" and self.labels == "soft":
+            raise ValueError("evaluate.labels applies to the mtt recipe; kd recipe labels come from relabel")
+        return self
 
 
 class PipelineConfig(Strict):
@@ -141,7 +222,9 @@ class PipelineConfig(Strict):
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     distill: Any = None
     """The method's own config (see ``condense.methods``); validated against ``method``."""
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
+    relabel: RelabelConfig = Field(default_factory=RelabelConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
@@ -154,6 +237,8 @@ class PipelineConfig(Strict):
             raw = raw.model_dump()
         self.distill = method.config_cls.model_validate(raw or {})
         method.check(self)
+        if self.relabel.mode == "stored" and self.evaluate.recipe != "kd":
+            raise ValueError("relabel.mode 'stored' feeds the kd recipe: set evaluate.recipe=kd")
         return self
 
 

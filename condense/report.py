@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-SUMMARY_STAGES = ("experts", "distill", "soft_labels", "evaluate")
-
 
 def _cell(entry: dict[str, Any] | None) -> str:
     return "-" if not entry else f"{entry['mean']:.2f} ± {entry['std']:.2f}"
@@ -31,6 +29,30 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
+def human_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    step = 0
+    while n >= 1024 and step < len(units) - 1:
+        n, step = n / 1024, step + 1
+    return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
+
+
+def context_lines(summary: dict[str, Any]) -> list[str]:
+    """The teacher and where evaluation labels came from (and what stored labels weigh)."""
+    teacher = summary["teacher"]
+    labels = summary["labels"]
+    lines = [
+        f"teacher: {teacher['arch']} ({teacher['source']}), test accuracy {teacher['test_accuracy']:.2f}%",
+        f"evaluation recipe: {summary['evaluation_recipe']}, labels: {labels['kind']}",
+    ]
+    if "label_bytes" in labels:
+        stored, disk = human_bytes(labels["label_bytes"]), human_bytes(labels["label_disk_bytes"])
+        lines.append(
+            f"stored labels: {stored} ({disk} on disk) vs images {human_bytes(labels['image_bytes'])}"
+        )
+    return lines
+
+
 def text_table(summary: dict[str, Any]) -> str:
     lines = [
         f"condense: {summary['dataset']} / {summary['method']} / ipc {summary['ipc']}"
@@ -46,6 +68,7 @@ def text_table(summary: dict[str, Any]) -> str:
     acc_rows = [["model", "distilled", "random_real", "full_data"]]
     acc_rows += [list(row.values()) for row in accuracy_rows(summary)]
     lines += _table(acc_rows)
+    lines += ["", *context_lines(summary)]
     lines += [
         "",
         f"distilled set: {summary['artifacts']['manifest']}",
@@ -68,6 +91,8 @@ def markdown(summary: dict[str, Any]) -> str:
         *[f"| {r['model']} | {r['distilled']} | {r['random_real']} | {r['full_data']} |" for r in rows],
         "",
         f"Mean ± std over {summary['evaluation_runs']} fresh networks per cell, trained only on that set.",
+        "",
+        *[f"- {line}" for line in context_lines(summary)],
         "",
         "## Stages",
         "",

@@ -7,6 +7,7 @@ a notebook can call them directly.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -17,17 +18,39 @@ from typing import Any
 import torch
 import zarr
 
-from condense import augment, evaluate, experts, export, labels, models, prepare, training
-from condense.config import PipelineConfig
-from condense.errors import CondenseError
-from condense.evaluate import Recipe
+from condense import (
+    augment,
+    crops,
+    evaluate,
+    experts,
+    export,
+    labels,
+    models,
+    prepare,
+    relabel,
+    teacher,
+    training,
+)
+from condense.config import ModelConfig, PipelineConfig
+from condense.errors import CondenseError, ConfigError
+from condense.evaluate import KDRecipe, Recipe
 from condense.methods import base as method_base
 from condense.methods import get_method
 from condense.methods.base import DistillInputs, SyntheticSet
 from condense.progress import SILENT, Progress
-from condense.store import Store, code_version, load_arrays, read_json, save_arrays, stage_key, write_json
+from condense.store import (
+    Store,
+    code_version,
+    disk_bytes,
+    load_arrays,
+    read_json,
+    save_arrays,
+    stage_key,
+    write_json,
+)
 
-EXPERTS, DISTILL, SOFT_LABELS, EVALUATE = "experts", "distill", "soft_labels", "evaluate"
+EXPERTS, TEACHER, DISTILL = "experts", "teacher", "distill"
+SOFT_LABELS, RELABEL, EVALUATE = "soft_labels", "relabel", "evaluate"
 TRAINING_CODE = (models, augment, training)
 
 
@@ -116,10 +139,97 @@ def load_buffer(store: Store, key: str) -> experts.ExpertBuffer:
     return experts.ExpertBuffer(zarr.open_array(str(_buffer_path(store.path(EXPERTS, key))), mode="r"))
 
 
+# ----------------------------------------------------------------------------- teacher
+
+
+def needs_experts(cfg: PipelineConfig) -> bool:
+    """Experts are recorded when the method matches trajectories or the teacher is the best expert."""
+    return get_method(cfg.method).needs_experts or cfg.teacher.source == "best_expert"
+
+
+def teacher_architecture(cfg: PipelineConfig) -> tuple[str, ModelConfig]:
+    """(arch, ConvNet config) of the teacher: the experts' ConvNet, or the teacher section's."""
+    if cfg.teacher.source == "best_expert":
+        return models.CONVNET, cfg.model
+    return cfg.teacher.arch, teacher.teacher_model_config(cfg.teacher, cfg.model)
+
+
+def _file_digest(path: str) -> str:
+    target = Path(path).expanduser()
+    if not target.is_file():
+        raise ConfigError(f"teacher file not found: {target}")
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def teacher_key(cfg: PipelineConfig, dataset_key: str, experts_key_: str | None) -> str:
+    t = cfg.teacher
+    arch, model_cfg = teacher_architecture(cfg)
+    config: dict[str, Any] = {"source": t.source, "arch": arch, "model": model_cfg.model_dump()}
+    inputs = {"dataset": dataset_key}
+    if t.source == "best_expert":
+        inputs["experts"] = experts_key_ or ""
+    elif t.source == "train":
+        config.update(t.model_dump(exclude={"path", "source"}), seed=cfg.seed)
+        if t.dsa:
+            config["dsa"] = cfg.dsa.model_dump()
+    else:
+        config["file"] = _file_digest(t.path or "")
+    return stage_key(TEACHER, config, code_version(*TRAINING_CODE, teacher), inputs)
+
+
+def _build_teacher(cfg: PipelineConfig, card: dict[str, Any]) -> torch.nn.Module:
+    arch, model_cfg = teacher_architecture(cfg)
+    return models.build_model(arch, card["channels"], len(card["classes"]), card["resolution"], model_cfg)
+
+
+def run_teacher(
+    store: Store,
+    key: str,
+    cfg: PipelineConfig,
+    dataset_key: str,
+    experts_key_: str | None,
+    progress: Progress = SILENT,
+) -> dict[str, Any]:
+    """Train, pick or load the teacher; stores its weights with its accuracy."""
+    if store.has(TEACHER, key):
+        return store.meta(TEACHER, key)
+    data = prepare.load(store, dataset_key)
+    started = time.perf_counter()
+    meta: dict[str, Any] = {"source": cfg.teacher.source, "arch": teacher_architecture(cfg)[0]}
+    if cfg.teacher.source == "best_expert":
+        if experts_key_ is None:
+            raise ConfigError("teacher.source 'best_expert' needs the experts stage")
+        expert_meta = store.meta(EXPERTS, experts_key_)
+        model = models.ConvNet(data.channels, data.num_classes, data.resolution, cfg.model)
+        final = load_buffer(store, experts_key_).snapshot(expert_meta["teacher"], cfg.experts.epochs)
+        model = models.FlatParams(model).load_into(final)
+        meta["expert"] = expert_meta["teacher"]
+    elif cfg.teacher.source == "train":
+        model = teacher.train_teacher(data, cfg.teacher, cfg.model, cfg.dsa, cfg.seed, progress).model
+    else:
+        model = teacher.load_teacher_file(cfg.teacher.path or "", _build_teacher(cfg, data.card))
+    meta["train_accuracy"] = training.accuracy(model, data.train_x, data.train_y)
+    meta["test_accuracy"] = training.accuracy(model, data.test_x, data.test_y)
+    meta["seconds"] = time.perf_counter() - started
+    progress.note(f"teacher ({meta['arch']}, {meta['source']}): test {meta['test_accuracy']:.1f}%")
+    with store.writing(TEACHER, key) as tmp:
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        store.commit(TEACHER, key, tmp, meta)
+    return store.meta(TEACHER, key)
+
+
+def load_teacher(store: Store, key: str, cfg: PipelineConfig, dataset_key: str) -> torch.nn.Module:
+    model = _build_teacher(cfg, store.meta(prepare.STAGE, dataset_key)["card"])
+    model.load_state_dict(torch.load(store.path(TEACHER, key) / "weights.pt", weights_only=True))
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------- distill
 
 
-def distill_key(cfg: PipelineConfig, dataset_key: str, experts_key_: str | None) -> str:
+def distill_key(
+    cfg: PipelineConfig, dataset_key: str, experts_key_: str | None, teacher_key_: str | None = None
+) -> str:
     method = get_method(cfg.method)
     config = {
         "method": cfg.method,
@@ -132,6 +242,8 @@ def distill_key(cfg: PipelineConfig, dataset_key: str, experts_key_: str | None)
     inputs = {"dataset": dataset_key}
     if experts_key_ is not None:
         inputs["experts"] = experts_key_
+    if teacher_key_ is not None:
+        inputs["teacher"] = teacher_key_
     return stage_key(DISTILL, config, code_version(*TRAINING_CODE, method_base, *method.modules), inputs)
 
 
@@ -158,6 +270,7 @@ def run_distill(
     cfg: PipelineConfig,
     dataset_key: str,
     experts_key_: str | None,
+    teacher_key_: str | None = None,
     progress: Progress = SILENT,
 ) -> dict[str, Any]:
     """Optimise the synthetic set (resuming from a checkpoint if a previous run was killed)."""
@@ -176,6 +289,7 @@ def run_distill(
             model_cfg=cfg.model,
             dsa_cfg=cfg.dsa,
             experts=load_buffer(store, experts_key_) if experts_key_ else None,
+            teacher=load_teacher(store, teacher_key_, cfg, dataset_key) if teacher_key_ else None,
         ),
         TorchCheckpoints(work / "checkpoint.pt"),
         progress,
@@ -214,46 +328,112 @@ def load_synthetic(store: Store, key: str) -> SyntheticSet:
 # ----------------------------------------------------------------------------- soft labels
 
 
-def soft_labels_key(cfg: PipelineConfig, distill_key_: str, experts_key_: str) -> str:
+def soft_labels_key(cfg: PipelineConfig, distill_key_: str, teacher_key_: str) -> str:
     return stage_key(
         SOFT_LABELS,
         cfg.soft_labels.model_dump(),
         code_version(models, labels),
-        {"distill": distill_key_, "experts": experts_key_},
+        {"distill": distill_key_, "teacher": teacher_key_},
     )
-
-
-def _teacher(store: Store, experts_key_: str, dataset_key: str, cfg: PipelineConfig) -> torch.nn.Module:
-    data_card = store.meta(prepare.STAGE, dataset_key)["card"]
-    meta = store.meta(EXPERTS, experts_key_)
-    model = models.ConvNet(
-        data_card["channels"], len(data_card["classes"]), data_card["resolution"], cfg.model
-    )
-    final = load_buffer(store, experts_key_).snapshot(meta["teacher"], cfg.experts.epochs)
-    return models.FlatParams(model).load_into(final)
 
 
 def run_soft_labels(
-    store: Store, key: str, cfg: PipelineConfig, dataset_key: str, distill_key_: str, experts_key_: str
+    store: Store, key: str, cfg: PipelineConfig, dataset_key: str, distill_key_: str, teacher_key_: str
 ) -> dict[str, Any]:
+    """One soft label per synthetic image; the teacher's agreement is a sanity check of the set."""
     if store.has(SOFT_LABELS, key):
         return store.meta(SOFT_LABELS, key)
-    teacher = _teacher(store, experts_key_, dataset_key, cfg)
+    model = load_teacher(store, teacher_key_, cfg, dataset_key)
     synthetic = load_synthetic(store, distill_key_)
-    probs = labels.soft_labels(teacher, synthetic.images, cfg.soft_labels.temperature)
+    probs = labels.soft_labels(model, synthetic.images, cfg.soft_labels.temperature)
     agreement = float((probs.argmax(1) == synthetic.labels).float().mean() * 100)
     with store.writing(SOFT_LABELS, key) as tmp:
         save_arrays(tmp / "labels.zarr", {"probs": probs.numpy()})
-        meta = {
-            "teacher_expert": store.meta(EXPERTS, experts_key_)["teacher"],
-            "teacher_agreement": agreement,
-        }
-        store.commit(SOFT_LABELS, key, tmp, meta)
+        store.commit(SOFT_LABELS, key, tmp, {"teacher_agreement": agreement})
     return store.meta(SOFT_LABELS, key)
 
 
 def load_soft_labels(store: Store, key: str) -> torch.Tensor:
     return torch.from_numpy(load_arrays(store.path(SOFT_LABELS, key) / "labels.zarr")["probs"])
+
+
+# ----------------------------------------------------------------------------- relabel (stored, FKD)
+
+
+def uses_stored_labels(cfg: PipelineConfig) -> bool:
+    return cfg.evaluate.recipe == "kd" and cfg.relabel.mode == "stored"
+
+
+def _kd_label_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """Everything that shapes the KD labels: augmentation, temperature, batches, epochs, top-k."""
+    return {
+        "kd": cfg.evaluate.kd.model_dump(),
+        "relabel": cfg.relabel.model_dump(),
+        "epochs": cfg.evaluate.epochs,
+        "batch_size": cfg.evaluate.batch_size,
+    }
+
+
+def relabel_key(cfg: PipelineConfig, distill_key_: str, teacher_key_: str) -> str:
+    config = {**_kd_label_config(cfg), "seed": cfg.seed}
+    inputs = {"distill": distill_key_, "teacher": teacher_key_}
+    return stage_key(RELABEL, config, code_version(models, crops, relabel), inputs)
+
+
+def _check_top_k(cfg: PipelineConfig, num_classes: int) -> None:
+    if cfg.relabel.top_k is not None and cfg.relabel.top_k > num_classes:
+        raise ConfigError(f"relabel.top_k {cfg.relabel.top_k} exceeds the number of classes ({num_classes})")
+
+
+def _stitch_factor(store: Store, distill_key_: str) -> int:
+    return int(store.meta(DISTILL, distill_key_).get("stats", {}).get("factor", 1))
+
+
+def run_relabel(
+    store: Store,
+    key: str,
+    cfg: PipelineConfig,
+    keys: dict[str, str],
+    progress: Progress = SILENT,
+) -> dict[str, Any]:
+    """FKD-style stored labels for the distilled set: per epoch, each image's crop box and flip, the
+    batch's CutMix, and the teacher's top-k probabilities, so students train without the teacher."""
+    if store.has(RELABEL, key):
+        return store.meta(RELABEL, key)
+    data = prepare.load(store, keys["dataset"])
+    _check_top_k(cfg, data.num_classes)
+    synthetic = load_synthetic(store, keys["distill"])
+    started = time.perf_counter()
+    arrays = relabel.relabel(
+        load_teacher(store, keys["teacher"], cfg, keys["dataset"]),
+        synthetic.images,
+        relabel.KDAugment.from_config(cfg.evaluate.kd, _stitch_factor(store, keys["distill"])),
+        cfg.evaluate.epochs,
+        cfg.evaluate.batch_size,
+        cfg.evaluate.kd.temperature,
+        cfg.relabel.top_k,
+        cfg.relabel.fp16,
+        cfg.seed,
+        progress,
+    )
+    images = synthetic.images
+    with store.writing(RELABEL, key) as tmp:
+        save_arrays(tmp / "labels.zarr", arrays, chunks={n: (1, *a.shape[1:]) for n, a in arrays.items()})
+        meta = {
+            "epochs": cfg.evaluate.epochs,
+            "top_k": cfg.relabel.top_k or data.num_classes,
+            "label_bytes": int(sum(a.nbytes for a in arrays.values())),
+            "label_disk_bytes": disk_bytes(tmp / "labels.zarr"),
+            "image_bytes": int(images.numel()),  # uint8 pixels, as exported
+            "seconds": time.perf_counter() - started,
+        }
+        store.commit(RELABEL, key, tmp, meta)
+    return store.meta(RELABEL, key)
+
+
+def stored_labels(store: Store, key: str, num_classes: int, batch_size: int) -> relabel.StoredLabels:
+    group = zarr.open_group(str(store.path(RELABEL, key) / "labels.zarr"), mode="r")
+    return relabel.StoredLabels({name: group[name] for name in group.array_keys()}, num_classes, batch_size)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -288,9 +468,39 @@ def recipe(cfg: PipelineConfig, subject: str, learned_lr: float | None) -> Recip
     return Recipe(**fields)
 
 
+def kd_recipe(cfg: PipelineConfig, subject: str, factor: int) -> KDRecipe:
+    kd = cfg.evaluate.kd
+    return KDRecipe(
+        epochs=cfg.evaluate.full_data_epochs if subject == "full_data" else cfg.evaluate.epochs,
+        lr=kd.lr,
+        weight_decay=kd.weight_decay,
+        final_lr_fraction=kd.final_lr_fraction,
+        batch_size=cfg.evaluate.batch_size,
+        temperature=kd.temperature,
+        augment=relabel.KDAugment.from_config(kd, factor),
+    )
+
+
+def _kd_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
+    """What a KD-recipe run's result depends on; the full-data baseline is shared across IPCs."""
+    stored = subject == "distilled" and uses_stored_labels(cfg)
+    return {
+        "recipe": "kd",
+        "kd": cfg.evaluate.kd.model_dump(),
+        "epochs": cfg.evaluate.full_data_epochs if subject == "full_data" else cfg.evaluate.epochs,
+        "batch_size": cfg.evaluate.batch_size,
+        "top_k": cfg.relabel.top_k,
+        "fp16": cfg.relabel.fp16,
+        "labels": "stored" if stored else "online",
+    }
+
+
 def evaluation_key(cfg: PipelineConfig, subject: str, arch: str, index: int, inputs: dict[str, str]) -> str:
-    fields = _recipe_fields(cfg, subject)
-    fields["dsa"] = fields["dsa"].model_dump() if fields["dsa"] else None
+    if cfg.evaluate.recipe == "kd":
+        fields = _kd_fields(cfg, subject)
+    else:
+        fields = _recipe_fields(cfg, subject)
+        fields["dsa"] = fields["dsa"].model_dump() if fields["dsa"] else None
     config = {
         "subject": subject,
         "arch": arch,
@@ -299,22 +509,70 @@ def evaluation_key(cfg: PipelineConfig, subject: str, arch: str, index: int, inp
         "model": cfg.model.model_dump() if arch == models.CONVNET else None,
         "ipc": cfg.ipc if subject == "random_real" else None,
     }
-    return stage_key(EVALUATE, config, code_version(*TRAINING_CODE, evaluate, labels), inputs)
+    code = code_version(*TRAINING_CODE, evaluate, labels, crops, relabel)
+    return stage_key(EVALUATE, config, code, inputs)
 
 
-def evaluation_inputs(
-    cfg: PipelineConfig, subject: str, dataset_key: str, distill_key_: str, labels_key: str, experts_key_: str
-) -> dict[str, str]:
-    """What an evaluation run depends on: full data only on the dataset (cached per dataset)."""
-    inputs = {"dataset": dataset_key}
-    soft = cfg.evaluate.labels == "soft"
+def evaluation_inputs(cfg: PipelineConfig, subject: str, keys: dict[str, str]) -> dict[str, str]:
+    """What an evaluation run depends on (full data under the MTT recipe: only the dataset)."""
+    inputs = {"dataset": keys["dataset"]}
     if subject == "distilled":
-        inputs["distill"] = distill_key_
-        if soft:
-            inputs["soft_labels"] = labels_key
-    elif subject == "random_real" and soft:
-        inputs["teacher"] = experts_key_
+        inputs["distill"] = keys["distill"]
+    if cfg.evaluate.recipe == "kd":
+        if subject == "distilled" and uses_stored_labels(cfg):
+            inputs["relabel"] = keys["relabel"]
+        else:
+            inputs["teacher"] = keys["teacher"]
+    elif cfg.evaluate.labels == "soft":
+        if subject == "distilled":
+            inputs["soft_labels"] = keys["soft_labels"]
+        elif subject == "random_real":
+            inputs["teacher"] = keys["teacher"]
     return inputs
+
+
+def _subject_set(
+    store: Store,
+    cfg: PipelineConfig,
+    subject: str,
+    data: prepare.PreparedDataset,
+    keys: dict[str, str],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(inputs, hard labels, learned lr) of the set an evaluation run trains on."""
+    if subject == "distilled":
+        synthetic = load_synthetic(store, keys["distill"])
+        return synthetic.images, synthetic.labels, synthetic.lr
+    if subject == "random_real":
+        x, y = evaluate.random_real_subset(data, cfg.ipc, seed)
+        return x, y, None
+    return data.train_x, data.train_y, None
+
+
+def _train_kd(
+    store: Store,
+    cfg: PipelineConfig,
+    subject: str,
+    arch: str,
+    data: prepare.PreparedDataset,
+    x: torch.Tensor,
+    keys: dict[str, str],
+    seed: int,
+    progress: Progress,
+) -> dict[str, float]:
+    """The KD recipe: replay stored labels for the distilled set when relabel is stored, else run the
+    teacher online (baselines always: they are drawn per seed), quantised the same way."""
+    _check_top_k(cfg, data.num_classes)
+    factor = _stitch_factor(store, keys["distill"]) if subject == "distilled" else 1
+    kd = kd_recipe(cfg, subject, factor)
+    if subject == "distilled" and uses_stored_labels(cfg):
+        stored = stored_labels(store, keys["relabel"], data.num_classes, kd.batch_size)
+        plans, targets = stored.plan, stored.targets
+    else:
+        model = load_teacher(store, keys["teacher"], cfg, keys["dataset"])
+        plans = relabel.online_plans(len(x), kd.batch_size, kd.augment, seed, cfg.relabel.fp16)
+        targets = relabel.online_labels(model, kd.temperature, cfg.relabel.top_k, cfg.relabel.fp16)
+    return evaluate.train_and_test_kd(arch, data, x, kd, seed, plans, targets, cfg.model, progress)
 
 
 def run_evaluation(
@@ -332,23 +590,18 @@ def run_evaluation(
         return store.meta(EVALUATE, key)
     data = prepare.load(store, keys["dataset"])
     seed = eval_seed(cfg, index)
-    learned_lr = None
-    if subject == "distilled":
-        synthetic = load_synthetic(store, keys["distill"])
-        x, targets, learned_lr = synthetic.images, synthetic.labels, synthetic.lr
-        if cfg.evaluate.labels == "soft":
-            targets = load_soft_labels(store, keys["soft_labels"])
-    elif subject == "random_real":
-        x, targets = evaluate.random_real_subset(data, cfg.ipc, seed)
-        if cfg.evaluate.labels == "soft":
-            targets = labels.soft_labels(
-                _teacher(store, keys["experts"], keys["dataset"], cfg), x, cfg.soft_labels.temperature
-            )
+    x, targets, learned_lr = _subject_set(store, cfg, subject, data, keys, seed)
+    if cfg.evaluate.recipe == "kd":
+        result = _train_kd(store, cfg, subject, arch, data, x, keys, seed, progress)
     else:
-        x, targets = data.train_x, data.train_y
-    result = evaluate.train_and_test(
-        arch, data, x, targets, recipe(cfg, subject, learned_lr), seed, cfg.model, progress
-    )
+        if cfg.evaluate.labels == "soft" and subject == "distilled":
+            targets = load_soft_labels(store, keys["soft_labels"])
+        elif cfg.evaluate.labels == "soft" and subject == "random_real":
+            model = load_teacher(store, keys["teacher"], cfg, keys["dataset"])
+            targets = labels.soft_labels(model, x, cfg.soft_labels.temperature)
+        result = evaluate.train_and_test(
+            arch, data, x, targets, recipe(cfg, subject, learned_lr), seed, cfg.model, progress
+        )
     with store.writing(EVALUATE, key) as tmp:
         store.commit(EVALUATE, key, tmp, {"subject": subject, "arch": arch, "index": index, **result})
     return store.meta(EVALUATE, key)

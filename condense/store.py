@@ -53,6 +53,14 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def disk_bytes(path: Path) -> int:
+    """Bytes a file or directory tree takes on disk (sum of file sizes)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -1,5 +1,5 @@
-"""The pipeline DAG: dataset -> experts (fan-out) -> distill -> soft labels -> evaluation (fan-out)
--> export + report.
+"""The pipeline DAG: dataset -> experts (fan-out, when needed) -> teacher -> distill -> soft labels
+-> relabel (stored labels only) -> evaluation (fan-out) -> export + report.
 
 Composition only: every stage is a task in ``tasks.stages``; keys come from ``condense.stages``.
 Run it in-process (``condense run`` or ``python -m flows.pipeline``) or as a deployment
@@ -55,30 +55,11 @@ def _run(task: Any, cached: bool, **params: Any) -> Any:
     return (task if cached else task.with_options(refresh_cache=True)).submit(**params)
 
 
-@flow(name="condense-pipeline")
-def pipeline(
-    preset: str = "digits-mtt",
-    overrides: list[str] | None = None,
-    store: str = DEFAULT_STORE,
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Distil a dataset with the preset's method, evaluate it, export it; returns the run summary."""
-    started = time.perf_counter()
-    cfg: PipelineConfig = load_config(preset, overrides or [])
-    st = Store(store)
-    results = st.root / "_prefect_results"
-    tasks = {
-        name: getattr(t, name).with_options(result_storage=results)
-        for name in ("record_expert", "finish_experts", "distill", "soft_labels", "evaluate", "export")
-    }
-    clock = StageClock()
-
-    dataset_key = t.prepare_dataset(cfg, str(st.root))
-    keys = {"dataset": dataset_key}
-
-    method = get_method(cfg.method)
+def _record_experts(
+    cfg: PipelineConfig, st: Store, dataset_key: str, tasks: dict[str, Any], clock: StageClock, quiet: bool
+) -> str:
+    """Fan out one task per expert into the shared buffer, then seal it; returns the experts key."""
     experts_key = stages.experts_key(cfg, dataset_key)
-    keys["experts"] = experts_key
     cached = st.has(stages.EXPERTS, experts_key)
     begun = clock.start("experts", experts_key, cached)
     stages.open_experts(st, experts_key, cfg, dataset_key)
@@ -103,8 +84,74 @@ def pipeline(
         records=[f.result() for f in futures],
     ).result()
     clock.stop("experts", begun)
+    return experts_key
 
-    distill_key = stages.distill_key(cfg, dataset_key, experts_key if method.needs_experts else None)
+
+def _label_summary(cfg: PipelineConfig, relabel_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """Where the evaluation's labels came from, and what stored labels cost next to the images."""
+    if cfg.evaluate.recipe == "mtt":
+        return {"kind": cfg.evaluate.labels}
+    summary: dict[str, Any] = {"kind": f"kd-{cfg.relabel.mode}", "top_k": cfg.relabel.top_k}
+    if relabel_meta is not None:
+        summary.update(
+            {k: relabel_meta[k] for k in ("epochs", "label_bytes", "label_disk_bytes", "image_bytes")}
+        )
+    return summary
+
+
+@flow(name="condense-pipeline")
+def pipeline(
+    preset: str = "digits-mtt",
+    overrides: list[str] | None = None,
+    store: str = DEFAULT_STORE,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Distil a dataset with the preset's method, evaluate it, export it; returns the run summary."""
+    started = time.perf_counter()
+    cfg: PipelineConfig = load_config(preset, overrides or [])
+    st = Store(store)
+    results = st.root / "_prefect_results"
+    tasks = {
+        name: getattr(t, name).with_options(result_storage=results)
+        for name in (
+            "record_expert",
+            "finish_experts",
+            "teacher",
+            "distill",
+            "soft_labels",
+            "relabel",
+            "evaluate",
+            "export",
+        )
+    }
+    clock = StageClock()
+
+    dataset_key = t.prepare_dataset(cfg, str(st.root))
+    keys = {"dataset": dataset_key}
+
+    method = get_method(cfg.method)
+    experts_key = None
+    if stages.needs_experts(cfg):
+        experts_key = _record_experts(cfg, st, dataset_key, tasks, clock, quiet)
+        keys["experts"] = experts_key
+
+    teacher_key = stages.teacher_key(cfg, dataset_key, experts_key)
+    keys["teacher"] = teacher_key
+    teacher_meta = clock.run(
+        "teacher",
+        st.has(stages.TEACHER, teacher_key),
+        tasks["teacher"],
+        store=str(st.root),
+        key=teacher_key,
+        cfg=cfg,
+        dataset_key=dataset_key,
+        experts_key=experts_key,
+        quiet=quiet,
+    )
+
+    trajectories = experts_key if method.needs_experts else None
+    observer = teacher_key if method.needs_teacher else None
+    distill_key = stages.distill_key(cfg, dataset_key, trajectories, observer)
     keys["distill"] = distill_key
     clock.run(
         "distill",
@@ -114,11 +161,12 @@ def pipeline(
         key=distill_key,
         cfg=cfg,
         dataset_key=dataset_key,
-        experts_key=experts_key if method.needs_experts else None,
+        experts_key=trajectories,
+        teacher_key=observer,
         quiet=quiet,
     )
 
-    labels_key = stages.soft_labels_key(cfg, distill_key, experts_key)
+    labels_key = stages.soft_labels_key(cfg, distill_key, teacher_key)
     keys["soft_labels"] = labels_key
     clock.run(
         "soft_labels",
@@ -129,15 +177,29 @@ def pipeline(
         cfg=cfg,
         dataset_key=dataset_key,
         distill_key=distill_key,
-        experts_key=experts_key,
+        teacher_key=teacher_key,
     )
+
+    relabel_meta = None
+    if stages.uses_stored_labels(cfg):
+        keys["relabel"] = stages.relabel_key(cfg, distill_key, teacher_key)
+        relabel_meta = clock.run(
+            "relabel",
+            st.has(stages.RELABEL, keys["relabel"]),
+            tasks["relabel"],
+            store=str(st.root),
+            key=keys["relabel"],
+            cfg=cfg,
+            keys=keys,
+            quiet=quiet,
+        )
 
     subjects = ["distilled"]
     subjects += ["random_real"] if cfg.evaluate.random_real else []
     subjects += ["full_data"] if cfg.evaluate.full_data else []
     runs = []
     for subject in subjects:
-        inputs = stages.evaluation_inputs(cfg, subject, dataset_key, distill_key, labels_key, experts_key)
+        inputs = stages.evaluation_inputs(cfg, subject, keys)
         for arch in cfg.evaluate.models:
             for index in range(cfg.evaluate.seeds):
                 key = stages.evaluation_key(cfg, subject, arch, index, inputs)
@@ -206,6 +268,9 @@ def pipeline(
         },
         "evaluation_runs": cfg.evaluate.seeds,
         "learned_lr": st.meta(stages.DISTILL, distill_key)["lr"],
+        "evaluation_recipe": cfg.evaluate.recipe,
+        "teacher": {k: teacher_meta[k] for k in ("source", "arch", "train_accuracy", "test_accuracy")},
+        "labels": _label_summary(cfg, relabel_meta),
         "distill_stats": st.meta(stages.DISTILL, distill_key).get("stats", {}),
         "artifacts": {
             "synthetic": str(st.path(stages.DISTILL, distill_key) / "synthetic.zarr"),

@@ -45,20 +45,40 @@ def finish_experts(store: str, key: str, records: list[dict]) -> dict:
     return Store(store).meta(stages.EXPERTS, key)
 
 
-@task(name="distill", cache_key_fn=store_cache_key)
-def distill(
+@task(name="teacher", cache_key_fn=store_cache_key)
+def teacher(
     store: str, key: str, cfg: PipelineConfig, dataset_key: str, experts_key: str | None, quiet: bool = False
 ) -> dict:
+    return stages.run_teacher(
+        Store(store), key, cfg, dataset_key, experts_key, Progress("teacher", quiet=quiet)
+    )
+
+
+@task(name="distill", cache_key_fn=store_cache_key)
+def distill(
+    store: str,
+    key: str,
+    cfg: PipelineConfig,
+    dataset_key: str,
+    experts_key: str | None,
+    teacher_key: str | None,
+    quiet: bool = False,
+) -> dict:
     return stages.run_distill(
-        Store(store), key, cfg, dataset_key, experts_key, Progress(cfg.method, quiet=quiet)
+        Store(store), key, cfg, dataset_key, experts_key, teacher_key, Progress(cfg.method, quiet=quiet)
     )
 
 
 @task(name="soft-labels", cache_key_fn=store_cache_key)
 def soft_labels(
-    store: str, key: str, cfg: PipelineConfig, dataset_key: str, distill_key: str, experts_key: str
+    store: str, key: str, cfg: PipelineConfig, dataset_key: str, distill_key: str, teacher_key: str
 ) -> dict:
-    return stages.run_soft_labels(Store(store), key, cfg, dataset_key, distill_key, experts_key)
+    return stages.run_soft_labels(Store(store), key, cfg, dataset_key, distill_key, teacher_key)
+
+
+@task(name="relabel", cache_key_fn=store_cache_key)
+def relabel(store: str, key: str, cfg: PipelineConfig, keys: dict[str, str], quiet: bool = False) -> dict:
+    return stages.run_relabel(Store(store), key, cfg, keys, Progress("relabel", quiet=quiet))
 
 
 @task(name="evaluate", cache_key_fn=store_cache_key)

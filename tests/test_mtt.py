@@ -83,7 +83,7 @@ def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path
         def step(self, *args):
             pass
 
-    stages.run_distill(store, key, cfg, dataset_key, experts_key, Recorder())
+    stages.run_distill(store, key, cfg, dataset_key, experts_key, progress=Recorder())
     assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes)
     resumed = load_arrays(store.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
 

@@ -19,7 +19,7 @@ import condense
 from condense.store import load_arrays
 from tests.conftest import ROOT, last_json, run_cli, tiny_args, tree
 
-STAGES = ("experts", "distill", "soft_labels", "evaluate")
+STAGES = ("experts", "teacher", "distill", "soft_labels", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,26 @@ def test_changing_evaluation_reuses_experts_and_synthetic_set(first_run, prefect
     store, _ = first_run
     changed = last_json(run_cli(tiny_args(store, "evaluate.epochs=10"), prefect_env).stdout)
     cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
-    assert cached == {"experts": True, "distill": True, "soft_labels": True, "evaluate": False}
+    assert cached == {
+        "experts": True,
+        "teacher": True,
+        "distill": True,
+        "soft_labels": True,
+        "evaluate": False,
+    }
 
 
 def test_changing_distillation_reuses_experts(first_run, prefect_env):
     store, _ = first_run
     changed = last_json(run_cli(tiny_args(store, "distill.iterations=4"), prefect_env).stdout)
     cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
-    assert cached == {"experts": True, "distill": False, "soft_labels": False, "evaluate": False}
+    assert cached == {
+        "experts": True,
+        "teacher": True,
+        "distill": False,
+        "soft_labels": False,
+        "evaluate": False,
+    }
 
 
 def test_two_fresh_stores_get_byte_identical_synthetic_images(first_run, prefect_env, tmp_path):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from condense import sampling
-from condense.methods import dm, dream, dsa, matching, mtt
+from condense import crops, sampling, teacher
+from condense.methods import dm, dream, dsa, matching, mtt, rded
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 
 
@@ -22,6 +22,7 @@ class Method:
     needs_experts: bool
     modules: tuple[ModuleType, ...]
     """The modules implementing it: their source is the method's code version in cache keys."""
+    needs_teacher: bool = False
 
 
 MATCHING = (matching, sampling)
@@ -31,6 +32,9 @@ METHODS: dict[str, Method] = {
     "dm": Method("dm", dm.DMConfig, dm.distill, dm.check, False, (dm, *MATCHING)),
     "dream": Method(
         "dream", dream.DREAMConfig, dream.distill, dream.check, False, (dream, dsa, dm, *MATCHING)
+    ),
+    "rded": Method(
+        "rded", rded.RDEDConfig, rded.distill, rded.check, False, (rded, crops, teacher), needs_teacher=True
     ),
 }
 

@@ -26,6 +26,8 @@ class DistillInputs:
     dsa_cfg: DSAConfig
     experts: Any = None
     """An ``ExpertBuffer`` for trajectory methods, None otherwise."""
+    teacher: torch.nn.Module | None = None
+    """The trained teacher, for methods that distil against one (RDED, SRe2L); None otherwise."""
 
 
 @dataclass
