@@ -111,7 +111,7 @@ def cosine_factor(epoch: int, epochs: int, final_fraction: float) -> float:
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def train_and_test_kd(
+def train_kd(
     arch: str,
     data: PreparedDataset,
     x: torch.Tensor,
@@ -121,9 +121,9 @@ def train_and_test_kd(
     targets: Targets,
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
-) -> dict[str, float]:
-    """Train ``arch`` by KD: each epoch follows ``plans(epoch)``, each batch learns ``targets``."""
-    started = time.perf_counter()
+) -> tuple[nn.Module, float]:
+    """Train ``arch`` by KD: each epoch follows ``plans(epoch)``, each batch learns ``targets``.
+    Returns the model and the last epoch's mean loss."""
     model = seeded(
         lambda: build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg), seed
     )
@@ -148,6 +148,23 @@ def train_and_test_kd(
         scheduler.step()
         loss = total / batches
         progress.step(epoch + 1, recipe.epochs, f"kd loss {loss:.4f}")
+    return model.eval(), loss
+
+
+def train_and_test_kd(
+    arch: str,
+    data: PreparedDataset,
+    x: torch.Tensor,
+    recipe: KDRecipe,
+    seed: int,
+    plans: Plans,
+    targets: Targets,
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+) -> dict[str, float]:
+    """:func:`train_kd`, then the test accuracy (%) of the final model."""
+    started = time.perf_counter()
+    model, loss = train_kd(arch, data, x, recipe, seed, plans, targets, model_cfg, progress)
     return {
         "accuracy": accuracy(model, data.test_x, data.test_y),
         "train_loss": loss,

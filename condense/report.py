@@ -45,6 +45,19 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
         f"teacher: {teacher['arch']} ({teacher['source']}), test accuracy {teacher['test_accuracy']:.2f}%",
         f"evaluation recipe: {summary['evaluation_recipe']}, labels: {labels['kind']}",
     ]
+    stats = summary.get("distill_stats", {})
+    if "teacher_synthetic_accuracy" in stats:
+        lines.append(
+            f"recovery: the teacher classifies {stats['teacher_synthetic_accuracy']:.1f}% of the synthetic"
+            f" images correctly; final BN-statistics loss {stats['final_bn_loss']:.4f},"
+            f" CE {stats['final_ce']:.4f}"
+        )
+    for record in stats.get("curricula", []):
+        student = record.get("student_accuracy")
+        lines.append(
+            f"curriculum {record['curriculum']}: {record['size']} per class from {record['init']}"
+            + (f", student before it {student:.2f}%" if student is not None else "")
+        )
     if "label_bytes" in labels:
         stored, disk = human_bytes(labels["label_bytes"]), human_bytes(labels["label_disk_bytes"])
         lines.append(

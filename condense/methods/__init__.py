@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from condense import crops, sampling, teacher
-from condense.methods import dm, dream, dsa, matching, mtt, rded
+from condense import crops, evaluate, relabel, sampling, teacher
+from condense.methods import cudd, dm, dream, dsa, matching, mtt, rded, sre2l
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 
 
@@ -26,6 +26,7 @@ class Method:
 
 
 MATCHING = (matching, sampling)
+RECOVER = (sre2l, crops, teacher)
 METHODS: dict[str, Method] = {
     "mtt": Method("mtt", mtt.MTTConfig, mtt.distill, mtt.check, needs_experts=True, modules=(mtt, sampling)),
     "dsa": Method("dsa", dsa.DSAMatchConfig, dsa.distill, dsa.check, False, (dsa, *MATCHING)),
@@ -35,6 +36,19 @@ METHODS: dict[str, Method] = {
     ),
     "rded": Method(
         "rded", rded.RDEDConfig, rded.distill, rded.check, False, (rded, crops, teacher), needs_teacher=True
+    ),
+    "sre2l": Method(
+        "sre2l", sre2l.RecoverConfig, sre2l.distill, sre2l.check, False, RECOVER, needs_teacher=True
+    ),
+    "cda": Method("cda", sre2l.CDAConfig, sre2l.distill, sre2l.check, False, RECOVER, needs_teacher=True),
+    "cudd": Method(
+        "cudd",
+        cudd.CUDDConfig,
+        cudd.distill,
+        cudd.check,
+        False,
+        (cudd, *RECOVER, relabel, evaluate),
+        needs_teacher=True,
     ),
 }
 

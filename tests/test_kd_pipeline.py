@@ -1,5 +1,6 @@
-"""`condense run digits-rded` end to end: teacher stage, KD recipe for every subject, stored labels,
-caching, and the one-line errors for a wrong teacher or bad relabel settings."""
+"""The KD family end to end through `condense run`: digits-rded (teacher stage, KD recipe for every
+subject, stored labels, caching, one-line errors for a wrong teacher or bad relabel settings) and
+digits-cudd (recovery with curricula, its summary)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import zarr
 
 import condense
+from condense import report
 from tests.conftest import last_json, run_cli
 
 TINY_RDED = [
@@ -109,3 +111,19 @@ def test_an_observer_with_another_class_order_fails_with_a_clear_message(online_
 def test_bad_teacher_and_relabel_settings_are_one_line_errors(extra, message, online_run, prefect_env):
     store, _ = online_run
     assert message in _one_line_error(run_cli(rded_args(store, *extra), prefect_env, check=False))
+
+
+def test_cudd_runs_end_to_end_and_reports_its_recovery_and_curricula(online_run, prefect_env):
+    store, _ = online_run
+    args = ["run", "digits-cudd", "--store", str(store), "--json", "-q"]
+    for item in (*TINY_RDED[:2], "distill.iterations=10", "distill.student_epochs=3", *TINY_RDED[3:]):
+        args += ["--set", item]
+    summary = last_json(run_cli(args, prefect_env).stdout)
+    assert summary["stages"]["teacher"]["cached"] is True  # the same teacher settings as digits-rded
+    stats = summary["distill_stats"]
+    assert 0 <= stats["teacher_synthetic_accuracy"] <= 100 and stats["final_bn_loss"] > 0
+    first, second = stats["curricula"]
+    assert first["init"]["simple"] == 10 and "student_accuracy" in second
+    text = report.text_table(summary)
+    assert "recovery: the teacher classifies" in text and "curriculum 2: 1 per class" in text
+    assert len(condense.load_distilled(summary["artifacts"]["run_dir"])) == 20

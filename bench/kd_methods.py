@@ -1,14 +1,17 @@
-"""RDED vs. random real images on CIFAR-10 under the KD recipe, at IPC 1/10/50, with stage timings
-and the size of stored (FKD-style) labels next to the images; plus MTT under its own recipe.
+"""The KD-evaluated methods (RDED, SRe2L, CDA, CUDD) vs. random real images on CIFAR-10, with stage
+timings and the size of stored (FKD-style) labels next to the images; plus MTT under its own recipe.
 
-    python bench/rded.py --data ../shared/datasets/cifar10 [--ipc 1 10 50] [--mtt]
+    python bench/kd_methods.py --data ../shared/datasets/cifar10 [--methods rded] [--ipc 1 10 50] [--mtt]
+    python bench/kd_methods.py --methods rded sre2l cda cudd --ipc 10
 
-Each IPC is one run of the real pipeline (``condense run cifar10-rded``) into ``bench/out/store``,
-with ``relabel.mode=stored`` so the distilled set's labels are precomputed and their bytes reported
-(the students replay them exactly; the baselines run the same teacher online, same recipe). The
-teacher and the full-data baseline are shared by every IPC (cached). IPC 50 trains ``--epochs50``
-epochs instead of 300 to fit a CPU. ``--mtt`` adds the ``cifar10-mtt`` preset's row (IPC 1, its own
-SGD + DSA hard-label recipe, 200 images per class).
+Each (method, IPC) is one run of the real pipeline (``condense run cifar10-<method>``) into
+``bench/out/store``, with ``relabel.mode=stored`` so the distilled set's labels are precomputed and
+their bytes reported (the students replay them exactly; the baselines run the same teacher online,
+same recipe). The presets share one teacher and one KD recipe, so the teacher, the full-data
+baseline and the random-real baseline of each IPC are computed once (cached). IPC 50 trains
+``--epochs50`` epochs instead of 300 to fit a CPU. ``--mtt`` adds the ``cifar10-mtt`` preset's row
+(IPC 1, its own SGD + DSA hard-label recipe, 200 images per class). Recovery methods also print
+their recovery diagnostics (teacher accuracy on the synthetic images, final BN loss, curricula).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     )
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     parser.add_argument("--store", default=str(ROOT / "bench" / "out" / "store"))
+    parser.add_argument("--methods", nargs="+", default=["rded"], choices=["rded", "sre2l", "cda", "cudd"])
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--epochs50", type=int, default=100, help="KD epochs at IPC >= 50 (CPU budget)")
     parser.add_argument("--mtt", action="store_true", help="add the cifar10-mtt preset's row (IPC 1)")
@@ -54,12 +58,13 @@ def main() -> None:
 
     rows = []
     for ipc in args.ipc:
-        extra = [f"dataset.path={args.data}", f"ipc={ipc}", "relabel.mode=stored", *args.overrides]
-        if ipc >= 50:
-            extra.append(f"evaluate.epochs={args.epochs50}")
-        summary = run("cifar10-rded", args.store, extra)
-        rows.append(("rded", summary))
-        print(f"ipc {ipc} done in {summary['seconds']:.0f} s", file=sys.stderr, flush=True)
+        for method in args.methods:
+            extra = [f"dataset.path={args.data}", f"ipc={ipc}", "relabel.mode=stored", *args.overrides]
+            if ipc >= 50:
+                extra.append(f"evaluate.epochs={args.epochs50}")
+            summary = run(f"cifar10-{method}", args.store, extra)
+            rows.append((method, summary))
+            print(f"{method} ipc {ipc} done in {summary['seconds']:.0f} s", file=sys.stderr, flush=True)
     if args.mtt:
         rows.append(("mtt", run("cifar10-mtt", args.store, [f"dataset.path={args.data}"])))
 
@@ -87,6 +92,28 @@ def main() -> None:
             for t in stages
         ]
         print(f"{method:<6} {s['ipc']:>4} " + " ".join(cells) + f" {s['seconds']:>8.1f}")
+
+    recovered = [(m, s) for m, s in rows if "final_bn_loss" in s["distill_stats"]]
+    if recovered:
+        print("\nrecovery: teacher accuracy on the synthetic images, final BN-statistics loss and CE")
+        for method, s in recovered:
+            st = s["distill_stats"]
+            line = f"{method:<6} {s['ipc']:>4} {st['teacher_synthetic_accuracy']:6.2f}%"
+            line += f" bn {st['final_bn_loss']:8.4f} ce {st['final_ce']:.4f}"
+            for record in st.get("curricula", []):
+                student = record.get("student_accuracy")
+                line += f" | c{record['curriculum']} init {record['init']}"
+                line += f" student {student:.2f}%" if student is not None else ""
+            print(line)
+        print("\nloss and crop-scale curves of the first batch (step: ce / bn / crop min scale)")
+        for method, s in recovered:
+            history = json.loads((Path(s["artifacts"]["synthetic"]).parent / "history.json").read_text())
+            first = [h for h in history if h["batch"] == 0]
+            points = [
+                first[min(len(first) - 1, round(f * (len(first) - 1)))] for f in (0, 0.25, 0.5, 0.75, 1)
+            ]
+            cells = [f"{h['it']}: {h['ce']:.2f} / {h['bn']:.2f} / {h['crop_min_scale']:.2f}" for h in points]
+            print(f"{method:<6} {s['ipc']:>4}  " + "  ".join(cells))
 
     print("\nstored labels (per epoch: crop box, flip, CutMix box and partner, teacher top-k probabilities)")
     print(f"{'ipc':>4} {'epochs':>6} {'top_k':>5} {'labels':>10} {'on disk':>10} {'images':>10} {'ratio':>7}")

@@ -1,0 +1,239 @@
+"""CUDD: Curriculum Dataset Distillation (Ma, Cao, Yang, Gong & Wei, arXiv 2405.09150).
+
+The IPC budget is split into successive curricula, each recovered with SRe2L's loop
+(``condense.methods.sre2l``) plus two terms. Curriculum 1 starts from real images the teacher
+classifies correctly ("simple"). Before each later curriculum a student is trained by KD (online
+teacher) on the images distilled so far, and the curriculum starts from real images the teacher
+gets right and the student gets wrong ("medium"; then both wrong, "hard"; then simple, when too
+few). Its loss adds
+
+- ``adv_weight`` * -log(1 - p_student(y | x)), masked to the images the teacher still classifies
+  correctly: keep the image hard for the current student (diversity, cross-architecture
+  robustness);
+- ``l2_weight`` * MSE between the image and its initial real image, under the same crop and shift.
+
+Each curriculum's student (weights and test accuracy), its initial picks and every finished batch
+are checkpointed, so a run that stops resumes in the curriculum, even in the batch, it was in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from condense.config import KDRecipeConfig
+from condense.errors import ConfigError
+from condense.evaluate import KDRecipe, train_kd
+from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
+from condense.methods.sre2l import (
+    Adversary,
+    RecoverConfig,
+    batch_generator,
+    check_teacher_settings,
+    class_major,
+    frozen,
+    pixel_bounds,
+    recover_batch,
+    saving_partial,
+    summarize_recovery,
+)
+from condense.models import CONVNET, build_model
+from condense.prepare import PreparedDataset
+from condense.progress import SILENT, Progress
+from condense.relabel import KDAugment, online_labels, online_plans
+from condense.teacher import check_class_order
+from condense.training import accuracy, predict
+
+
+class CUDDConfig(RecoverConfig):
+    init: Literal["noise", "real"] = "real"
+    """Curricula always start from selected real images."""
+    curricula: list[int] | None = None
+    """Images per class of each curriculum, summing to ipc; None: two halves (the first rounds up)."""
+    adv_weight: float = Field(default=1.0, ge=0)
+    l2_weight: float = Field(default=1.0, ge=0)
+    student_epochs: int = Field(default=150, gt=0)
+    """KD epochs of each curriculum's student (the paper: 150)."""
+    student_batch_size: int = Field(default=50, gt=0)
+    student: KDRecipeConfig = Field(default_factory=KDRecipeConfig)
+
+    @model_validator(mode="after")
+    def _real_init(self) -> CUDDConfig:
+        if self.init != "real":
+            raise ValueError("CUDD starts every curriculum from selected real images: init must be 'real'")
+        return self
+
+
+def curriculum_sizes(cfg: CUDDConfig, ipc: int) -> list[int]:
+    return cfg.curricula or [s for s in ((ipc + 1) // 2, ipc // 2) if s > 0]
+
+
+def check(cfg: Any) -> None:
+    check_teacher_settings(cfg)
+    sizes = curriculum_sizes(cfg.distill, cfg.ipc)
+    if sum(sizes) != cfg.ipc or min(sizes) < 1:
+        raise ValueError(f"distill.curricula {sizes} must be positive and sum to ipc={cfg.ipc}")
+
+
+def select_initial(
+    data: PreparedDataset,
+    teacher_right: torch.Tensor,
+    student_right: torch.Tensor | None,
+    size: int,
+    used: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """(classes, size) indices of real training images to start a curriculum from, per CUDD's
+    initialisation: medium (teacher right, student wrong), then hard (both wrong), then simple
+    (teacher right), then anything unused; never an image an earlier curriculum started from."""
+    counts = {"simple": 0, "medium": 0, "hard": 0, "other": 0}
+    free = torch.ones(len(data.train_y), dtype=torch.bool)
+    free[used] = False
+    picks = []
+    for c in range(data.num_classes):
+        member = (data.train_y == c) & free
+        if student_right is None:
+            tiers = [("simple", member & teacher_right)]
+        else:
+            tiers = [
+                ("medium", member & teacher_right & ~student_right),
+                ("hard", member & ~teacher_right & ~student_right),
+                ("simple", member & teacher_right),
+            ]
+        tiers.append(("other", member))
+        chosen: list[int] = []
+        for name, mask in tiers:
+            pool = [i for i in torch.nonzero(mask).flatten().tolist() if i not in chosen]
+            order = torch.randperm(len(pool), generator=generator).tolist()
+            take = [pool[i] for i in order[: size - len(chosen)]]
+            chosen += take
+            counts[name] += len(take)
+        if len(chosen) < size:
+            raise ConfigError(f"class {c} has too few unused training images for a curriculum of {size}")
+        picks.append(torch.tensor(chosen))
+    return torch.stack(picks), counts
+
+
+def train_student(
+    inputs: DistillInputs, images: torch.Tensor, cfg: CUDDConfig, seed: int, progress: Progress
+) -> torch.nn.Module:
+    """KD student on the images so far, the teacher online (the relabel + KD recipe of the pipeline)."""
+    kd = cfg.student
+    recipe = KDRecipe(
+        epochs=cfg.student_epochs,
+        lr=kd.lr,
+        weight_decay=kd.weight_decay,
+        final_lr_fraction=kd.final_lr_fraction,
+        batch_size=cfg.student_batch_size,
+        temperature=kd.temperature,
+        augment=KDAugment.from_config(kd),
+    )
+    plans = online_plans(len(images), recipe.batch_size, recipe.augment, seed, fp16=True)
+    targets = online_labels(inputs.teacher, kd.temperature, None, fp16=True)
+    model, _ = train_kd(
+        CONVNET, inputs.data, images, recipe, seed, plans, targets, inputs.model_cfg, progress
+    )
+    return frozen(model)
+
+
+def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    data = inputs.data
+    model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, inputs.model_cfg)
+    model.load_state_dict(state_dict)
+    return frozen(model)
+
+
+def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
+    cfg: CUDDConfig = inputs.method_cfg
+    data = inputs.data
+    if inputs.teacher is None:
+        raise ConfigError("CUDD needs a teacher")
+    teacher = frozen(inputs.teacher)
+    guard = check_class_order(
+        teacher, data, cfg.min_teacher_accuracy, 50, torch.Generator().manual_seed(inputs.seed)
+    )
+    teacher_right = predict(teacher, data.train_x).argmax(1) == data.train_y
+    labels = torch.arange(data.num_classes)
+    sizes = curriculum_sizes(cfg, inputs.ipc)
+    state = checkpoints.load() or {
+        "batches": [],
+        "histories": [],
+        "partial": None,
+        "curriculum": -1,
+        "curricula": [],
+        "used": torch.zeros(0, dtype=torch.long),
+    }
+    if state["batches"] or state["partial"]:
+        progress.note(f"resuming CUDD in curriculum {state['curriculum'] + 1}/{len(sizes)}")
+    first = 0
+    for index, size in enumerate(sizes):
+        if len(state["batches"]) >= first + size:
+            first += size
+            continue
+        student = None
+        if state["curriculum"] != index:
+            generator = torch.Generator().manual_seed(inputs.seed * 7919 + index)
+            record: dict[str, Any] = {"curriculum": index + 1, "size": size}
+            student_right = None
+            if index > 0:
+                progress.note(f"CUDD curriculum {index + 1}: training a student on {first} images per class")
+                student = train_student(
+                    inputs, class_major(state["batches"]), cfg, inputs.seed * 7919 + index, progress
+                )
+                record["student_accuracy"] = round(accuracy(student, data.test_x, data.test_y), 2)
+                record["student"] = student.state_dict()
+                student_right = predict(student, data.train_x).argmax(1) == data.train_y
+            picks, counts = select_initial(data, teacher_right, student_right, size, state["used"], generator)
+            record.update(init=counts, picks=picks)
+            state = {
+                **state,
+                "curriculum": index,
+                "curricula": [*state["curricula"], record],
+                "used": torch.cat([state["used"], picks.flatten()]),
+            }
+            checkpoints.save(state)
+        elif index > 0:
+            student = _student_model(inputs, state["curricula"][index]["student"])
+        picks = state["curricula"][index]["picks"]
+        for offset in range(len(state["batches"]) - first, size):
+            number = first + offset
+            anchor = data.train_x[picks[:, offset]]
+            images, history = recover_batch(
+                teacher,
+                anchor,
+                labels,
+                cfg,
+                pixel_bounds(data),
+                batch_generator(inputs.seed, number),
+                saving_partial(checkpoints, state),
+                resume=state["partial"],
+                adversary=Adversary(student, anchor, cfg.adv_weight, cfg.l2_weight),
+                progress=progress,
+                label=f"curriculum {index + 1} batch {offset + 1}/{size}",
+            )
+            state = {
+                **state,
+                "batches": [*state["batches"], images],
+                "histories": [*state["histories"], history],
+                "partial": None,
+            }
+            checkpoints.save(state)
+        first += size
+    images = class_major(state["batches"])
+    out_labels = labels.repeat_interleave(inputs.ipc)
+    curricula = [
+        {k: v for k, v in record.items() if k not in ("student", "picks")} for record in state["curricula"]
+    ]
+    stats: dict[str, Any] = {
+        "teacher_check_accuracy": round(guard, 2),
+        **summarize_recovery(teacher, images, out_labels, state["histories"]),
+        "curricula": curricula,
+    }
+    return SyntheticSet(
+        images=images,
+        labels=out_labels,
+        history=[{"batch": b, **r} for b, h in enumerate(state["histories"]) for r in h],
+        stats=stats,
+    )
