@@ -1,0 +1,169 @@
+"""The README's "run on a work pool" path, for real: a local Prefect server on a free loopback port, a
+process work pool, `prefect deploy` from prefect.yaml, a worker, a deployment run with parameters on
+digits at a tiny budget, its artifacts checked through the API, and nothing left running after."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(api: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "prefect server exited during start-up"
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("prefect server did not become healthy")
+
+
+def sessions_alive(session_ids: set[int]) -> list[str]:
+    """Processes still running in any of these sessions (the worker's flow runs included)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    alive = []
+    for line in out.splitlines():
+        pid, sid, args = line.split(None, 2)
+        if int(sid) in session_ids and int(pid) != os.getpid():
+            alive.append(f"{pid} {args[:80]}")
+    return alive
+
+
+def stop(proc: subprocess.Popen, signals: int = 1) -> None:
+    """SIGTERM the process group (twice for a worker: started without job control, its first
+    SIGTERM only forwards a SIGINT it ignores), then SIGKILL whatever is left of the group."""
+    for _ in range(signals):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=15)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        CONDENSE_PROJECT_DIR=str(ROOT),
+    )
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(api, proc)
+        yield api, env
+    finally:
+        stop(proc)
+        log.close()
+    assert sessions_alive({proc.pid}) == [], "the server left processes behind"
+
+
+def prefect(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def api_post(api: str, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        f"{api}/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_a_deployment_runs_on_a_worker_and_publishes_its_report(server, tmp_path: Path):
+    api, env = server
+    store = tmp_path / "store"
+    prefect(["work-pool", "create", "condense-pool", "--type", "process"], env)
+    deployed = prefect(["--no-prompt", "deploy", "--all"], env)
+    assert "digits-mtt" in deployed.stdout and "cifar10-mtt-nightly" in deployed.stdout
+
+    worker_log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "condense-pool", "--limit", "1"],
+        cwd=tmp_path,  # the deployment's pull step, not the worker's directory, finds the code
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        run = prefect(
+            [
+                "deployment",
+                "run",
+                "condense-pipeline/digits-mtt",
+                "--param",
+                f"overrides={json.dumps([*TINY, 'ipc=2'])}",
+                "--param",
+                f"store={store}",
+                "--watch",
+                "--watch-timeout",
+                "420",
+            ],
+            env,
+            timeout=480,
+        )
+        assert "Completed" in run.stdout + run.stderr, run.stdout[-2000:]
+    finally:
+        stop(worker, signals=2)
+        worker_log.close()
+
+    runs = api_post(api, "flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    assert len(runs) == 1 and runs[0]["parameters"]["store"] == str(store)
+    artifacts = {a["key"]: a for a in api_post(api, "artifacts/filter", {}) if a["key"]}
+    assert artifacts["condense-report"]["type"] == "markdown"
+    assert "digits / mtt / ipc 2" in artifacts["condense-report"]["data"]
+    assert artifacts["condense-accuracy"]["type"] == "table"
+    assert all(a["flow_run_id"] == runs[0]["id"] for a in artifacts.values())
+    summaries = list(store.glob("runs/*/summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["ipc"] == 2
+
+    scheduled = api_post(api, "flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+    assert scheduled and all(r["deployment_id"] != runs[0]["deployment_id"] for r in scheduled)
+
+    assert sessions_alive({worker.pid}) == [], "the worker or its flow runs outlived it"
