@@ -113,17 +113,79 @@ class DistilledDataset(Dataset):
         return self.images[i], int(self.labels[i]), None if self.soft is None else self.soft[i]
 
 
-def load_distilled(path: str | Path) -> DistilledDataset:
-    """Load a distilled set exported by the pipeline (a run folder, export directory or manifest)."""
-    manifest_path = _find_manifest(Path(path))
+def load_distilled(
+    path: str | Path,
+    dataset: str | None = None,
+    method: str | None = None,
+    ipc: int | None = None,
+    version: int | str = "latest",
+) -> DistilledDataset:
+    """Load a distilled set exported by the pipeline.
+
+    ``path`` is a run folder, an export directory or its manifest; or, with ``dataset``, ``method``
+    and ``ipc``, a store, from which ``version`` (``"latest"`` or a number) of that set is loaded.
+    """
+    manifest_path = _locate(Path(path), dataset, method, ipc, version)
     manifest = json.loads(manifest_path.read_text())
-    urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
-    samples = sorted(wds.WebDataset(urls, shardshuffle=False).decode(), key=lambda s: s["__key__"])
-    if not samples:
-        raise CondenseError(f"distilled set at {manifest_path.parent} has no samples")
+    samples = _samples(manifest_path, manifest, decode=True)
     images = torch.from_numpy(np.stack([s["input.npy"] for s in samples]))
     labels = torch.tensor([int(s["cls"]) for s in samples])
     soft = None
     if "soft.npy" in samples[0]:
         soft = torch.from_numpy(np.stack([s["soft.npy"] for s in samples]))
     return DistilledDataset(images, labels, soft, manifest)
+
+
+def _locate(path: Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str) -> Path:
+    selectors = (dataset, method, ipc)
+    if all(v is None for v in selectors):
+        return _find_manifest(path)
+    if any(v is None for v in selectors):
+        raise CondenseError("select a published set with all of dataset, method and ipc")
+    from condense import versions
+    from condense.store import Store
+
+    store = Store(path)
+    record = versions.resolve(store, str(dataset), str(method), int(ipc or 0), version)
+    return _find_manifest(versions.export_dir(store, record))
+
+
+def _samples(manifest_path: Path, manifest: dict[str, Any], decode: bool) -> list[dict[str, Any]]:
+    urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
+    pipeline = wds.WebDataset(urls, shardshuffle=False)
+    samples = sorted(pipeline.decode() if decode else pipeline, key=lambda s: s["__key__"])
+    if not samples:
+        raise CondenseError(f"distilled set at {manifest_path.parent} has no samples")
+    return samples
+
+
+def write_image_folder(
+    path: str | Path,
+    out_dir: Path,
+    dataset: str | None = None,
+    method: str | None = None,
+    ipc: int | None = None,
+    version: int | str = "latest",
+) -> Path:
+    """Export a distilled set as ``<out>/<class>/<index>.png`` plus ``labels.json`` (class names,
+    and per file its hard label and soft label), for tools that read image folders."""
+    manifest_path = _locate(Path(path), dataset, method, ipc, version)
+    manifest = json.loads(manifest_path.read_text())
+    classes = [str(c) for c in manifest["classes"]]
+    entries = []
+    for sample in _samples(manifest_path, manifest, decode=False):
+        label = int(sample["cls"])
+        relative = Path(classes[label]) / f"{sample['__key__']}.png"
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / relative).write_bytes(sample["png"])
+        soft = np.load(io.BytesIO(sample["soft.npy"])).tolist() if "soft.npy" in sample else None
+        entries.append({"file": relative.as_posix(), "label": label, "soft": soft})
+    labels = {
+        "classes": classes,
+        "method": manifest["method"],
+        "ipc": manifest["ipc"],
+        "source_fingerprint": manifest["source_fingerprint"],
+        "images": entries,
+    }
+    (out_dir / "labels.json").write_text(json.dumps(labels, indent=2))
+    return out_dir

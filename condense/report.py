@@ -41,7 +41,14 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
     """The teacher and where evaluation labels came from (and what stored labels weigh)."""
     teacher = summary["teacher"]
     labels = summary["labels"]
-    lines = [
+    lines = []
+    if "version" in summary:
+        v = summary["version"]
+        state = "new" if v["new"] else f"unchanged since {v['created']}"
+        lines.append(
+            f"version: {summary['dataset']}/{summary['method']}/ipc{summary['ipc']} v{v['number']} ({state})"
+        )
+    lines += [
         f"teacher: {teacher['arch']} ({teacher['source']}), test accuracy {teacher['test_accuracy']:.2f}%",
         f"evaluation recipe: {summary['evaluation_recipe']}, labels: {labels['kind']}",
     ]

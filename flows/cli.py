@@ -10,9 +10,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from condense.store import Store
 
 app = typer.Typer(
     help="Dataset distillation as a cached Prefect pipeline: experts -> distill -> soft labels -> evaluate.",
@@ -160,6 +163,110 @@ def config(
     except CondenseError as err:
         _fail(str(err), 2)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+StoreOption = Annotated[
+    Path | None, typer.Option(help="Artifact store directory (default: data/store, or $CONDENSE_STORE).")
+]
+
+
+def _store(store: Path | None) -> Store:
+    from condense.store import Store
+
+    default = os.environ.get("CONDENSE_STORE", str(Path(__file__).resolve().parents[1] / "data" / "store"))
+    return Store(store or default)
+
+
+@app.command("ls")
+def list_sets(
+    store: StoreOption = None,
+    all_versions: Annotated[bool, typer.Option("--all", help="Every version, not only the latest.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the distilled sets published in a store: dataset, method, IPC, version, source
+    fingerprint, accuracy (first evaluation model), created."""
+    from condense.versions import list_versions
+
+    records = list_versions(_store(store), latest_only=not all_versions)
+    if as_json:
+        for record in records:
+            typer.echo(json.dumps(record, separators=(",", ":")))
+        return
+    if not records:
+        typer.echo("no distilled sets published in this store yet (run `condense run ...`)")
+        return
+    rows = [["dataset", "method", "ipc", "version", "source", "accuracy", "created"]]
+    for r in records:
+        arch, acc = next(iter(r["accuracy"].items()))
+        rows.append(
+            [
+                r["dataset"],
+                r["method"],
+                str(r["ipc"]),
+                f"v{r['version']}",
+                r["source_fingerprint"][:12],
+                f"{acc['mean']:.2f} ± {acc['std']:.2f} ({arch})",
+                r["created"],
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command()
+def gc(
+    store: StoreOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    partials: Annotated[
+        bool, typer.Option("--partials", help="Also remove unfinished (resumable) work and temp files.")
+    ] = False,
+    grace_minutes: Annotated[
+        float, typer.Option(help="Keep anything written this recently (a run may still be using it).")
+    ] = 60.0,
+) -> None:
+    """Remove stage artifacts and run reports that no published version references."""
+    from condense.errors import CondenseError
+    from condense.report import human_bytes
+    from condense.versions import gc as collect_garbage
+
+    st = _store(store)
+    try:
+        found = collect_garbage(st, dry_run=dry_run, partials=partials, grace_seconds=grace_minutes * 60)
+    except CondenseError as err:
+        _fail(str(err))
+    verb = "would remove" if dry_run else "removed"
+    for path in found.removable:
+        typer.echo(f"{verb} {path.relative_to(st.root)}")
+    typer.echo(
+        f"{verb} {len(found.removable)} entries ({human_bytes(found.bytes)}); kept {found.kept} artifacts"
+    )
+    if found.partial:
+        typer.echo(f"left {len(found.partial)} unfinished entries (resumable work); --partials removes them")
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path, typer.Argument(help="A run folder or export directory; with --dataset/--method/--ipc, a store.")
+    ],
+    to: Annotated[Path, typer.Option("--to", help="Output directory.")],
+    dataset: Annotated[str | None, typer.Option(help="Published set: dataset name.")] = None,
+    method: Annotated[str | None, typer.Option(help="Published set: method.")] = None,
+    ipc: Annotated[int | None, typer.Option(help="Published set: images per class.")] = None,
+    version: Annotated[str, typer.Option(help="'latest' or a version number.")] = "latest",
+) -> None:
+    """Write a distilled set as an image folder: <to>/<class>/<n>.png and labels.json (soft labels)."""
+    from condense.errors import CondenseError
+    from condense.export import write_image_folder
+
+    try:
+        out = write_image_folder(
+            source, to, dataset, method, ipc, version if version == "latest" else int(version)
+        )
+    except (CondenseError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {out} ({len(list(out.glob('*/*.png')))} images, labels.json)")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from condense import report, stages
+from condense import report, stages, versions
 from condense.config import PipelineConfig, load_config
 from condense.evaluate import summarize
 from condense.methods import get_method
@@ -246,6 +246,7 @@ def pipeline(
         accuracy=table,
     ).result()
     export_dir = st.path(stages.EXPORT, export_key)
+    keys["export"] = export_key
 
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     run_dir = st.root / "runs" / run_id
@@ -282,6 +283,22 @@ def pipeline(
         },
         "keys": keys,
     }
+    version, new = versions.publish(
+        st,
+        {
+            "dataset": summary["dataset"],
+            "method": cfg.method,
+            "ipc": cfg.ipc,
+            "config_name": cfg.name,
+            "source_fingerprint": st.meta("dataset", dataset_key)["card"]["fingerprint"],
+            "accuracy": summary["accuracy"],
+            "baselines": summary["baselines"],
+            "run_id": run_id,
+            "keys": keys,
+            "evaluations": eval_keys,
+        },
+    )
+    summary["version"] = {"number": version["version"], "new": new, "created": version["created"]}
     write_json(run_dir / "summary.json", summary)
     (run_dir / "report.md").write_text(report.markdown(summary))
     create_markdown_artifact(

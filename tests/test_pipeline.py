@@ -3,6 +3,7 @@ export, resume after SIGKILL, and the one-line errors for bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,7 @@ def test_a_rerun_hits_every_cache(first_run, prefect_env):
         for name, stage in summary["stages"].items()
     }
     assert again["accuracy"] == summary["accuracy"]
+    assert summary["version"]["new"] is True and again["version"] == {**summary["version"], "new": False}
 
 
 def test_changing_evaluation_reuses_experts_and_synthetic_set(first_run, prefect_env):
@@ -76,6 +78,7 @@ def test_changing_evaluation_reuses_experts_and_synthetic_set(first_run, prefect
 def test_changing_distillation_reuses_experts(first_run, prefect_env):
     store, _ = first_run
     changed = last_json(run_cli(tiny_args(store, "distill.iterations=4"), prefect_env).stdout)
+    assert changed["version"]["new"] is True and changed["version"]["number"] >= 2
     cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
     assert cached == {
         "experts": True,
@@ -213,3 +216,33 @@ def test_dream_runs_end_to_end_and_reports_its_clustering_cost(prefect_env, tmp_
     assert stats["reclusters"] == 30 and stats["kmeans_seconds"] > 0 and stats["feature_seconds"] > 0
     assert summary["learned_lr"] is None
     assert len(condense.load_distilled(summary["artifacts"]["run_dir"])) == 10
+
+
+def test_published_sets_are_listed_loaded_exported_and_garbage_collected(first_run, prefect_env, tmp_path):
+    store, summary = first_run
+    listed = [
+        json.loads(line)
+        for line in run_cli(["ls", "--store", str(store), "--json"], prefect_env).stdout.splitlines()
+    ]
+    latest = {(r["dataset"], r["method"], r["ipc"]): r for r in listed}[("digits", "mtt", 1)]
+    table = run_cli(["ls", "--store", str(store), "--all"], prefect_env).stdout
+    rows = [line.split()[:4] for line in table.splitlines()]
+    assert ["digits", "mtt", "1", f"v{latest['version']}"] in rows
+
+    ds = condense.load_distilled(store, dataset="digits", method="mtt", ipc=1, version="latest")
+    assert len(ds) == 10 and ds.manifest["source_fingerprint"] == latest["source_fingerprint"]
+    first = condense.load_distilled(store, dataset="digits", method="mtt", ipc=1, version=1)
+    assert first.manifest["keys"]["distill"] == summary["keys"]["distill"]
+
+    out = tmp_path / "folder"
+    run_cli(
+        ["export", str(store), "--dataset", "digits", "--method", "mtt", "--ipc", "1", "--to", str(out)],
+        prefect_env,
+    )
+    labels = json.loads((out / "labels.json").read_text())
+    assert len(labels["images"]) == 10 and (out / labels["images"][3]["file"]).read_bytes()[:4] == b"\x89PNG"
+    assert abs(sum(labels["images"][3]["soft"]) - 1) < 1e-4
+
+    dry = run_cli(["gc", "--store", str(store), "--dry-run", "--grace-minutes", "0"], prefect_env).stdout
+    assert "would remove" in dry
+    assert condense.load_distilled(store, dataset="digits", method="mtt", ipc=1)  # a dry run removes nothing
