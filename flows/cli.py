@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from prefect.server.api.server import SubprocessASGIServer
+
     from condense.store import Store
 
 app = typer.Typer(
@@ -44,7 +46,7 @@ def _configure_prefect(debug: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_ROOT_LEVEL", level)
 
 
-def _start_local_api_quietly() -> None:
+def _start_local_api_quietly(debug: bool = False) -> SubprocessASGIServer:
     """Start Prefect's ephemeral API server now, its output going to a log file in PREFECT_HOME.
 
     The server is a subprocess that inherits stderr, and at shutdown it sometimes logs cancelled
@@ -54,16 +56,22 @@ def _start_local_api_quietly() -> None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_HOME
 
+    if debug:
+        server = SubprocessASGIServer()
+        server.start()
+        return server
     home = Path(PREFECT_HOME.value())
     home.mkdir(parents=True, exist_ok=True)
     saved = os.dup(2)
     with open(home / "condense-ephemeral-server.log", "ab") as log:
         os.dup2(log.fileno(), 2)
         try:
-            SubprocessASGIServer().start()
+            server = SubprocessASGIServer()
+            server.start()
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+    return server
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -88,6 +96,12 @@ def run(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and Prefect's logs.")] = False,
+    runner: Annotated[
+        str, typer.Option(help="Task runner for the fan-out: 'threads' (default) or 'dask' (prefect-dask).")
+    ] = "threads",
+    dask_address: Annotated[
+        str | None, typer.Option(help="Scheduler of an existing Dask cluster (default: a local cluster).")
+    ] = None,
 ) -> None:
     """Run the whole pipeline; a rerun reuses every stage whose inputs did not change."""
     started = time.perf_counter()
@@ -101,21 +115,28 @@ def run(
     except CondenseError as err:
         _fail(str(err), 2)
 
-    from flows.pipeline import DEFAULT_STORE, pipeline
+    from flows.pipeline import DEFAULT_STORE, pipeline, task_runner
 
     store_dir = str(store or DEFAULT_STORE)
     try:
+        flow = pipeline
+        if runner != "threads" or dask_address:
+            flow = pipeline.with_options(
+                task_runner=task_runner("dask" if dask_address else runner, dask_address)
+            )
         if os.environ.get("PREFECT_API_URL"):
-            summary = pipeline(preset, overrides, store_dir, quiet)
+            summary = flow(preset, overrides, store_dir, quiet)
         else:
             # A local ephemeral API dies with this process, so its run heartbeats (a fixed ~1 s at
             # exit) guard nothing.
             from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-            if not debug:
-                _start_local_api_quietly()
+            server = _start_local_api_quietly(debug)
+            # Dask workers are other processes: without an API URL each would start its own
+            # ephemeral server (and some outlive the run); point them at this one.
+            os.environ["PREFECT_API_URL"] = server.api_url
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                summary = pipeline(preset, overrides, store_dir, quiet)
+                summary = flow(preset, overrides, store_dir, quiet)
     except CondenseError as err:
         if debug:
             raise

@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from condense import report, stages, versions
 from condense.config import PipelineConfig, load_config
+from condense.errors import CondenseError
 from condense.evaluate import summarize
 from condense.methods import get_method
 from condense.store import Store, write_json
@@ -85,6 +86,26 @@ def _record_experts(
     ).result()
     clock.stop("experts", begun)
     return experts_key
+
+
+def task_runner(runner: str = "threads", dask_address: str | None = None, workers: int = 2) -> Any:
+    """Prefect's default thread pool, or a Dask cluster (prefect-dask): an existing scheduler at
+    ``dask_address``, else a local cluster of ``workers`` single-threaded processes. Tasks pass only
+    store keys, so any worker that sees the store can run any stage."""
+    if runner == "threads":
+        return None
+    if runner != "dask":
+        raise ValueError(f"unknown runner {runner!r}: threads or dask")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise CondenseError("--runner dask needs prefect-dask: pip install -e '.[dask]'") from None
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None},
+    )
 
 
 def _label_summary(cfg: PipelineConfig, relabel_meta: dict[str, Any] | None) -> dict[str, Any]:

@@ -246,3 +246,23 @@ def test_published_sets_are_listed_loaded_exported_and_garbage_collected(first_r
     dry = run_cli(["gc", "--store", str(store), "--dry-run", "--grace-minutes", "0"], prefect_env).stdout
     assert "would remove" in dry
     assert condense.load_distilled(store, dataset="digits", method="mtt", ipc=1)  # a dry run removes nothing
+
+
+def _orphaned_servers() -> set[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if "uvicorn" in line and line.split()[1] == "1"}
+
+
+def test_the_dask_runner_gives_the_same_results_and_leaves_no_server_behind(first_run, prefect_env, tmp_path):
+    _, summary = first_run
+    before = _orphaned_servers()
+    args = [*tiny_args(tmp_path), "--runner", "dask"]
+    on_dask = last_json(run_cli(args, prefect_env).stdout)
+    assert on_dask["keys"] == summary["keys"]
+    assert on_dask["accuracy"] == summary["accuracy"]
+    a = load_arrays(Path(summary["artifacts"]["synthetic"]))["images"]
+    b = load_arrays(Path(on_dask["artifacts"]["synthetic"]))["images"]
+    # Dask workers run torch single-threaded (OMP_NUM_THREADS=1): reductions sum in another order,
+    # so the images agree to float rounding rather than bit for bit.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert _orphaned_servers() <= before
