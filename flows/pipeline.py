@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from condense import report, stages, versions
 from condense.config import PipelineConfig, load_config
@@ -326,6 +326,12 @@ def pipeline(
         key="condense-report",
         markdown=report.markdown(summary).replace("(grid.png)", f"({(run_dir / 'grid.png').as_uri()})"),
         description="condense run report",
+    )
+    create_link_artifact(
+        key="condense-grid",
+        link=(run_dir / "grid.png").as_uri(),
+        link_text=f"synthetic images: {summary['dataset']} / {cfg.method} / ipc {cfg.ipc}",
+        description="grid of the distilled images",
     )
     create_table_artifact(
         key="condense-accuracy",

@@ -7,9 +7,11 @@ the store key: the store is the truth, Prefect's cache is the index to it.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
 from condense import prepare, stages
@@ -23,6 +25,31 @@ def store_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     record, the index the experts that fill one stage."""
     index = parameters.get("index")
     return f"{context.task.name}-{parameters['key']}" + ("" if index is None else f"-{index}")
+
+
+class ArtifactProgress(Progress):
+    """Progress lines on stderr, and a Prefect progress artifact for the UI (at most every
+    ``every`` seconds, and at the end) so a long distillation can be watched from the server."""
+
+    def __init__(self, label: str, key: str, quiet: bool, every: float = 10.0):
+        super().__init__(label, quiet=quiet)
+        self.key, self.every = key, every
+        self.artifact_id: Any = None
+        self._published = -float("inf")
+
+    def step(self, i: int, total: int, detail: str = "") -> None:
+        super().step(i, total, detail)
+        now = time.monotonic()
+        if i != total and now - self._published < self.every:
+            return
+        self._published = now
+        percent = round(100.0 * i / total, 1)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                percent, key=self.key, description=f"{self.label}: {detail}".rstrip(": ")
+            )
+        else:
+            update_progress_artifact(self.artifact_id, percent, description=f"{self.label}: {detail}")
 
 
 @task(name="prepare-dataset", retries=0)
@@ -49,9 +76,8 @@ def finish_experts(store: str, key: str, records: list[dict]) -> dict:
 def teacher(
     store: str, key: str, cfg: PipelineConfig, dataset_key: str, experts_key: str | None, quiet: bool = False
 ) -> dict:
-    return stages.run_teacher(
-        Store(store), key, cfg, dataset_key, experts_key, Progress("teacher", quiet=quiet)
-    )
+    progress = ArtifactProgress("teacher", "condense-teacher-progress", quiet)
+    return stages.run_teacher(Store(store), key, cfg, dataset_key, experts_key, progress)
 
 
 @task(name="distill", cache_key_fn=store_cache_key)
@@ -64,9 +90,8 @@ def distill(
     teacher_key: str | None,
     quiet: bool = False,
 ) -> dict:
-    return stages.run_distill(
-        Store(store), key, cfg, dataset_key, experts_key, teacher_key, Progress(cfg.method, quiet=quiet)
-    )
+    progress = ArtifactProgress(cfg.method, "condense-distill-progress", quiet)
+    return stages.run_distill(Store(store), key, cfg, dataset_key, experts_key, teacher_key, progress)
 
 
 @task(name="soft-labels", cache_key_fn=store_cache_key)

@@ -159,6 +159,11 @@ def test_a_deployment_runs_on_a_worker_and_publishes_its_report(server, tmp_path
     assert artifacts["condense-report"]["type"] == "markdown"
     assert "digits / mtt / ipc 2" in artifacts["condense-report"]["data"]
     assert artifacts["condense-accuracy"]["type"] == "table"
+    assert (
+        artifacts["condense-grid"]["type"] == "markdown" and "grid.png" in artifacts["condense-grid"]["data"]
+    )
+    progress = artifacts["condense-distill-progress"]
+    assert progress["type"] == "progress" and float(progress["data"]) == 100.0
     assert all(a["flow_run_id"] == runs[0]["id"] for a in artifacts.values())
     summaries = list(store.glob("runs/*/summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["ipc"] == 2
