@@ -83,3 +83,25 @@ def record_experts(store, cfg) -> tuple[str, str]:
     records = [stages.record_expert(store, key, cfg, dataset_key, i) for i in range(cfg.experts.num_experts)]
     stages.finish_experts(store, key, records)
     return dataset_key, key
+
+
+@pytest.fixture(scope="session")
+def digits30(tmp_path_factory: pytest.TempPathFactory):
+    """Digits with 30 training images per class, prepared once for the library-level tests."""
+    from condense.config import DatasetConfig
+    from condense.prepare import load, prepare
+    from condense.store import Store
+
+    store = Store(tmp_path_factory.mktemp("digits30"))
+    key, _ = prepare(DatasetConfig(train_per_class=30), store, 1)
+    return load(store, key)
+
+
+@pytest.fixture(scope="session")
+def bn_teacher(digits30):
+    """A small batch-norm ConvNet teacher trained on ``digits30`` (a few seconds)."""
+    from condense import teacher
+    from condense.config import DSAConfig, ModelConfig, TeacherConfig
+
+    cfg = TeacherConfig(source="train", epochs=6, batch_size=64, dsa=False)
+    return teacher.train_teacher(digits30, cfg, ModelConfig(width=16), DSAConfig(), seed=0)

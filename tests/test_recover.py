@@ -7,13 +7,12 @@ import torch
 from torch import nn
 
 from condense import stages, teacher
-from condense.config import DatasetConfig, DSAConfig, ModelConfig, TeacherConfig, load_config
+from condense.config import DSAConfig, ModelConfig, load_config
 from condense.errors import ConfigError
 from condense.methods import cudd, sre2l
 from condense.methods.base import DistillInputs
-from condense.prepare import PreparedDataset, load, prepare
+from condense.prepare import PreparedDataset
 from condense.progress import SILENT
-from condense.store import Store
 from tests.test_matching import MemoryCheckpoints, Recorder
 from tests.test_mtt import KillAfter
 
@@ -21,17 +20,14 @@ MODEL = ModelConfig(width=16, norm="batchnorm")
 TINY = {"iterations": 12, "checkpoint_every": 5, "jitter": 1, "crop_min_scale": 0.5, "r_bn": 0.1}
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
-    store = Store(tmp_path_factory.mktemp("store"))
-    key, _ = prepare(DatasetConfig(train_per_class=30), store, 1)
-    return load(store, key)
+@pytest.fixture
+def digits(digits30: PreparedDataset) -> PreparedDataset:
+    return digits30
 
 
-@pytest.fixture(scope="module")
-def observer(digits: PreparedDataset) -> nn.Module:
-    cfg = TeacherConfig(source="train", epochs=6, batch_size=64, dsa=False)
-    return teacher.train_teacher(digits, cfg, MODEL, DSAConfig(), seed=0).model
+@pytest.fixture
+def observer(bn_teacher: teacher.TrainedTeacher) -> nn.Module:
+    return bn_teacher.model
 
 
 def make_inputs(data, model, cfg, ipc: int = 2) -> DistillInputs:

@@ -9,26 +9,22 @@ import pytest
 import torch
 
 from condense import relabel, teacher
-from condense.config import DatasetConfig, DSAConfig, KDRecipeConfig, ModelConfig, TeacherConfig
+from condense.config import KDRecipeConfig, ModelConfig, TeacherConfig
 from condense.errors import ConfigError, DatasetError
 from condense.evaluate import KDRecipe, cosine_factor, train_and_test_kd
-from condense.prepare import PreparedDataset, load, prepare
-from condense.store import Store
+from condense.prepare import PreparedDataset
 
 MODEL = ModelConfig(width=16)
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
-    store = Store(tmp_path_factory.mktemp("store"))
-    key, _ = prepare(DatasetConfig(train_per_class=30), store, 1)
-    return load(store, key)
+@pytest.fixture
+def digits(digits30: PreparedDataset) -> PreparedDataset:
+    return digits30
 
 
-@pytest.fixture(scope="module")
-def trained(digits: PreparedDataset) -> teacher.TrainedTeacher:
-    cfg = TeacherConfig(source="train", epochs=6, batch_size=64, dsa=False)
-    return teacher.train_teacher(digits, cfg, MODEL, DSAConfig(), seed=0)
+@pytest.fixture
+def trained(bn_teacher: teacher.TrainedTeacher) -> teacher.TrainedTeacher:
+    return bn_teacher
 
 
 def test_a_trained_batchnorm_teacher_knows_the_classes(digits, trained):
