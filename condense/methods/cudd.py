@@ -38,6 +38,7 @@ from condense.methods.sre2l import (
     recover_batch,
     saving_partial,
     summarize_recovery,
+    with_batch,
 )
 from condense.models import CONVNET, build_model
 from condense.prepare import PreparedDataset
@@ -213,12 +214,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
                 progress=progress,
                 label=f"curriculum {index + 1} batch {offset + 1}/{size}",
             )
-            state = {
-                **state,
-                "batches": [*state["batches"], images],
-                "histories": [*state["histories"], history],
-                "partial": None,
-            }
+            state = with_batch(state, images, history)
             checkpoints.save(state)
         first += size
     images = class_major(state["batches"])

@@ -288,6 +288,18 @@ def saving_partial(checkpoints: Checkpoints, state: dict[str, Any]) -> Callable[
     return lambda snapshot: checkpoints.save({**state, "partial": snapshot})
 
 
+def with_batch(
+    state: dict[str, Any], images: torch.Tensor, history: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The resumable state after one more finished batch."""
+    return {
+        **state,
+        "batches": [*state["batches"], images],
+        "histories": [*state["histories"], history],
+        "partial": None,
+    }
+
+
 def class_major(batches: list[torch.Tensor]) -> torch.Tensor:
     """Batches of one image per class -> class-major order (every image of class 0, then 1, ...)."""
     stacked = torch.stack(batches, dim=1)
@@ -330,11 +342,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
             progress=progress,
             label=f"batch {index + 1}/{inputs.ipc}",
         )
-        state = {
-            "batches": [*state["batches"], images],
-            "histories": [*state["histories"], history],
-            "partial": None,
-        }
+        state = with_batch(state, images, history)
         checkpoints.save(state)
     images = class_major(state["batches"])
     out_labels = labels.repeat_interleave(inputs.ipc)
