@@ -204,8 +204,7 @@ def list_sets(
     all_versions: Annotated[bool, typer.Option("--all", help="Every version, not only the latest.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
-    """List the distilled sets published in a store: dataset, method, IPC, version, source
-    fingerprint, accuracy (first evaluation model), created."""
+    """List the distilled sets published in a store (dataset, method, IPC, version, source, accuracy)."""
     from condense.versions import list_versions
 
     records = list_versions(_store(store), latest_only=not all_versions)
