@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +125,72 @@ def load_distilled(
 
     ``path`` is a run folder, an export directory or its manifest; or, with ``dataset``, ``method``
     and ``ipc``, a store, from which ``version`` (``"latest"`` or a number) of that set is loaded.
+    An fsspec URL (``s3://bucket/store``, ``https://.../export/<key>``, ...) works in place of a local
+    export directory or store, for sets copied to object storage.
     """
-    manifest_path = _locate(Path(path), dataset, method, ipc, version)
-    manifest = json.loads(manifest_path.read_text())
-    samples = _samples(manifest_path, manifest, decode=True)
-    images = torch.from_numpy(np.stack([s["input.npy"] for s in samples]))
+    if "://" in str(path):
+        manifest, samples = _remote_samples(str(path), dataset, method, ipc, version)
+    else:
+        manifest_path = _locate(Path(path), dataset, method, ipc, version)
+        manifest = json.loads(manifest_path.read_text())
+        samples = _samples(manifest_path, manifest)
+    return _to_dataset(samples, manifest)
+
+
+def _to_dataset(samples: list[dict[str, Any]], manifest: dict[str, Any]) -> DistilledDataset:
+    """Raw shard samples (bytes per field) -> tensors."""
+    images = torch.from_numpy(np.stack([_array(s["input.npy"]) for s in samples]))
     labels = torch.tensor([int(s["cls"]) for s in samples])
     soft = None
     if "soft.npy" in samples[0]:
-        soft = torch.from_numpy(np.stack([s["soft.npy"] for s in samples]))
+        soft = torch.from_numpy(np.stack([_array(s["soft.npy"]) for s in samples]))
     return DistilledDataset(images, labels, soft, manifest)
 
 
-def _locate(path: Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str) -> Path:
-    selectors = (dataset, method, ipc)
-    if all(v is None for v in selectors):
-        return _find_manifest(path)
-    if any(v is None for v in selectors):
+def _array(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def _remote_samples(
+    url: str, dataset: str | None, method: str | None, ipc: int | None, version: int | str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Manifest and raw samples of an export on an fsspec filesystem, read as plain tar streams."""
+    import fsspec
+
+    if any(v is not None for v in (dataset, method, ipc)):
+        _require_all_selectors(dataset, method, ipc)
+        from condense import versions
+
+        fs, base = versions.resolve_url(url, str(dataset), str(method), int(ipc or 0), version)
+    else:
+        fs, base = fsspec.core.url_to_fs(url)
+        base = base.rstrip("/").removesuffix(f"/{MANIFEST}")
+    if not fs.exists(f"{base}/{MANIFEST}"):
+        raise CondenseError(f"no distilled set at {url}: expected {MANIFEST}")
+    manifest = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))
+    samples: dict[str, dict[str, Any]] = {}
+    for shard in manifest["shards"]:
+        with fs.open(f"{base}/{shard}", "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                content = tar.extractfile(member)
+                if content is None:
+                    continue
+                key, _, field = member.name.rpartition("/")[2].partition(".")
+                samples.setdefault(key, {"__key__": key})[field] = content.read()
+    if not samples:
+        raise CondenseError(f"distilled set at {url} has no samples")
+    return manifest, [samples[k] for k in sorted(samples)]
+
+
+def _require_all_selectors(dataset: str | None, method: str | None, ipc: int | None) -> None:
+    if any(v is None for v in (dataset, method, ipc)):
         raise CondenseError("select a published set with all of dataset, method and ipc")
+
+
+def _locate(path: Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str) -> Path:
+    if all(v is None for v in (dataset, method, ipc)):
+        return _find_manifest(path)
+    _require_all_selectors(dataset, method, ipc)
     from condense import versions
     from condense.store import Store
 
@@ -150,10 +199,10 @@ def _locate(path: Path, dataset: str | None, method: str | None, ipc: int | None
     return _find_manifest(versions.export_dir(store, record))
 
 
-def _samples(manifest_path: Path, manifest: dict[str, Any], decode: bool) -> list[dict[str, Any]]:
+def _samples(manifest_path: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raw samples (bytes per field) of a local export, in key order."""
     urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
-    pipeline = wds.WebDataset(urls, shardshuffle=False)
-    samples = sorted(pipeline.decode() if decode else pipeline, key=lambda s: s["__key__"])
+    samples = sorted(wds.WebDataset(urls, shardshuffle=False), key=lambda s: s["__key__"])
     if not samples:
         raise CondenseError(f"distilled set at {manifest_path.parent} has no samples")
     return samples
@@ -173,12 +222,12 @@ def write_image_folder(
     manifest = json.loads(manifest_path.read_text())
     classes = [str(c) for c in manifest["classes"]]
     entries = []
-    for sample in _samples(manifest_path, manifest, decode=False):
+    for sample in _samples(manifest_path, manifest):
         label = int(sample["cls"])
         relative = Path(classes[label]) / f"{sample['__key__']}.png"
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (out_dir / relative).write_bytes(sample["png"])
-        soft = np.load(io.BytesIO(sample["soft.npy"])).tolist() if "soft.npy" in sample else None
+        soft = _array(sample["soft.npy"]).tolist() if "soft.npy" in sample else None
         entries.append({"file": relative.as_posix(), "label": label, "soft": soft})
     labels = {
         "classes": classes,

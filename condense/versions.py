@@ -78,26 +78,42 @@ def list_versions(store: Store, latest_only: bool = False) -> list[dict[str, Any
     return out
 
 
-def resolve(
-    store: Store, dataset: str, method: str, ipc: int, version: int | str = "latest"
-) -> dict[str, Any]:
-    """The version record of (dataset, method, ipc): ``"latest"`` or a version number."""
-    records = _records(_series(store, dataset, method, ipc))
+def pick(records: list[dict[str, Any]], name: str, version: int | str, missing: str) -> dict[str, Any]:
+    """``version`` ("latest" or a number) out of one series' records, sorted by version."""
     if not records:
-        known = ", ".join(
-            sorted({f"{r['dataset']}/{r['method']}/ipc{r['ipc']}" for r in list_versions(store)})
-        )
-        raise CondenseError(
-            f"no distilled set {dataset}/{method}/ipc{ipc} in {store.root}; published: {known or 'none'}"
-        )
+        raise CondenseError(missing)
     if version == "latest":
         return records[-1]
     for record in records:
         if record["version"] == int(version):
             return record
-    raise CondenseError(
-        f"{dataset}/{method}/ipc{ipc} has versions {[r['version'] for r in records]}, not {version}"
-    )
+    raise CondenseError(f"{name} has versions {[r['version'] for r in records]}, not {version}")
+
+
+def resolve(
+    store: Store, dataset: str, method: str, ipc: int, version: int | str = "latest"
+) -> dict[str, Any]:
+    """The version record of (dataset, method, ipc): ``"latest"`` or a version number."""
+    name = f"{dataset}/{method}/ipc{ipc}"
+    known = ", ".join(sorted({f"{r['dataset']}/{r['method']}/ipc{r['ipc']}" for r in list_versions(store)}))
+    missing = f"no distilled set {name} in {store.root}; published: {known or 'none'}"
+    return pick(_records(_series(store, dataset, method, ipc)), name, version, missing)
+
+
+def resolve_url(
+    url: str, dataset: str, method: str, ipc: int, version: int | str = "latest"
+) -> tuple[Any, str]:
+    """For a store copied to any fsspec URL (s3://, gs://, https://, memory://, ...): its filesystem
+    and the path of the chosen version's export directory."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    name = f"{dataset}/{method}/ipc{ipc}"
+    paths = fs.glob(f"{root}/{VERSIONS}/{dataset}/{method}/ipc{ipc}/v*.json")
+    records = sorted((json.loads(fs.cat_file(p)) for p in paths), key=lambda r: r["version"])
+    record = pick(records, name, version, f"no distilled set {name} published at {url}")
+    return fs, f"{root}/export/{record['keys']['export']}"
 
 
 def export_dir(store: Store, record: dict[str, Any]) -> Path:

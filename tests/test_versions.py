@@ -83,3 +83,37 @@ def test_gc_removes_only_what_no_version_references(tmp_path: Path):
     )
     versions.gc(store, dry_run=False, partials=True)
     assert not partial.exists()
+
+
+def test_a_store_copied_to_object_storage_loads_by_url(tmp_path: Path):
+    import fsspec
+    import numpy as np
+    import torch
+
+    import condense
+    from condense.export import write_distilled
+
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
+    soft = np.full((4, 2), 0.5, dtype=np.float32)
+    manifest = {"method": "mtt", "ipc": 2, "classes": [0, 1], "source_fingerprint": "f1"}
+    write_distilled(
+        store.path("export", "x1"), images, images.clip(0, 1), np.array([0, 0, 1, 1]), soft, manifest
+    )
+    versions.publish(store, _record("x1"))
+    local = condense.load_distilled(store.root, dataset="digits", method="mtt", ipc=1)
+
+    fs = fsspec.filesystem("memory")
+    for path in store.root.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"/bucket/{path.relative_to(store.root)}", path.read_bytes())
+    remote = condense.load_distilled("memory://bucket", dataset="digits", method="mtt", ipc=1, version=1)
+    assert torch.equal(remote.images, local.images) and torch.equal(remote.soft, local.soft)
+    assert remote.labels.tolist() == [0, 0, 1, 1]
+    direct = condense.load_distilled("memory://bucket/export/x1/manifest.json")
+    assert torch.equal(direct.images, torch.from_numpy(images))
+    with pytest.raises(CondenseError, match="no distilled set digits/dm/ipc1 published at memory://bucket"):
+        condense.load_distilled("memory://bucket", dataset="digits", method="dm", ipc=1)
+    with pytest.raises(CondenseError, match="expected manifest.json"):
+        condense.load_distilled("memory://bucket/nowhere")
