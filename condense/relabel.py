@@ -195,6 +195,8 @@ class StoredLabels:
     def __init__(self, arrays: dict[str, Any], num_classes: int, batch_size: int):
         self.arrays, self.num_classes, self.batch_size = arrays, num_classes, batch_size
         self.epochs = arrays["order"].shape[0]
+        self._labels: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        """(epoch, top-k indices, top-k probabilities): one read per epoch, not one per batch."""
 
     def plan(self, epoch: int) -> EpochPlan:
         a = {
@@ -212,7 +214,11 @@ class StoredLabels:
         )
 
     def targets(self, epoch: int, batch: int, inputs: torch.Tensor) -> torch.Tensor:
+        if self._labels is None or self._labels[0] != epoch:
+            self._labels = (
+                epoch,
+                torch.from_numpy(np.asarray(self.arrays["top_k_index"][epoch])),
+                torch.from_numpy(np.asarray(self.arrays["top_k_prob"][epoch])),
+            )
         rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-        indices = torch.from_numpy(np.asarray(self.arrays["top_k_index"][epoch, rows]))
-        values = torch.from_numpy(np.asarray(self.arrays["top_k_prob"][epoch, rows]))
-        return expand_top_k(indices, values, self.num_classes)
+        return expand_top_k(self._labels[1][rows], self._labels[2][rows], self.num_classes)

@@ -24,6 +24,8 @@ import zarr
 
 KEY_CHARS = 20
 META = "meta.json"
+DEFAULT_STORE = os.environ.get("CONDENSE_STORE", str(Path(__file__).resolve().parents[1] / "data" / "store"))
+"""Where runs keep their artifacts unless told otherwise: ``$CONDENSE_STORE`` or ``data/store``."""
 
 
 def stable_hash(obj: Any) -> str:

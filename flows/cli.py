@@ -74,6 +74,11 @@ def _start_local_api_quietly(debug: bool = False) -> SubprocessASGIServer:
     return server
 
 
+StoreOption = Annotated[
+    Path | None, typer.Option(help="Artifact store directory (default: data/store, or $CONDENSE_STORE).")
+]
+
+
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -88,9 +93,7 @@ def run(
         list[str] | None,
         typer.Option("--set", help="Override a config field: --set ipc=10 --set distill.iterations=300."),
     ] = None,
-    store: Annotated[
-        Path | None, typer.Option(help="Artifact store directory (default: data/store, or $CONDENSE_STORE).")
-    ] = None,
+    store: StoreOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line at the end.")
     ] = False,
@@ -115,7 +118,8 @@ def run(
     except CondenseError as err:
         _fail(str(err), 2)
 
-    from flows.pipeline import DEFAULT_STORE, pipeline, task_runner
+    from condense.store import DEFAULT_STORE
+    from flows.pipeline import pipeline, task_runner
 
     store_dir = str(store or DEFAULT_STORE)
     try:
@@ -186,16 +190,10 @@ def config(
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-StoreOption = Annotated[
-    Path | None, typer.Option(help="Artifact store directory (default: data/store, or $CONDENSE_STORE).")
-]
-
-
 def _store(store: Path | None) -> Store:
-    from condense.store import Store
+    from condense.store import DEFAULT_STORE, Store
 
-    default = os.environ.get("CONDENSE_STORE", str(Path(__file__).resolve().parents[1] / "data" / "store"))
-    return Store(store or default)
+    return Store(store or DEFAULT_STORE)
 
 
 @app.command("ls")

@@ -8,12 +8,10 @@ Run it in-process (``condense run`` or ``python -m flows.pipeline``) or as a dep
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -24,10 +22,8 @@ from condense.config import PipelineConfig, load_config
 from condense.errors import CondenseError
 from condense.evaluate import summarize
 from condense.methods import get_method
-from condense.store import Store, write_json
+from condense.store import DEFAULT_STORE, Store, write_json
 from tasks import stages as t
-
-DEFAULT_STORE = os.environ.get("CONDENSE_STORE", str(Path(__file__).resolve().parents[1] / "data" / "store"))
 
 
 class StageClock:

@@ -32,6 +32,7 @@ from condense.methods.sre2l import (
     RecoverConfig,
     batch_generator,
     check_teacher_settings,
+    checked_teacher,
     class_major,
     frozen,
     pixel_bounds,
@@ -44,7 +45,6 @@ from condense.models import CONVNET, build_model
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, online_labels, online_plans
-from condense.teacher import check_class_order
 from condense.training import accuracy, predict
 
 
@@ -149,12 +149,7 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     cfg: CUDDConfig = inputs.method_cfg
     data = inputs.data
-    if inputs.teacher is None:
-        raise ConfigError("CUDD needs a teacher")
-    teacher = frozen(inputs.teacher)
-    guard = check_class_order(
-        teacher, data, cfg.min_teacher_accuracy, 50, torch.Generator().manual_seed(inputs.seed)
-    )
+    teacher, guard = checked_teacher(inputs)
     teacher_right = predict(teacher, data.train_x).argmax(1) == data.train_y
     labels = torch.arange(data.num_classes)
     sizes = curriculum_sizes(cfg, inputs.ipc)

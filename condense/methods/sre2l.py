@@ -66,6 +66,7 @@ class RecoverConfig(Strict):
     checkpoint_every: int = Field(default=100, gt=0)
     min_teacher_accuracy: float | None = Field(default=None, ge=0, le=100)
     """Class-order guard on the teacher (see RDED); None: three times chance."""
+    check_images_per_class: int = Field(default=50, gt=0)
 
 
 class CDAConfig(RecoverConfig):
@@ -313,16 +314,24 @@ def frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+def checked_teacher(inputs: DistillInputs) -> tuple[nn.Module, float]:
+    """The frozen teacher, once it has passed the class-order guard (and the accuracy it scored)."""
+    cfg: RecoverConfig = inputs.method_cfg
+    if inputs.teacher is None:
+        raise ConfigError("recovery needs a teacher")
+    teacher = frozen(inputs.teacher)
+    generator = torch.Generator().manual_seed(inputs.seed)
+    guard = check_class_order(
+        teacher, inputs.data, cfg.min_teacher_accuracy, cfg.check_images_per_class, generator
+    )
+    return teacher, guard
+
+
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     """SRe2L / CDA: ``ipc`` batches of one image per class, each recovered from noise (or real)."""
     cfg: RecoverConfig = inputs.method_cfg
     data = inputs.data
-    if inputs.teacher is None:
-        raise ConfigError("recover needs a teacher")
-    teacher = frozen(inputs.teacher)
-    guard = check_class_order(
-        teacher, data, cfg.min_teacher_accuracy, 50, torch.Generator().manual_seed(inputs.seed)
-    )
+    teacher, guard = checked_teacher(inputs)
     labels = torch.arange(data.num_classes)
     state = checkpoints.load() or {"batches": [], "histories": [], "partial": None}
     if state["batches"] or state["partial"]:
