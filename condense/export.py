@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from condense.errors import CondenseError
+from condense.store import META, Store, open_store
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "distilled-%06d.tar"
@@ -128,13 +129,19 @@ def load_distilled(
     An fsspec URL (``s3://bucket/store``, ``https://.../export/<key>``, ...) works in place of a local
     export directory or store, for sets copied to object storage.
     """
-    if "://" in str(path):
-        manifest, samples = _remote_samples(str(path), dataset, method, ipc, version)
-    else:
-        manifest_path = _locate(Path(path), dataset, method, ipc, version)
-        manifest = json.loads(manifest_path.read_text())
-        samples = _samples(manifest_path, manifest)
+    manifest, samples = _raw_samples(path, dataset, method, ipc, version)
     return _to_dataset(samples, manifest)
+
+
+def _raw_samples(
+    path: str | Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Manifest and raw samples (bytes per field, in key order) of the set ``path`` names."""
+    if "://" in str(path):
+        return _remote_samples(str(path), dataset, method, ipc, version)
+    manifest_path = _locate(Path(path), dataset, method, ipc, version)
+    manifest = json.loads(manifest_path.read_text())
+    return manifest, _samples(manifest_path, manifest)
 
 
 def _to_dataset(samples: list[dict[str, Any]], manifest: dict[str, Any]) -> DistilledDataset:
@@ -151,22 +158,36 @@ def _array(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
+def _remote_export(url: str) -> tuple[Any, str]:
+    """Filesystem and folder of the export ``url`` names: the folder itself or its manifest, a run
+    folder (its summary names the export), or a committed export of a remote store (its meta.json
+    names the payload folder that holds the files)."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(url)
+    base = base.rstrip("/").removesuffix(f"/{MANIFEST}")
+    if fs.exists(f"{base}/{MANIFEST}"):
+        return fs, base
+    if fs.exists(f"{base}/summary.json"):
+        return _remote_export(json.loads(fs.cat_file(f"{base}/summary.json"))["artifacts"]["manifest"])
+    meta = json.loads(fs.cat_file(f"{base}/{META}")) if fs.exists(f"{base}/{META}") else {}
+    if "payload" in meta and fs.exists(f"{base}/{meta['payload']}/{MANIFEST}"):
+        return fs, f"{base}/{meta['payload']}"
+    raise CondenseError(f"no distilled set at {url}: expected {MANIFEST}, a run folder or an export")
+
+
 def _remote_samples(
     url: str, dataset: str | None, method: str | None, ipc: int | None, version: int | str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Manifest and raw samples of an export on an fsspec filesystem, read as plain tar streams."""
-    import fsspec
-
     if any(v is not None for v in (dataset, method, ipc)):
         _require_all_selectors(dataset, method, ipc)
         from condense import versions
 
-        fs, base = versions.resolve_url(url, str(dataset), str(method), int(ipc or 0), version)
-    else:
-        fs, base = fsspec.core.url_to_fs(url)
-        base = base.rstrip("/").removesuffix(f"/{MANIFEST}")
-    if not fs.exists(f"{base}/{MANIFEST}"):
-        raise CondenseError(f"no distilled set at {url}: expected {MANIFEST}")
+        store = open_store(url)
+        record = versions.resolve(store, str(dataset), str(method), int(ipc or 0), version)
+        url = store.url("export", record["keys"]["export"])
+    fs, base = _remote_export(url)
     manifest = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))
     samples: dict[str, dict[str, Any]] = {}
     for shard in manifest["shards"]:
@@ -192,7 +213,6 @@ def _locate(path: Path, dataset: str | None, method: str | None, ipc: int | None
         return _find_manifest(path)
     _require_all_selectors(dataset, method, ipc)
     from condense import versions
-    from condense.store import Store
 
     store = Store(path)
     record = versions.resolve(store, str(dataset), str(method), int(ipc or 0), version)
@@ -218,11 +238,10 @@ def write_image_folder(
 ) -> Path:
     """Export a distilled set as ``<out>/<class>/<index>.png`` plus ``labels.json`` (class names,
     and per file its hard label and soft label), for tools that read image folders."""
-    manifest_path = _locate(Path(path), dataset, method, ipc, version)
-    manifest = json.loads(manifest_path.read_text())
+    manifest, samples = _raw_samples(path, dataset, method, ipc, version)
     classes = [str(c) for c in manifest["classes"]]
     entries = []
-    for sample in _samples(manifest_path, manifest):
+    for sample in samples:
         label = int(sample["cls"])
         relative = Path(classes[label]) / f"{sample['__key__']}.png"
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)

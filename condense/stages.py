@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from condense.store import (
 EXPERTS, TEACHER, DISTILL = "experts", "teacher", "distill"
 SOFT_LABELS, RELABEL, EVALUATE = "soft_labels", "relabel", "evaluate"
 TRAINING_CODE = (models, augment, training)
+CHECKPOINT = "checkpoint.pt"
 
 
 # ----------------------------------------------------------------------------- experts
@@ -64,26 +66,39 @@ def experts_key(cfg: PipelineConfig, dataset_key: str) -> str:
     return stage_key(EXPERTS, config, code_version(*TRAINING_CODE, experts), {"dataset": dataset_key})
 
 
-def _buffer_path(work: Path) -> Path:
-    return work / "trajectories.zarr"
+BUFFER = "trajectories.zarr"
+
+
+def _chunk_folder(index: int) -> str:
+    """Where expert ``index``'s trajectory lives in the buffer: its chunks (one per snapshot) are
+    ``c/<index>/<snapshot>/0`` under the "/"-separated chunk key encoding the buffer is created with."""
+    return f"{BUFFER}/c/{index}"
 
 
 def open_experts(store: Store, key: str, cfg: PipelineConfig, dataset_key: str) -> None:
     """Create the (experts, snapshots, parameters) array that expert tasks fill, chunked per snapshot."""
     if store.has(EXPERTS, key):
         return
-    path = _buffer_path(store.partial(EXPERTS, key))
+    store.pull(EXPERTS, key, f"{BUFFER}/zarr.json")
+    path = store.partial(EXPERTS, key) / BUFFER
     if path.exists():
         return
     card = store.meta(prepare.STAGE, dataset_key)["card"]
     model = models.ConvNet(card["channels"], len(card["classes"]), card["resolution"], cfg.model)
     shape = (cfg.experts.num_experts, cfg.experts.epochs + 1, models.FlatParams(model).numel)
     tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-    zarr.create_array(str(tmp), shape=shape, chunks=(1, 1, shape[2]), dtype="float32")
+    zarr.create_array(
+        str(tmp),
+        shape=shape,
+        chunks=(1, 1, shape[2]),
+        dtype="float32",
+        chunk_key_encoding={"name": "default", "separator": "/"},
+    )
     try:
         os.rename(tmp, path)
     except OSError:  # another run created it first
         shutil.rmtree(tmp, ignore_errors=True)
+    store.push(EXPERTS, key, f"{BUFFER}/zarr.json")
 
 
 def record_expert(
@@ -92,10 +107,11 @@ def record_expert(
     """Train expert ``index`` (unless already recorded) and write its trajectory into the buffer."""
     if store.has(EXPERTS, key):
         return store.meta(EXPERTS, key)["experts"][index]
+    done = f"expert-{index:04d}.json"
+    store.pull(EXPERTS, key, done, f"{BUFFER}/zarr.json")
     work = store.partial(EXPERTS, key)
-    done = work / f"expert-{index:04d}.json"
-    if done.exists():
-        return read_json(done)
+    if (work / done).exists():
+        return read_json(work / done)
     data = prepare.load(store, dataset_key)
     started = time.perf_counter()
     trajectory = experts.train_expert(
@@ -106,7 +122,7 @@ def record_expert(
         experts.expert_seed(cfg.seed, index),
         on_epoch=lambda e, loss: progress.step(e, cfg.experts.epochs, f"expert {index} loss {loss:.4f}"),
     )
-    zarr.open_array(str(_buffer_path(work)), mode="r+")[index] = trajectory.params
+    zarr.open_array(str(work / BUFFER), mode="r+")[index] = trajectory.params
     record = {
         "index": index,
         "train_loss": trajectory.train_loss,
@@ -114,7 +130,8 @@ def record_expert(
         "test_accuracy": trajectory.test_accuracy,
         "seconds": time.perf_counter() - started,
     }
-    write_json(done, record)
+    write_json(work / done, record)
+    store.push(EXPERTS, key, _chunk_folder(index), done)  # the trajectory first: `done` vouches for it
     progress.note(
         f"expert {index}: train {trajectory.train_accuracy:.1f}% test {trajectory.test_accuracy:.1f}%"
     )
@@ -125,6 +142,7 @@ def finish_experts(store: Store, key: str, records: list[dict[str, Any]]) -> Non
     """Seal the buffer once every expert is recorded; the teacher is the best fit to the train set."""
     if store.has(EXPERTS, key):
         return
+    store.pull(EXPERTS, key)  # trajectories recorded on other machines
     work = store.partial(EXPERTS, key)
     missing = [r["index"] for r in records if not (work / f"expert-{r['index']:04d}.json").exists()]
     if missing:
@@ -136,7 +154,7 @@ def finish_experts(store: Store, key: str, records: list[dict[str, Any]]) -> Non
 
 
 def load_buffer(store: Store, key: str) -> experts.ExpertBuffer:
-    return experts.ExpertBuffer(zarr.open_array(str(_buffer_path(store.path(EXPERTS, key))), mode="r"))
+    return experts.ExpertBuffer(zarr.open_array(str(store.path(EXPERTS, key) / BUFFER), mode="r"))
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -248,10 +266,12 @@ def distill_key(
 
 
 class TorchCheckpoints:
-    """Resumable state as one file written atomically (temporary name, then rename)."""
+    """Resumable state as one file written atomically (temporary name, then rename); ``on_save``
+    runs after each save (a remote store shares the checkpoint with other machines there)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, on_save: Callable[[], None] = lambda: None):
         self.path = path
+        self.on_save = on_save
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
@@ -262,6 +282,7 @@ class TorchCheckpoints:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
+        self.on_save()
 
 
 def run_distill(
@@ -278,6 +299,7 @@ def run_distill(
         return store.meta(DISTILL, key)
     method = get_method(cfg.method)
     data = prepare.load(store, dataset_key)
+    store.pull(DISTILL, key, CHECKPOINT)  # a run killed on another machine resumes here
     work = store.partial(DISTILL, key)
     started = time.perf_counter()
     result = method.distill(
@@ -291,7 +313,7 @@ def run_distill(
             experts=load_buffer(store, experts_key_) if experts_key_ else None,
             teacher=load_teacher(store, teacher_key_, cfg, dataset_key) if teacher_key_ else None,
         ),
-        TorchCheckpoints(work / "checkpoint.pt"),
+        TorchCheckpoints(work / CHECKPOINT, lambda: store.push(DISTILL, key, CHECKPOINT)),
         progress,
     )
     save_arrays(
@@ -303,7 +325,7 @@ def run_distill(
         },
     )
     write_json(work / "history.json", result.history)
-    (work / "checkpoint.pt").unlink(missing_ok=True)
+    (work / CHECKPOINT).unlink(missing_ok=True)
     meta = {
         "lr": result.lr,
         "method": cfg.method,

@@ -5,6 +5,9 @@ computes it and the keys of its inputs. A finished artifact is a directory that 
 place, so its existence means it is complete: work happens under ``<root>/<stage>/.partial/<key>/``
 (which also holds resumable checkpoints) and a crash never leaves a half artifact at the final name.
 Arrays are zarr (v3) groups; small metadata is JSON.
+
+:func:`open_store` also takes an fsspec URL (``s3://bucket/store``, ``gs://...``, ``file:///...``):
+see :mod:`condense.remote_store` for how artifacts are committed where there is no rename.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 KEY_CHARS = 20
 META = "meta.json"
@@ -67,6 +72,37 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it already exists; True when this call created it.
+
+    Readers never see a half-written file: locally the bytes go to a temporary file that is then
+    hard-linked to ``path`` (atomic, and fails if ``path`` exists); on object stores the write is one
+    conditional PUT (``If-None-Match: *`` on S3), which fsspec exposes as mode ``"xb"``.
+    """
+    if isinstance(fs, LocalFileSystem):
+        path = fs._strip_protocol(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+        Path(tmp).write_bytes(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        with fs.open(path, "xb") as out:
+            out.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def json_bytes(data: Any) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+
+
 def save_arrays(
     path: Path, arrays: Mapping[str, np.ndarray], chunks: Mapping[str, tuple] | None = None
 ) -> None:
@@ -106,20 +142,61 @@ def _make_dir_racing_cleanup(path: Path, exist_ok: bool = False, attempts: int =
                 raise
 
 
+def open_store(location: str | Path) -> Store:
+    """The store at ``location``: a local directory, or an fsspec URL (``scheme://...``)."""
+    if "://" in str(location):
+        from condense.remote_store import RemoteStore
+
+        return RemoteStore(str(location))
+    return Store(location)
+
+
 class Store:
-    """A directory of finished artifacts, addressed by (stage, key)."""
+    """A directory of finished artifacts, addressed by (stage, key).
+
+    ``root`` is the local directory artifacts are read from; ``fs`` and ``base`` address the store
+    itself (the same directory here, a bucket prefix for a :class:`~condense.remote_store.RemoteStore`)
+    for what is shared between machines: versions and run reports.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
+        self.location = str(self.root)
+        """What to pass to another process (a task on a worker) so that it opens this same store."""
+        self.fs: AbstractFileSystem = LocalFileSystem()
+        self.base = str(self.root)
 
-    def path(self, stage: str, key: str) -> Path:
+    def _local(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def path(self, stage: str, key: str) -> Path:
+        """Local directory of the finished artifact (fetched first if the store is remote)."""
+        return self._local(stage, key)
+
+    def url(self, stage: str, key: str) -> str:
+        """Where the finished artifact lives in the store itself, for reports."""
+        return str(self.root / stage / key)
+
+    def share(self, relative: str) -> None:
+        """Make the local files under ``root/<relative>`` visible to every machine using the store.
+
+        A local store is one directory, so there is nothing to do; a remote store uploads them.
+        """
+
+    def pull(self, stage: str, key: str, *names: str) -> None:
+        """Fetch resumable work (files or folders ``names`` of the partial, all if none) that other
+        machines shared with :meth:`push` into the local partial. Local stores share it already."""
+
+    def push(self, stage: str, key: str, *names: str) -> None:
+        """Share files or folders ``names`` of the local partial with other machines."""
+        for name in names:
+            self.share(f"{stage}/.partial/{key}/{name}")
+
     def has(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / META).is_file()
+        return (self._local(stage, key) / META).is_file()
 
     def meta(self, stage: str, key: str) -> dict[str, Any]:
-        return read_json(self.path(stage, key) / META)
+        return read_json(self._local(stage, key) / META)
 
     def partial(self, stage: str, key: str) -> Path:
         """Scratch directory of an unfinished artifact; survives crashes so work can resume."""
@@ -133,13 +210,17 @@ class Store:
         If another process finished the same artifact first, keep theirs (same key, same content)
         and drop ours.
         """
+        return self._seal(stage, key, work_dir, meta)
+
+    def _seal(self, stage: str, key: str, work_dir: Path, meta: Mapping[str, Any]) -> Path:
+        """Write ``meta`` into ``work_dir`` and rename it to the local artifact directory."""
         write_json(work_dir / META, {"stage": stage, "key": key, **meta})
-        final = self.path(stage, key)
+        final = self._local(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(work_dir, final)
         except OSError:
-            if not self.has(stage, key):
+            if not (final / META).is_file():
                 raise
             shutil.rmtree(work_dir, ignore_errors=True)
         return final

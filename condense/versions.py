@@ -10,7 +10,7 @@ set was built from, so ``gc`` knows what to keep.
 from __future__ import annotations
 
 import json
-import shutil
+import posixpath
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from condense.errors import CondenseError
-from condense.store import Store, disk_bytes, read_json
+from condense.store import META, Store, create_exclusive, json_bytes
 
 VERSIONS = "versions"
 RUNS = "runs"
@@ -34,24 +34,30 @@ STAGE_OF_KEY = {
 """Summary ``keys`` entry -> store stage directory."""
 
 
-def _series(store: Store, dataset: str, method: str, ipc: int) -> Path:
-    return store.root / VERSIONS / dataset / method / f"ipc{ipc}"
+def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
+    return f"{store.base}/{VERSIONS}/{dataset}/{method}/ipc{ipc}"
 
 
-def _records(folder: Path) -> list[dict[str, Any]]:
-    return sorted((read_json(p) for p in folder.glob("v*.json")), key=lambda r: r["version"])
+def _read(store: Store, paths: list[str]) -> list[dict[str, Any]]:
+    return sorted((json.loads(store.fs.cat_file(p)) for p in paths), key=lambda r: r["version"])
+
+
+def _records(store: Store, folder: str) -> list[dict[str, Any]]:
+    store.fs.invalidate_cache(folder)  # another machine may have published since we last listed
+    return _read(store, store.fs.glob(f"{folder}/v*.json"))
 
 
 def publish(store: Store, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Publish ``record`` (dataset, method, ipc, keys, ...) as the next version unless the latest
     already points at the same export. Returns (the version record, whether it is new).
 
-    Concurrent publishers race on an exclusive create of the next file name; the loser retries.
+    Concurrent publishers race on an exclusive create of the next file name (a conditional PUT on
+    object storage); the loser retries with the number after.
     """
     folder = _series(store, record["dataset"], record["method"], record["ipc"])
-    folder.mkdir(parents=True, exist_ok=True)
+    store.fs.makedirs(folder, exist_ok=True)
     while True:
-        existing = _records(folder)
+        existing = _records(store, folder)
         if existing and existing[-1]["keys"]["export"] == record["keys"]["export"]:
             return existing[-1], False
         number = existing[-1]["version"] + 1 if existing else 1
@@ -60,20 +66,20 @@ def publish(store: Store, record: dict[str, Any]) -> tuple[dict[str, Any], bool]
             "version": number,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        try:
-            with open(folder / f"v{number:04d}.json", "x") as out:
-                json.dump(entry, out, indent=2, sort_keys=True, default=str)
-        except FileExistsError:
-            continue
-        return entry, True
+        if create_exclusive(store.fs, f"{folder}/v{number:04d}.json", json_bytes(entry)):
+            return entry, True
 
 
 def list_versions(store: Store, latest_only: bool = False) -> list[dict[str, Any]]:
     """Every version record in the store (or only the latest per dataset/method/ipc)."""
-    root = store.root / VERSIONS
+    root = f"{store.base}/{VERSIONS}"
+    store.fs.invalidate_cache(root)
+    by_series: dict[str, list[str]] = {}
+    for path in store.fs.glob(f"{root}/*/*/ipc*/v*.json"):
+        by_series.setdefault(posixpath.dirname(path), []).append(path)
     out: list[dict[str, Any]] = []
-    for folder in sorted(p for p in root.glob("*/*/ipc*") if p.is_dir()):
-        records = _records(folder)
+    for series in sorted(by_series):
+        records = _read(store, by_series[series])
         out += records[-1:] if latest_only else records
     return out
 
@@ -96,24 +102,8 @@ def resolve(
     """The version record of (dataset, method, ipc): ``"latest"`` or a version number."""
     name = f"{dataset}/{method}/ipc{ipc}"
     known = ", ".join(sorted({f"{r['dataset']}/{r['method']}/ipc{r['ipc']}" for r in list_versions(store)}))
-    missing = f"no distilled set {name} in {store.root}; published: {known or 'none'}"
-    return pick(_records(_series(store, dataset, method, ipc)), name, version, missing)
-
-
-def resolve_url(
-    url: str, dataset: str, method: str, ipc: int, version: int | str = "latest"
-) -> tuple[Any, str]:
-    """For a store copied to any fsspec URL (s3://, gs://, https://, memory://, ...): its filesystem
-    and the path of the chosen version's export directory."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    name = f"{dataset}/{method}/ipc{ipc}"
-    paths = fs.glob(f"{root}/{VERSIONS}/{dataset}/{method}/ipc{ipc}/v*.json")
-    records = sorted((json.loads(fs.cat_file(p)) for p in paths), key=lambda r: r["version"])
-    record = pick(records, name, version, f"no distilled set {name} published at {url}")
-    return fs, f"{root}/export/{record['keys']['export']}"
+    missing = f"no distilled set {name} in {store.location}; published: {known or 'none'}"
+    return pick(_records(store, _series(store, dataset, method, ipc)), name, version, missing)
 
 
 def export_dir(store: Store, record: dict[str, Any]) -> Path:
@@ -122,13 +112,14 @@ def export_dir(store: Store, record: dict[str, Any]) -> Path:
 
 @dataclass
 class Collection:
-    """What ``gc`` removes (or would remove), and what it leaves alone."""
+    """What ``gc`` removes (or would remove), and what it leaves alone; paths relative to the store."""
 
-    removable: list[Path] = field(default_factory=list)
+    removable: list[str] = field(default_factory=list)
     bytes: int = 0
     kept: int = 0
-    partial: list[Path] = field(default_factory=list)
-    """Unfinished work (resumable checkpoints); removed only with ``partials=True``."""
+    partial: list[str] = field(default_factory=list)
+    """Unfinished work (resumable checkpoints, uploads no commit marker names); removed only with
+    ``partials=True``."""
 
 
 def _referenced(store: Store) -> set[tuple[str, str]]:
@@ -141,41 +132,65 @@ def _referenced(store: Store) -> set[tuple[str, str]]:
     return keep
 
 
+def _children(store: Store, relative: str) -> list[str]:
+    """Names in the store folder ``relative`` (none if it does not exist)."""
+    folder = f"{store.base}/{relative}"
+    store.fs.invalidate_cache(folder)
+    if not store.fs.isdir(folder):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in store.fs.ls(folder, detail=False))
+
+
+def _changed(store: Store, relative: str) -> float:
+    """When the store entry ``relative`` last changed (POSIX seconds): its commit marker's time if it
+    has one, else its newest file's (object stores have no folder times)."""
+    path = f"{store.base}/{relative}"
+    marker = f"{path}/{META}"
+    files = [marker] if store.fs.isfile(marker) else store.fs.find(path) or [path]
+    return max(store.fs.modified(f).timestamp() for f in files)
+
+
 def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -> Collection:
     """Artifacts no version references: stage directories, their run reports, and (optionally)
-    unfinished ``.partial`` work and ``.tmp`` leftovers. Anything written in the last
-    ``grace_seconds`` is kept: a run still in progress has not published its version yet."""
+    unfinished work: ``.partial`` checkpoints, ``.tmp`` leftovers, and artifact folders without a
+    commit marker (an upload to object storage that crashed before committing). Anything written in
+    the last ``grace_seconds`` is kept: a run still in progress has not published its version yet."""
     keep = _referenced(store)
     recent = time.time() - grace_seconds
     exports = {key for stage, key in keep if stage == "export"}
     found = Collection()
     for stage in sorted({*STAGE_OF_KEY.values(), "evaluate"}):
-        for path in sorted((store.root / stage).glob("*")):
-            if path.name in (".partial", ".tmp"):
-                leftovers = [p for p in sorted(path.glob("*")) if p.stat().st_mtime <= recent]
-                (found.removable if partials else found.partial).extend(leftovers)
-            elif (stage, path.name) in keep or path.stat().st_mtime > recent:
+        for name in _children(store, stage):
+            entry = f"{stage}/{name}"
+            if name in (".partial", ".tmp"):
+                leftovers = [f"{entry}/{n}" for n in _children(store, entry)]
+                old = [p for p in leftovers if _changed(store, p) <= recent]
+                (found.removable if partials else found.partial).extend(old)
+            elif (stage, name) in keep or _changed(store, entry) > recent:
                 found.kept += 1
+            elif not store.fs.isfile(f"{store.base}/{entry}/{META}"):
+                (found.removable if partials else found.partial).append(entry)
             else:
-                found.removable.append(path)
-    for run in sorted((store.root / RUNS).glob("*")):
-        summary = run / "summary.json"
-        export = read_json(summary).get("keys", {}).get("export") if summary.is_file() else None
-        if export not in exports and run.stat().st_mtime <= recent:
-            found.removable.append(run)
-    found.bytes = sum(disk_bytes(p) for p in found.removable)
+                found.removable.append(entry)
+    for name in _children(store, RUNS):
+        summary = f"{store.base}/{RUNS}/{name}/summary.json"
+        export = (
+            json.loads(store.fs.cat_file(summary)).get("keys", {}).get("export")
+            if store.fs.isfile(summary)
+            else None
+        )
+        if export not in exports and _changed(store, f"{RUNS}/{name}") <= recent:
+            found.removable.append(f"{RUNS}/{name}")
+    found.bytes = sum(store.fs.du(f"{store.base}/{p}") for p in found.removable)
     return found
 
 
 def gc(store: Store, dry_run: bool = True, partials: bool = False, grace_seconds: float = 3600) -> Collection:
     """Remove what :func:`collect` finds (nothing when ``dry_run``)."""
-    if not (store.root / VERSIONS).is_dir():
-        raise CondenseError(f"{store.root} has no published versions: nothing marks what to keep")
+    if not store.fs.isdir(f"{store.base}/{VERSIONS}"):
+        raise CondenseError(f"{store.location} has no published versions: nothing marks what to keep")
     found = collect(store, partials, grace_seconds)
     if not dry_run:
         for path in found.removable:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+            store.fs.rm(f"{store.base}/{path}", recursive=True)
     return found

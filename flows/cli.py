@@ -75,7 +75,11 @@ def _start_local_api_quietly(debug: bool = False) -> SubprocessASGIServer:
 
 
 StoreOption = Annotated[
-    Path | None, typer.Option(help="Artifact store directory (default: data/store, or $CONDENSE_STORE).")
+    str | None,
+    typer.Option(
+        help="Artifact store: a directory, or an fsspec URL shared by all workers (s3://bucket/store, "
+        "gs://..., file:///mnt/...). Default: data/store, or $CONDENSE_STORE."
+    ),
 ]
 
 
@@ -111,17 +115,18 @@ def run(
     _configure_prefect(debug)
     from condense.config import load_config
     from condense.errors import CondenseError
+    from condense.store import DEFAULT_STORE, open_store
 
     overrides = list(set_ or [])
+    store_dir = str(store or DEFAULT_STORE)
     try:
         load_config(preset, overrides)  # bad config fails here, before any Prefect or store work
+        open_store(store_dir)
     except CondenseError as err:
         _fail(str(err), 2)
 
-    from condense.store import DEFAULT_STORE
     from flows.pipeline import pipeline, task_runner
 
-    store_dir = str(store or DEFAULT_STORE)
     try:
         flow = pipeline
         if runner != "threads" or dask_address:
@@ -156,7 +161,9 @@ def run(
     from condense.store import write_json
 
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    write_json(Path(summary["artifacts"]["run_dir"]) / "summary.json", summary)
+    st = open_store(store_dir)
+    write_json(st.root / "runs" / summary["run_id"] / "summary.json", summary)
+    st.share(f"runs/{summary['run_id']}/summary.json")
     typer.echo(text_table(summary))
     if as_json:
         typer.echo(json.dumps(summary, separators=(",", ":")))
@@ -190,10 +197,10 @@ def config(
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def _store(store: Path | None) -> Store:
-    from condense.store import DEFAULT_STORE, Store
+def _store(store: str | None) -> Store:
+    from condense.store import DEFAULT_STORE, open_store
 
-    return Store(store or DEFAULT_STORE)
+    return open_store(store or DEFAULT_STORE)
 
 
 @app.command("ls")
@@ -255,7 +262,7 @@ def gc(
         _fail(str(err))
     verb = "would remove" if dry_run else "removed"
     for path in found.removable:
-        typer.echo(f"{verb} {path.relative_to(st.root)}")
+        typer.echo(f"{verb} {path}")
     typer.echo(
         f"{verb} {len(found.removable)} entries ({human_bytes(found.bytes)}); kept {found.kept} artifacts"
     )
@@ -266,7 +273,10 @@ def gc(
 @app.command()
 def export(
     source: Annotated[
-        Path, typer.Argument(help="A run folder or export directory; with --dataset/--method/--ipc, a store.")
+        str,
+        typer.Argument(
+            help="A run folder or export directory; with --dataset/--method/--ipc, a store (path or URL)."
+        ),
     ],
     to: Annotated[Path, typer.Option("--to", help="Output directory.")],
     dataset: Annotated[str | None, typer.Option(help="Published set: dataset name.")] = None,

@@ -12,6 +12,7 @@ import shutil
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -22,7 +23,7 @@ from condense.config import PipelineConfig, load_config
 from condense.errors import CondenseError
 from condense.evaluate import summarize
 from condense.methods import get_method
-from condense.store import DEFAULT_STORE, Store, write_json
+from condense.store import DEFAULT_STORE, Store, open_store, write_json
 from tasks import stages as t
 
 
@@ -64,7 +65,7 @@ def _record_experts(
         _run(
             tasks["record_expert"],
             cached,
-            store=str(st.root),
+            store=st.location,
             key=experts_key,
             cfg=cfg,
             dataset_key=dataset_key,
@@ -76,7 +77,7 @@ def _record_experts(
     _run(
         tasks["finish_experts"],
         cached,
-        store=str(st.root),
+        store=st.location,
         key=experts_key,
         records=[f.result() for f in futures],
     ).result()
@@ -104,6 +105,11 @@ def task_runner(runner: str = "threads", dask_address: str | None = None, worker
     )
 
 
+def _link(location: str) -> str:
+    """A clickable form of a store location: file:// for a local path, the URL itself otherwise."""
+    return location if "://" in location else Path(location).as_uri()
+
+
 def _label_summary(cfg: PipelineConfig, relabel_meta: dict[str, Any] | None) -> dict[str, Any]:
     """Where the evaluation's labels came from, and what stored labels cost next to the images."""
     if cfg.evaluate.recipe == "mtt":
@@ -126,7 +132,7 @@ def pipeline(
     """Distil a dataset with the preset's method, evaluate it, export it; returns the run summary."""
     started = time.perf_counter()
     cfg: PipelineConfig = load_config(preset, overrides or [])
-    st = Store(store)
+    st = open_store(store)
     results = st.root / "_prefect_results"
     tasks = {
         name: getattr(t, name).with_options(result_storage=results)
@@ -143,7 +149,7 @@ def pipeline(
     }
     clock = StageClock()
 
-    dataset_key = t.prepare_dataset(cfg, str(st.root))
+    dataset_key = t.prepare_dataset(cfg, st.location)
     keys = {"dataset": dataset_key}
 
     method = get_method(cfg.method)
@@ -158,7 +164,7 @@ def pipeline(
         "teacher",
         st.has(stages.TEACHER, teacher_key),
         tasks["teacher"],
-        store=str(st.root),
+        store=st.location,
         key=teacher_key,
         cfg=cfg,
         dataset_key=dataset_key,
@@ -174,7 +180,7 @@ def pipeline(
         "distill",
         st.has(stages.DISTILL, distill_key),
         tasks["distill"],
-        store=str(st.root),
+        store=st.location,
         key=distill_key,
         cfg=cfg,
         dataset_key=dataset_key,
@@ -189,7 +195,7 @@ def pipeline(
         "soft_labels",
         st.has(stages.SOFT_LABELS, labels_key),
         tasks["soft_labels"],
-        store=str(st.root),
+        store=st.location,
         key=labels_key,
         cfg=cfg,
         dataset_key=dataset_key,
@@ -204,7 +210,7 @@ def pipeline(
             "relabel",
             st.has(stages.RELABEL, keys["relabel"]),
             tasks["relabel"],
-            store=str(st.root),
+            store=st.location,
             key=keys["relabel"],
             cfg=cfg,
             keys=keys,
@@ -231,7 +237,7 @@ def pipeline(
             _run(
                 tasks["evaluate"],
                 hit,
-                store=str(st.root),
+                store=st.location,
                 key=key,
                 cfg=cfg,
                 subject=subject,
@@ -256,7 +262,7 @@ def pipeline(
     export_meta = _run(
         tasks["export"],
         st.has(stages.EXPORT, export_key),
-        store=str(st.root),
+        store=st.location,
         key=export_key,
         cfg=cfg,
         keys=keys,
@@ -267,6 +273,7 @@ def pipeline(
 
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     run_dir = st.root / "runs" / run_id
+    run_url = f"{st.location}/runs/{run_id}"
     run_dir.mkdir(parents=True)
     shutil.copy(export_dir / "grid.png", run_dir / "grid.png")
     first = cfg.evaluate.models[0]
@@ -276,7 +283,7 @@ def pipeline(
         "dataset": st.meta("dataset", dataset_key)["card"]["name"],
         "method": cfg.method,
         "ipc": cfg.ipc,
-        "store": str(st.root),
+        "store": st.location,
         "seconds": round(time.perf_counter() - started, 2),
         "stages": clock.stages,
         "accuracy": {arch: table[arch]["distilled"] for arch in cfg.evaluate.models},
@@ -291,12 +298,12 @@ def pipeline(
         "labels": _label_summary(cfg, relabel_meta),
         "distill_stats": st.meta(stages.DISTILL, distill_key).get("stats", {}),
         "artifacts": {
-            "synthetic": str(st.path(stages.DISTILL, distill_key) / "synthetic.zarr"),
-            "soft_labels": str(st.path(stages.SOFT_LABELS, labels_key) / "labels.zarr"),
-            "shards": [str(export_dir / name) for name in export_meta["shards"]],
-            "manifest": str(export_dir / "manifest.json"),
-            "grid_png": str(run_dir / "grid.png"),
-            "run_dir": str(run_dir),
+            "synthetic": f"{st.url(stages.DISTILL, distill_key)}/synthetic.zarr",
+            "soft_labels": f"{st.url(stages.SOFT_LABELS, labels_key)}/labels.zarr",
+            "shards": [f"{st.url(stages.EXPORT, export_key)}/{name}" for name in export_meta["shards"]],
+            "manifest": f"{st.url(stages.EXPORT, export_key)}/manifest.json",
+            "grid_png": f"{run_url}/grid.png",
+            "run_dir": run_url,
         },
         "keys": keys,
     }
@@ -318,14 +325,16 @@ def pipeline(
     summary["version"] = {"number": version["version"], "new": new, "created": version["created"]}
     write_json(run_dir / "summary.json", summary)
     (run_dir / "report.md").write_text(report.markdown(summary))
+    st.share(f"runs/{run_id}")
+    grid_link = _link(f"{run_url}/grid.png")
     create_markdown_artifact(
         key="condense-report",
-        markdown=report.markdown(summary).replace("(grid.png)", f"({(run_dir / 'grid.png').as_uri()})"),
+        markdown=report.markdown(summary).replace("(grid.png)", f"({grid_link})"),
         description="condense run report",
     )
     create_link_artifact(
         key="condense-grid",
-        link=(run_dir / "grid.png").as_uri(),
+        link=grid_link,
         link_text=f"synthetic images: {summary['dataset']} / {cfg.method} / ipc {cfg.ipc}",
         description="grid of the distilled images",
     )

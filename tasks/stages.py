@@ -17,7 +17,7 @@ from prefect.context import TaskRunContext
 from condense import prepare, stages
 from condense.config import PipelineConfig
 from condense.progress import Progress
-from condense.store import Store
+from condense.store import open_store
 
 
 def store_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -55,7 +55,7 @@ class ArtifactProgress(Progress):
 @task(name="prepare-dataset", retries=0)
 def prepare_dataset(cfg: PipelineConfig, store: str) -> str:
     """Decode the source into the store (cached by content fingerprint); returns the dataset key."""
-    key, _ = prepare.prepare(cfg.dataset, Store(store), cfg.ipc)
+    key, _ = prepare.prepare(cfg.dataset, open_store(store), cfg.ipc)
     return key
 
 
@@ -63,13 +63,15 @@ def prepare_dataset(cfg: PipelineConfig, store: str) -> str:
 def record_expert(
     store: str, key: str, cfg: PipelineConfig, dataset_key: str, index: int, quiet: bool = False
 ) -> dict:
-    return stages.record_expert(Store(store), key, cfg, dataset_key, index, Progress("experts", quiet=quiet))
+    return stages.record_expert(
+        open_store(store), key, cfg, dataset_key, index, Progress("experts", quiet=quiet)
+    )
 
 
 @task(name="finish-experts", cache_key_fn=store_cache_key)
 def finish_experts(store: str, key: str, records: list[dict]) -> dict:
-    stages.finish_experts(Store(store), key, records)
-    return Store(store).meta(stages.EXPERTS, key)
+    stages.finish_experts(open_store(store), key, records)
+    return open_store(store).meta(stages.EXPERTS, key)
 
 
 @task(name="teacher", cache_key_fn=store_cache_key)
@@ -77,7 +79,7 @@ def teacher(
     store: str, key: str, cfg: PipelineConfig, dataset_key: str, experts_key: str | None, quiet: bool = False
 ) -> dict:
     progress = ArtifactProgress("teacher", "condense-teacher-progress", quiet)
-    return stages.run_teacher(Store(store), key, cfg, dataset_key, experts_key, progress)
+    return stages.run_teacher(open_store(store), key, cfg, dataset_key, experts_key, progress)
 
 
 @task(name="distill", cache_key_fn=store_cache_key)
@@ -91,19 +93,19 @@ def distill(
     quiet: bool = False,
 ) -> dict:
     progress = ArtifactProgress(cfg.method, "condense-distill-progress", quiet)
-    return stages.run_distill(Store(store), key, cfg, dataset_key, experts_key, teacher_key, progress)
+    return stages.run_distill(open_store(store), key, cfg, dataset_key, experts_key, teacher_key, progress)
 
 
 @task(name="soft-labels", cache_key_fn=store_cache_key)
 def soft_labels(
     store: str, key: str, cfg: PipelineConfig, dataset_key: str, distill_key: str, teacher_key: str
 ) -> dict:
-    return stages.run_soft_labels(Store(store), key, cfg, dataset_key, distill_key, teacher_key)
+    return stages.run_soft_labels(open_store(store), key, cfg, dataset_key, distill_key, teacher_key)
 
 
 @task(name="relabel", cache_key_fn=store_cache_key)
 def relabel(store: str, key: str, cfg: PipelineConfig, keys: dict[str, str], quiet: bool = False) -> dict:
-    return stages.run_relabel(Store(store), key, cfg, keys, Progress("relabel", quiet=quiet))
+    return stages.run_relabel(open_store(store), key, cfg, keys, Progress("relabel", quiet=quiet))
 
 
 @task(name="evaluate", cache_key_fn=store_cache_key)
@@ -119,10 +121,10 @@ def evaluate(
 ) -> dict:
     label = f"eval {subject} {arch} #{index}"
     return stages.run_evaluation(
-        Store(store), key, cfg, subject, arch, index, keys, Progress(label, quiet=quiet)
+        open_store(store), key, cfg, subject, arch, index, keys, Progress(label, quiet=quiet)
     )
 
 
 @task(name="export", cache_key_fn=store_cache_key)
 def export(store: str, key: str, cfg: PipelineConfig, keys: dict[str, str], accuracy: dict) -> dict:
-    return stages.run_export(Store(store), key, cfg, keys, accuracy)
+    return stages.run_export(open_store(store), key, cfg, keys, accuracy)

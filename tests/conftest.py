@@ -42,6 +42,33 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A bucket named ``bucket`` on moto's S3 server (loopback); yields the environment a process
+    needs to reach it (also set in this one for the session)."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in aws.items():
+            patch.setenv(name, value)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem().mkdir("bucket")
+        yield aws
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
 def run_cli(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
@@ -65,6 +92,35 @@ def tiny_args(store: Path, *extra: str, quiet: bool = True) -> list[str]:
     for item in [*TINY, *extra]:
         args += ["--set", item]
     return args
+
+
+class KillAfter:
+    """Checkpoints that simulate a kill right after the n-th save."""
+
+    def __init__(self, inner, saves: int):
+        self.inner, self.saves = inner, saves
+
+    def load(self):
+        return self.inner.load()
+
+    def save(self, state):
+        self.inner.save(state)
+        self.saves -= 1
+        if self.saves == 0:
+            raise KeyboardInterrupt
+
+
+class Notes:
+    """A progress sink that keeps the notes a stage prints."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.lines.append(message)
+
+    def step(self, *args) -> None:
+        pass
 
 
 def tree(path: Path) -> list[str]:

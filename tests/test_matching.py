@@ -20,7 +20,7 @@ from condense.models import ConvNet
 from condense.prepare import PreparedDataset, load, prepare
 from condense.progress import SILENT
 from condense.store import Store
-from tests.test_mtt import KillAfter
+from tests.conftest import KillAfter, Notes
 
 IPC = 2
 # Narrow networks keep every run well under a second; the algorithms do not depend on the width.
@@ -76,17 +76,6 @@ class MemoryCheckpoints:
 
     def save(self, state: dict[str, Any]) -> None:
         self.state = state
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-
-    def step(self, *args: Any) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------- the matching loss
@@ -190,9 +179,9 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_run(digits: PreparedD
         distill(make_inputs(digits, name), KillAfter(checkpoints, saves=1), SILENT)
     assert checkpoints.load()["iteration"] == 2
 
-    recorder = Recorder()
+    recorder = Notes()
     resumed = distill(make_inputs(digits, name), checkpoints, recorder)
-    assert any(f"resuming {LABELS[name]} from checkpoint at iteration 2/4" in n for n in recorder.notes)
+    assert any(f"resuming {LABELS[name]} from checkpoint at iteration 2/4" in n for n in recorder.lines)
 
     uninterrupted = distill(make_inputs(digits, name), MemoryCheckpoints(), SILENT)
     assert resumed.images.numpy().tobytes() == uninterrupted.images.numpy().tobytes()

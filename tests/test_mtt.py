@@ -12,7 +12,7 @@ from condense.errors import DivergenceError
 from condense.methods.mtt import trajectory_loss, unroll
 from condense.models import ConvNet, FlatParams
 from condense.store import Store, load_arrays
-from tests.conftest import TINY, record_experts
+from tests.conftest import TINY, KillAfter, Notes, record_experts
 
 
 def test_trajectory_loss_is_normalised_by_the_expert_segment():
@@ -44,22 +44,6 @@ def test_unroll_reaches_images_and_learning_rate():
     assert lr.grad is not None and torch.isfinite(lr.grad)
 
 
-class KillAfter:
-    """Checkpoints that simulate a kill right after the n-th save."""
-
-    def __init__(self, inner, saves: int):
-        self.inner, self.saves = inner, saves
-
-    def load(self):
-        return self.inner.load()
-
-    def save(self, state):
-        self.inner.save(state)
-        self.saves -= 1
-        if self.saves == 0:
-            raise KeyboardInterrupt
-
-
 def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch):
     cfg = load_config("digits-mtt", TINY)
     store = Store(tmp_path)
@@ -67,24 +51,18 @@ def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path
     key = stages.distill_key(cfg, dataset_key, experts_key)
 
     original = stages.TorchCheckpoints
-    monkeypatch.setattr(stages, "TorchCheckpoints", lambda path: KillAfter(original(path), saves=1))
+    monkeypatch.setattr(
+        stages, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), saves=1)
+    )
     with pytest.raises(KeyboardInterrupt):
         stages.run_distill(store, key, cfg, dataset_key, experts_key)
     assert not store.has(stages.DISTILL, key)
     assert original(store.partial(stages.DISTILL, key) / "checkpoint.pt").load()["iteration"] == 2
     monkeypatch.setattr(stages, "TorchCheckpoints", original)
 
-    notes = []
-
-    class Recorder:
-        def note(self, message):
-            notes.append(message)
-
-        def step(self, *args):
-            pass
-
-    stages.run_distill(store, key, cfg, dataset_key, experts_key, progress=Recorder())
-    assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes)
+    notes = Notes()
+    stages.run_distill(store, key, cfg, dataset_key, experts_key, progress=notes)
+    assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes.lines)
     resumed = load_arrays(store.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
 
     fresh = Store(tmp_path / "fresh")

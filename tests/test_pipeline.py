@@ -17,6 +17,8 @@ import pytest
 import webdataset as wds
 
 import condense
+from condense import stages
+from condense.remote_store import RemoteStore
 from condense.store import load_arrays
 from tests.conftest import ROOT, last_json, run_cli, tiny_args, tree
 
@@ -253,15 +255,21 @@ def _orphaned_servers() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if "uvicorn" in line and line.split()[1] == "1"}
 
 
-def test_the_dask_runner_gives_the_same_results_and_leaves_no_server_behind(first_run, prefect_env, tmp_path):
+def test_the_dask_runner_on_an_s3_store_gives_the_same_results_and_leaves_no_server_behind(
+    first_run, prefect_env, s3, tmp_path
+):
+    """Expert and evaluation tasks on two Dask worker processes that exchange every artifact through
+    an object store (moto's S3), against the thread runner's run on a local store."""
     _, summary = first_run
     before = _orphaned_servers()
-    args = [*tiny_args(tmp_path), "--runner", "dask"]
-    on_dask = last_json(run_cli(args, prefect_env).stdout)
+    url = "s3://bucket/dask-store"
+    env = {**prefect_env, **s3, "CONDENSE_CACHE": str(tmp_path / "cache")}
+    on_dask = last_json(run_cli([*tiny_args(url), "--runner", "dask"], env).stdout)
     assert on_dask["keys"] == summary["keys"]
     assert on_dask["accuracy"] == summary["accuracy"]
     a = load_arrays(Path(summary["artifacts"]["synthetic"]))["images"]
-    b = load_arrays(Path(on_dask["artifacts"]["synthetic"]))["images"]
+    reader = RemoteStore(url, cache=tmp_path / "reader")
+    b = load_arrays(reader.path(stages.DISTILL, on_dask["keys"]["distill"]) / "synthetic.zarr")["images"]
     # Dask workers run torch single-threaded (OMP_NUM_THREADS=1): reductions sum in another order,
     # so the images agree to float rounding rather than bit for bit.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -14,8 +14,8 @@ from condense.methods import rded
 from condense.methods.base import DistillInputs
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT
-from tests.test_matching import MemoryCheckpoints, Recorder
-from tests.test_mtt import KillAfter
+from tests.conftest import KillAfter, Notes
+from tests.test_matching import MemoryCheckpoints
 
 MODEL = ModelConfig(width=16)
 
@@ -75,9 +75,9 @@ def test_a_killed_run_resumes_at_the_next_class_and_matches(digits, observer, tm
     checkpoints = stages.TorchCheckpoints(tmp_path / "checkpoint.pt")
     with pytest.raises(KeyboardInterrupt):
         rded.distill(make_inputs(digits, observer), KillAfter(checkpoints, saves=4), SILENT)
-    recorder = Recorder()
+    recorder = Notes()
     resumed = rded.distill(make_inputs(digits, observer), checkpoints, recorder)
-    assert any("resuming RDED after class 3" in note for note in recorder.notes)
+    assert any("resuming RDED after class 3" in note for note in recorder.lines)
     uninterrupted = rded.distill(make_inputs(digits, observer), MemoryCheckpoints(), SILENT)
     assert torch.equal(resumed.images, uninterrupted.images)
 

@@ -13,8 +13,8 @@ from condense.methods import cudd, sre2l
 from condense.methods.base import DistillInputs
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT
-from tests.test_matching import MemoryCheckpoints, Recorder
-from tests.test_mtt import KillAfter
+from tests.conftest import KillAfter, Notes
+from tests.test_matching import MemoryCheckpoints
 
 MODEL = ModelConfig(width=16, norm="batchnorm")
 TINY = {"iterations": 12, "checkpoint_every": 5, "jitter": 1, "crop_min_scale": 0.5, "r_bn": 0.1}
@@ -100,9 +100,9 @@ def test_a_killed_recovery_resumes_mid_batch_and_matches(digits, observer, tmp_p
     with pytest.raises(KeyboardInterrupt):  # saves: batch 1 at step 5, 10, its end, batch 2 at step 5
         sre2l.distill(make_inputs(digits, observer, cfg), KillAfter(checkpoints, saves=4), SILENT)
     assert len(checkpoints.load()["batches"]) == 1 and checkpoints.load()["partial"]["iteration"] == 5
-    recorder = Recorder()
+    recorder = Notes()
     resumed = sre2l.distill(make_inputs(digits, observer, cfg), checkpoints, recorder)
-    assert any("resuming recovery at batch 2/2" in note for note in recorder.notes)
+    assert any("resuming recovery at batch 2/2" in note for note in recorder.lines)
     uninterrupted = sre2l.distill(make_inputs(digits, observer, cfg), MemoryCheckpoints(), SILENT)
     assert torch.equal(resumed.images, uninterrupted.images)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in uninterrupted.history]
@@ -149,9 +149,9 @@ def test_a_killed_cudd_run_resumes_in_its_curriculum(digits, observer, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         cudd.distill(make_inputs(digits, observer, cfg), KillAfter(checkpoints, saves=6), SILENT)
     assert checkpoints.load()["curriculum"] == 1
-    recorder = Recorder()
+    recorder = Notes()
     resumed = cudd.distill(make_inputs(digits, observer, cfg), checkpoints, recorder)
-    assert any("resuming CUDD in curriculum 2/2" in note for note in recorder.notes)
+    assert any("resuming CUDD in curriculum 2/2" in note for note in recorder.lines)
     uninterrupted = cudd.distill(make_inputs(digits, observer, cfg), MemoryCheckpoints(), SILENT)
     assert torch.equal(resumed.images, uninterrupted.images)
     assert resumed.stats["curricula"] == uninterrupted.stats["curricula"]

@@ -1,0 +1,157 @@
+"""A store on object storage (any fsspec URL), with a local mirror of what each machine reads.
+
+Object stores have no atomic rename, so an artifact is committed in two steps:
+
+1. its files are uploaded under ``<stage>/<key>/<payload>/``, a fresh name no other writer uses;
+2. ``<stage>/<key>/meta.json``, naming the payload and listing its files, is created *exclusively*
+   (one conditional PUT).
+
+The marker is the commit: readers trust an artifact only once it exists, and it appears whole or not
+at all. A crash before it leaves a payload no marker names (``condense gc --partials`` removes it);
+two machines finishing the same key both upload, the first marker wins and the other deletes its
+payload. Committed artifacts never change, so each machine mirrors those it reads into a local cache
+(``$CONDENSE_CACHE``, default ``~/.cache/condense``) and reads them from disk, with zarr and torch,
+exactly as from a local store.
+
+Resumable work stays on local disk and is shared through ``<stage>/.partial/<key>/``: expert tasks
+push each trajectory as they finish it and distillation pushes every checkpoint, so the experts can
+be recorded on many machines and a task retried elsewhere resumes where the last one stopped.
+
+Credentials and endpoints come from the filesystem's own configuration (for S3: the AWS environment
+variables or files, ``AWS_ENDPOINT_URL`` for S3-compatible servers) or fsspec's
+``FSSPEC_<PROTOCOL>_<OPTION>`` variables; every worker needs the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from condense.errors import CondenseError
+from condense.store import META, Store, create_exclusive, json_bytes
+
+DEFAULT_CACHE = Path.home() / ".cache" / "condense"
+
+
+class RemoteStore(Store):
+    """The store at ``url``; ``root`` is this machine's mirror of it."""
+
+    def __init__(self, url: str, cache: str | Path | None = None):
+        location = url.rstrip("/")
+        cache_root = Path(cache or os.environ.get("CONDENSE_CACHE") or DEFAULT_CACHE)
+        super().__init__(cache_root / "stores" / hashlib.sha256(location.encode()).hexdigest()[:16])
+        self.location = location
+        try:
+            self.fs, base = fsspec.core.url_to_fs(location)
+        except (ImportError, ValueError) as err:  # unknown scheme, or its fsspec package missing
+            raise CondenseError(f"cannot open the store {location}: {err}") from None
+        if isinstance(self.fs, LocalFileSystem):  # object stores have no folders; a file:// store
+            self.fs = LocalFileSystem(auto_mkdir=True)  # needs each upload's parents made
+        self.base = base.rstrip("/")
+        self._markers: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _remote(self, *parts: str) -> str:
+        return "/".join((self.base, *(p.strip("/") for p in parts if p)))
+
+    def marker(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The commit marker of ``(stage, key)`` in the store, or None while it is not committed."""
+        if (stage, key) not in self._markers:
+            path = self._remote(stage, key, META)
+            self.fs.invalidate_cache(path)  # another machine may have committed since we listed
+            try:
+                self._markers[stage, key] = json.loads(self.fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+        return self._markers[stage, key]
+
+    def has(self, stage: str, key: str) -> bool:
+        return super().has(stage, key) or self.marker(stage, key) is not None
+
+    def meta(self, stage: str, key: str) -> dict[str, Any]:
+        if super().has(stage, key):
+            return super().meta(stage, key)
+        marker = self.marker(stage, key)
+        if marker is None:
+            raise FileNotFoundError(f"{self.url(stage, key)} is not committed")
+        return marker
+
+    def url(self, stage: str, key: str) -> str:
+        marker = self.marker(stage, key) or {}
+        return "/".join((self.location, stage, key, *([marker["payload"]] if "payload" in marker else [])))
+
+    def path(self, stage: str, key: str) -> Path:
+        final = self._local(stage, key)
+        if (final / META).is_file():
+            return final
+        marker = self.marker(stage, key)
+        if marker is None:
+            raise FileNotFoundError(f"{self.url(stage, key)} is not committed")
+        folder, files = self._payload(stage, key, marker)
+        with self.writing(stage, key) as tmp:
+            self._download([f"{folder}/{name}" for name in files], [tmp / name for name in files])
+            self._seal(stage, key, tmp, marker)
+        return final
+
+    def _payload(self, stage: str, key: str, marker: dict[str, Any]) -> tuple[str, list[str]]:
+        """Folder and file names of a committed artifact. A store written locally and copied to
+        object storage (``aws s3 sync``) has no payload folder: its files sit beside meta.json."""
+        if "payload" in marker:
+            return self._remote(stage, key, marker["payload"]), list(marker["files"])
+        folder = self._remote(stage, key)
+        names = [path[len(folder) + 1 :] for path in self.fs.find(folder)]
+        return folder, [name for name in names if name != META]
+
+    def commit(self, stage: str, key: str, work_dir: Path, meta: dict[str, Any]) -> Path:
+        files = sorted(p.relative_to(work_dir).as_posix() for p in work_dir.rglob("*") if p.is_file())
+        files = [name for name in files if name != META]  # the marker is written last, below
+        payload = uuid.uuid4().hex[:12]
+        folder = self._remote(stage, key, payload)
+        if files:
+            self.fs.put([str(work_dir / name) for name in files], [f"{folder}/{name}" for name in files])
+        marker = {"stage": stage, "key": key, **meta, "payload": payload, "files": files}
+        if not create_exclusive(self.fs, self._remote(stage, key, META), json_bytes(marker)):
+            # another machine committed this key first: keep theirs (same key, same content)
+            if files:
+                self.fs.rm(folder, recursive=True)
+            shutil.rmtree(work_dir, ignore_errors=True)
+            return self.path(stage, key)
+        self._markers[stage, key] = marker
+        shared = self._remote(stage, ".partial", key)
+        if self.fs.exists(shared):
+            self.fs.rm(shared, recursive=True)
+        return self._seal(stage, key, work_dir, marker)  # our files become the local mirror
+
+    def share(self, relative: str) -> None:
+        local = self.root / relative
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        if files:
+            remote = [self._remote(p.relative_to(self.root).as_posix()) for p in files]
+            self.fs.put([str(p) for p in files], remote)
+
+    def pull(self, stage: str, key: str, *names: str) -> None:
+        shared = self._remote(stage, ".partial", key)
+        local = self.partial(stage, key)
+        for name in names or ("",):
+            source = self._remote(stage, ".partial", key, name)
+            self.fs.invalidate_cache(source)
+            found = [p for p in self.fs.find(source) if not (local / p[len(shared) + 1 :]).exists()]
+            self._download(found, [local / p[len(shared) + 1 :] for p in found])
+
+    def _download(self, remote: list[str], local: list[Path]) -> None:
+        """Fetch files; each appears at its local name whole (temporary name, then rename)."""
+        if not remote:
+            return
+        tmp = [p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp") for p in local]
+        for path in tmp:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get(remote, [str(p) for p in tmp])
+        for path, final in zip(tmp, local, strict=True):
+            os.replace(path, final)
