@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, last_json, tiny_args
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -43,12 +43,13 @@ def wait_healthy(api: str, server: subprocess.Popen, timeout: float = 120) -> No
 
 
 def sessions_alive(session_ids: set[int]) -> list[str]:
-    """Processes still running in any of these sessions (the worker's flow runs included)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    """Processes still running in any of these sessions (the worker's flow runs included). Zombies
+    are not running: they wait for a reaper (PID 1 of a container may not be one)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
     alive = []
     for line in out.splitlines():
-        pid, sid, args = line.split(None, 2)
-        if int(sid) in session_ids and int(pid) != os.getpid():
+        pid, sid, stat, args = line.split(None, 3)
+        if int(sid) in session_ids and int(pid) != os.getpid() and not stat.startswith("Z"):
             alive.append(f"{pid} {args[:80]}")
     return alive
 
@@ -172,3 +173,51 @@ def test_a_deployment_runs_on_a_worker_and_publishes_its_report(server, tmp_path
     assert scheduled and all(r["deployment_id"] != runs[0]["deployment_id"] for r in scheduled)
 
     assert sessions_alive({worker.pid}) == [], "the worker or its flow runs outlived it"
+
+
+def test_an_existing_dask_cluster_runs_the_tasks_on_machines_that_share_only_the_store(
+    server, s3, tmp_path: Path
+):
+    """`--dask-address`: a scheduler and two workers started outside the command, each worker with its
+    own local cache (as on separate machines), all reporting to one Prefect server; the store is S3."""
+    api, env = server
+    env = {**env, **s3, "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).parent / "dask")
+    scheduler_args = ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+    started = [subprocess.Popen([dask, *scheduler_args], env=env, cwd=ROOT, start_new_session=True)]
+    for name in ("a", "b"):
+        worker_env = {**env, "CONDENSE_CACHE": str(tmp_path / f"cache-{name}")}
+        args = [dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--name", name]
+        started.append(subprocess.Popen(args, env=worker_env, cwd=ROOT, start_new_session=True))
+    try:
+        cli_cache = tmp_path / "cache-cli"
+        command = [*tiny_args("s3://bucket/external"), "--dask-address", address]
+        run = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *command],
+            cwd=ROOT,
+            env={**env, "CONDENSE_CACHE": str(cli_cache)},
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+    finally:
+        for proc in reversed(started):
+            stop(proc)
+    summary = last_json(run.stdout)
+    assert summary["version"]["new"] and not any(s["cached"] for s in summary["stages"].values())
+    assert summary["accuracy"]["convnet"]["mean"] > 20
+
+    (mirror,) = (cli_cache / "stores").iterdir()
+    assert not (mirror / "evaluate").exists()  # every evaluation ran on a worker
+    assert not list(mirror.glob("experts/.partial/*/expert-*.json"))  # and every expert
+    worked = [p for p in tmp_path.glob("cache-[ab]/stores/*/dataset") if p.is_dir()]
+    assert worked, "no task ran on the external workers"
+
+    (flow_run,) = api_post(api, "flow_runs/filter", {})
+    assert flow_run["state_type"] == "COMPLETED"
+    task_runs = api_post(api, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert sum(t["state_type"] == "COMPLETED" for t in task_runs) >= 12
+    assert sessions_alive({proc.pid for proc in started}) == [], "the Dask cluster left processes behind"
