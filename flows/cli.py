@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -83,7 +83,7 @@ StoreOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -198,9 +198,13 @@ def config(
 
 
 def _store(store: str | None) -> Store:
+    from condense.errors import CondenseError
     from condense.store import DEFAULT_STORE, open_store
 
-    return open_store(store or DEFAULT_STORE)
+    try:
+        return open_store(store or DEFAULT_STORE)
+    except CondenseError as err:
+        _fail(str(err), 2)
 
 
 @app.command("ls")

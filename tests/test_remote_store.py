@@ -204,3 +204,6 @@ def test_a_store_url_nobody_can_open_fails_before_any_work(prefect_env, tmp_path
         "error: cannot open the store foo://bucket/store: Protocol not known: foo"
     ]
     assert not any(tmp_path.iterdir())
+    for command in (["ls"], ["gc", "--dry-run"]):
+        proc = run_cli([*command, "--store", "foo://bucket/store"], prefect_env, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: cannot open the store foo://")
