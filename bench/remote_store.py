@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from condense.report import human_bytes  # noqa: E402
+from tests.moto_s3 import start_s3  # noqa: E402
 
 
 def run(preset: str, store: str, overrides: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
@@ -43,26 +43,6 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def moto_bucket() -> tuple[Any, dict[str, str]]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    aws = {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    os.environ.update(aws)
-    import s3fs
-
-    s3fs.S3FileSystem().mkdir("bench")
-    return server, aws
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,7 +52,8 @@ def main() -> None:
     parser.add_argument("--url", help="a store URL to use instead of moto's local S3 (it should be empty)")
     args = parser.parse_args()
 
-    server, aws = (None, {}) if args.url else moto_bucket()
+    server, aws = (None, {}) if args.url else start_s3("bench")
+    os.environ.update(aws)  # this process reads the bucket's size at the end
     url = args.url or "s3://bench/store"
     work = Path(tempfile.mkdtemp(prefix="condense-bench-"))
     env = {**os.environ, **aws, "PREFECT_HOME": str(work / "prefect")}

@@ -12,7 +12,6 @@ Two recipes, each measured once at the end of training (no picking of a best tes
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from condense.models import build_model, seeded
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
-from condense.training import accuracy, sample_per_class, train_epoch
+from condense.training import accuracy, cosine_factor, sample_per_class, train_epoch
 
 
 @dataclass(frozen=True)
@@ -104,11 +103,6 @@ def adamw_without_decay_on_norms(model: nn.Module, lr: float, weight_decay: floa
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-
-
-def cosine_factor(epoch: int, epochs: int, final_fraction: float) -> float:
-    """Learning-rate multiplier: cosine from 1 at epoch 0 to ``final_fraction`` at ``epochs``."""
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
 def train_kd(

@@ -175,7 +175,7 @@ class Store:
 
     def url(self, stage: str, key: str) -> str:
         """Where the finished artifact lives in the store itself, for reports."""
-        return str(self.root / stage / key)
+        return str(self._local(stage, key))
 
     def share(self, relative: str) -> None:
         """Make the local files under ``root/<relative>`` visible to every machine using the store.

@@ -8,7 +8,6 @@ decoupled methods: a teacher whose class indices are not the dataset's (RDED iss
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from condense.errors import ConfigError, DatasetError
 from condense.models import build_model, seeded
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
-from condense.training import accuracy, predict, sample_per_class, train_epoch
+from condense.training import accuracy, cosine_factor, predict, sample_per_class, train_epoch
 
 
 def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelConfig:
@@ -56,9 +55,7 @@ def train_teacher(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: cosine_factor(epoch, cfg.epochs))
     generator = torch.Generator().manual_seed(seed)
     loss = float("nan")
     for epoch in range(cfg.epochs):

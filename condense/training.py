@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -73,3 +74,8 @@ def sample_per_class(
         members = torch.nonzero(labels == c).flatten()
         picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
     return torch.cat(picks)
+
+
+def cosine_factor(step: float, steps: float, final_fraction: float = 0.0) -> float:
+    """Cosine multiplier from 1 at ``step`` 0 to ``final_fraction`` at ``steps``."""
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * step / steps))

@@ -47,23 +47,16 @@ def s3():
     """A bucket named ``bucket`` on moto's S3 server (loopback); yields the environment a process
     needs to reach it (also set in this one for the session)."""
     pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    aws = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
+    pytest.importorskip("moto.server")
+    from tests.moto_s3 import start_s3
+
+    server, aws = start_s3("bucket")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in aws.items():
             patch.setenv(name, value)
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("bucket")
         yield aws
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()

@@ -11,8 +11,9 @@ import torch
 from condense import relabel, teacher
 from condense.config import KDRecipeConfig, ModelConfig, TeacherConfig
 from condense.errors import ConfigError, DatasetError
-from condense.evaluate import KDRecipe, cosine_factor, train_and_test_kd
+from condense.evaluate import KDRecipe, train_and_test_kd
 from condense.prepare import PreparedDataset
+from condense.training import cosine_factor
 
 MODEL = ModelConfig(width=16)
 

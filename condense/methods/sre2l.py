@@ -38,7 +38,7 @@ from condense.methods.base import Checkpoints, DistillInputs, Resumable, Synthet
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.teacher import check_class_order
-from condense.training import predict
+from condense.training import cosine_factor, predict
 
 
 class RecoverConfig(Strict):
@@ -101,7 +101,7 @@ def crop_min_scale(iteration: int, iterations: int, cfg: RecoverConfig) -> float
         return 1.0 if progress < 1.0 else floor
     if cfg.crop_curriculum == "linear":
         return floor + (1 - floor) * (1 - progress)
-    return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+    return cosine_factor(progress, 1.0, floor)
 
 
 class BNStatistics:
@@ -188,7 +188,7 @@ def recover_batch(
     low, high = bounds
     for it in range(start, cfg.iterations):
         for group in optimizer.param_groups:  # cosine to 0
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
+            group["lr"] = cfg.lr * cosine_factor(it, cfg.iterations)
         scale = crop_min_scale(it, cfg.iterations, cfg)
         draws = torch.rand(3, generator=generator)
         box = (
