@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.fresh:
         shutil.rmtree(args.store, ignore_errors=True)
-    cmd = [sys.executable, "-m", "flows.cli", "run", args.preset, "--store", args.store, "--json"]
+    cmd = [sys.executable, "-m", "condense_flows.cli", "run", args.preset, "--store", args.store, "--json"]
     for item in [f"dataset.path={args.data}", *args.overrides]:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)

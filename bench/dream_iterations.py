@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from condense.config import load_config
+from condense.configure import load_config
 from condense.evaluate import train_and_test
 from condense.methods import get_method
 from condense.methods.base import DistillInputs
-from condense.prepare import load, prepare
+from condense.prepare import load
 from condense.progress import SILENT
-from condense.stages import recipe
+from condense.stages.dataset import prepare
+from condense.stages.evaluate import recipe
 from condense.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from condense.report import human_bytes  # noqa: E402
 
 
 def run(preset: str, store: str, overrides: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "flows.cli", "run", preset, "--store", store, "--json", "-q"]
+    cmd = [sys.executable, "-m", "condense_flows.cli", "run", preset, "--store", store, "--json", "-q"]
     for item in overrides:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)

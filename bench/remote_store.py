@@ -29,7 +29,7 @@ from tests.moto_s3 import start_s3  # noqa: E402
 
 
 def run(preset: str, store: str, overrides: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float]:
-    cmd = [sys.executable, "-m", "flows.cli", "run", preset, "--store", store, "--json", "-q"]
+    cmd = [sys.executable, "-m", "condense_flows.cli", "run", preset, "--store", store, "--json", "-q"]
     for item in overrides:
         cmd += ["--set", item]
     started = time.perf_counter()

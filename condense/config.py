@@ -1,22 +1,16 @@
-"""Typed configuration of a pipeline run.
+"""Typed configuration of a pipeline run: the schemas, nothing else.
 
-A preset is just a YAML file of these fields (``condense/presets/*.yaml``); a run's config is a
-preset plus ``key=value`` overrides. Every model forbids unknown keys, so a typo is an error, never
-a silently ignored setting.
+A preset is a YAML file of these fields (``condense/presets/*.yaml``); :mod:`condense.configure`
+reads one, applies overrides and lets the method registry type the ``distill`` section. Every model
+forbids unknown keys, so a typo is an error, never a silently ignored setting.
 """
 
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from condense.errors import ConfigError
-
-PRESET_DIR = Path(__file__).parent / "presets"
 
 
 class Strict(BaseModel):
@@ -221,132 +215,37 @@ class PipelineConfig(Strict):
     dsa: DSAConfig = Field(default_factory=DSAConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     distill: Any = None
-    """The method's own config (see ``condense.methods``); validated against ``method``."""
+    """The method's own config: a mapping here, typed by the method registry
+    (:func:`condense.methods.configure`) into the method's config class."""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
     relabel: RelabelConfig = Field(default_factory=RelabelConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
-    def _method_config(self) -> PipelineConfig:
-        from condense.methods import get_method
-
-        method = get_method(self.method)
-        raw = self.distill
-        if isinstance(raw, BaseModel):
-            raw = raw.model_dump()
-        self.distill = method.config_cls.model_validate(raw or {})
-        method.check(self)
+    def _stored_labels_feed_kd(self) -> PipelineConfig:
         if self.relabel.mode == "stored" and self.evaluate.recipe != "kd":
             raise ValueError("relabel.mode 'stored' feeds the kd recipe: set evaluate.recipe=kd")
         return self
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"distill.iterations=300"`` -> ``("distill.iterations", 300)``; values are parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _read_yaml(source: str) -> dict[str, Any]:
-    path = Path(source)
-    if source.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {source}")
-    else:
-        path = PRESET_DIR / f"{source}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {source!r}; presets: {', '.join(preset_names())}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of settings")
-    data.setdefault("name", path.stem)
-    return data
-
-
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of ``model`` (sections and their fields), for "did you mean" hints."""
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, prefix + name + ".")
+            keys += known_keys(ann, prefix + name + ".")
     return keys
 
 
-def _explain(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+def explain(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """Pydantic's report as one actionable line (the first error, with a suggestion for a typo)."""
     first = err.errors()[0]
     loc = prefix + ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(loc, _known_keys(model, prefix), n=1)
+        hint = difflib.get_close_matches(loc, known_keys(model, prefix), n=1)
         return f"unknown config key {loc!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
     msg = first["msg"].removeprefix("Value error, ")
     return f"invalid config value for {loc!r}: {msg}" if loc else f"invalid config: {msg}"
-
-
-def build_config(data: dict[str, Any]) -> PipelineConfig:
-    """Validate a config mapping, turning pydantic's report into one actionable line."""
-    from condense.methods import METHODS
-
-    method = METHODS.get(str(data.get("method", "mtt")))
-    if method is not None:  # the method's own section first, so its errors carry the 'distill.' prefix
-        try:
-            method.config_cls.model_validate(data.get("distill") or {})
-        except ValidationError as err:
-            raise ConfigError(_explain(err, method.config_cls, "distill.")) from None
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_explain(err, PipelineConfig)) from None
-
-
-def _apply_budget(data: dict[str, Any], budget: str | None) -> None:
-    """A config may name budgets (``budgets: {paper: {dotted.key: value}}``) so that a whole scale
-    change, e.g. CPU-sized to paper-sized, is one ``--set budget=paper`` away."""
-    budgets = data.pop("budgets", None) or {}
-    if budget is None:
-        return
-    if budget not in budgets:
-        known = ", ".join(sorted(budgets)) or "none"
-        raise ConfigError(f"unknown budget {budget!r} for this config; budgets: {known}")
-    for key, value in budgets[budget].items():
-        _set_path(data, key, value)
-    data["budget"] = budget
-
-
-def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """A preset name or YAML path, then its selected budget, then ``key=value`` overrides, validated."""
-    data = _read_yaml(source)
-    parsed = [parse_override(text) for text in overrides]
-    budget = next((value for key, value in reversed(parsed) if key == "budget"), data.get("budget"))
-    _apply_budget(data, budget)
-    for key, value in parsed:
-        if key != "budget":
-            _set_path(data, key, value)
-    return build_config(data)

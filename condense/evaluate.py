@@ -21,7 +21,7 @@ from torch import nn
 
 from condense.config import DSAConfig, ModelConfig
 from condense.labels import kd_loss
-from condense.models import build_model, seeded
+from condense.models import build_model
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
@@ -55,9 +55,7 @@ def train_and_test(
     ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set.
     """
     started = time.perf_counter()
-    model = seeded(
-        lambda: build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg), seed
-    )
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -118,9 +116,7 @@ def train_kd(
 ) -> tuple[nn.Module, float]:
     """Train ``arch`` by KD: each epoch follows ``plans(epoch)``, each batch learns ``targets``.
     Returns the model and the last epoch's mean loss."""
-    model = seeded(
-        lambda: build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg), seed
-    )
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
     optimizer = adamw_without_decay_on_norms(model, recipe.lr, recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: cosine_factor(epoch, recipe.epochs, recipe.final_lr_fraction)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from condense.config import DSAConfig, ExpertsConfig, ModelConfig
-from condense.models import CONVNET, FlatParams, build_model, seeded
+from condense.models import CONVNET, FlatParams, build_model
 from condense.prepare import PreparedDataset
 from condense.training import accuracy, train_epoch
 
@@ -39,9 +39,7 @@ def expert_seed(seed: int, index: int) -> int:
 
 def student_model(data: PreparedDataset, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """The distillation architecture (ConvNet) for this dataset."""
-    return seeded(
-        lambda: build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg), seed
-    )
+    return build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
 
 
 def train_expert(
@@ -84,18 +82,3 @@ def train_expert(
         train_accuracy=accuracy(model, data.train_x, data.train_y),
         test_accuracy=accuracy(model, data.test_x, data.test_y),
     )
-
-
-class ExpertBuffer:
-    """Read access to stored trajectories, an (experts, snapshots, parameters) array.
-
-    Backed by zarr chunked per snapshot, so drawing ``(expert, epoch)`` reads one vector, never the
-    whole buffer (paper-scale buffers are gigabytes).
-    """
-
-    def __init__(self, params: np.ndarray | object):
-        self._params = params
-        self.num_experts, self.num_snapshots, self.num_params = params.shape  # type: ignore[attr-defined]
-
-    def snapshot(self, expert: int, epoch: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._params[expert, epoch]))  # type: ignore[index]

@@ -27,6 +27,7 @@ from condense.store import META, Store, open_store
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "distilled-%06d.tar"
+GRID = "grid.png"
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -73,9 +73,22 @@ def _adapt_timm_to_small_images(model: nn.Module, channels: int) -> None:
 
 
 def build_model(
-    name: str, channels: int, num_classes: int, resolution: int, cfg: ModelConfig | None = None
+    name: str,
+    channels: int,
+    num_classes: int,
+    resolution: int,
+    cfg: ModelConfig | None = None,
+    seed: int = 0,
 ) -> nn.Module:
-    """``convnet`` or any timm architecture name (randomly initialised, no hub weights)."""
+    """``convnet`` or any timm architecture name, initialised from ``seed`` (no hub weights).
+
+    Always seeded: stages run in concurrent threads, and a module built from the global RNG would
+    draw in the middle of another thread's seeded construction and change its result.
+    """
+    return seeded(lambda: _build(name, channels, num_classes, resolution, cfg), seed)
+
+
+def _build(name: str, channels: int, num_classes: int, resolution: int, cfg: ModelConfig | None) -> nn.Module:
     if name == CONVNET:
         return ConvNet(channels, num_classes, resolution, cfg)
     import timm

@@ -1,4 +1,4 @@
-"""The dataset stage: decode a source once, keep it in the store with its card, load it as tensors.
+"""The prepared dataset: what the dataset stage stored, loaded as network-ready tensors.
 
 The card records what every later stage needs to know about the data: fingerprint, classes and
 their counts, shape, and the per-channel mean/std of the training split used to normalise inputs.
@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from condense import datasets, zca
-from condense.config import DatasetConfig
+from condense import zca
 from condense.errors import DatasetError
-from condense.store import Store, code_version, load_arrays, save_arrays, stage_key
+from condense.store import Store, load_arrays
 
 STAGE = "dataset"
+DATA = "data.zarr"
+WHITENING = "zca.zarr"
 
 
 @dataclass
@@ -55,81 +56,6 @@ class PreparedDataset:
         return x.clamp(0, 1)
 
 
-def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
-    pixels = x.astype(np.float64) / 255.0
-    return pixels.mean(axis=(0, 2, 3)).tolist(), pixels.std(axis=(0, 2, 3)).tolist()
-
-
-def _card(cfg: DatasetConfig, raw: datasets.RawDataset, fingerprint: str) -> dict[str, Any]:
-    height, width = raw.train_x.shape[2:]
-    if height != width:
-        raise DatasetError(f"images are {height}x{width}; set dataset.resolution to make them square")
-    counts = np.bincount(raw.train_y, minlength=len(raw.classes))
-    mean, std = _channel_stats(raw.train_x)
-    return {
-        "name": cfg.name,
-        "source": cfg.source,
-        "fingerprint": fingerprint,
-        "classes": list(raw.classes),
-        "class_counts": counts.tolist(),
-        "channels": int(raw.train_x.shape[1]),
-        "resolution": int(raw.train_x.shape[2]),
-        "train_count": int(len(raw.train_y)),
-        "test_count": int(len(raw.test_y)),
-        "mean": mean,
-        "std": [max(s, 1e-6) for s in std],
-        "zca": cfg.zca,
-    }
-
-
-def dataset_key(cfg: DatasetConfig, fingerprint: str) -> str:
-    config = cfg.model_dump(exclude={"path", "train_urls", "test_urls"})  # the content, not its address
-    return stage_key(STAGE, config, code_version(datasets, zca), {"source": fingerprint})
-
-
-def check_ipc(card: dict[str, Any], ipc: int) -> None:
-    smallest = min(card["class_counts"])
-    if ipc > smallest:
-        cls = card["classes"][card["class_counts"].index(smallest)]
-        raise DatasetError(
-            f"ipc={ipc} is larger than the smallest class ({cls!r} has {smallest} training images)"
-        )
-
-
-def prepare(cfg: DatasetConfig, store: Store, ipc: int) -> tuple[str, bool]:
-    """Make sure the dataset is in the store; returns (key, was_cached).
-
-    ``ipc`` is checked against the class counts before anything is written, so a bad request leaves
-    the store as it was.
-    """
-    fingerprint = datasets.source_fingerprint(cfg)
-    if fingerprint is not None:
-        key = dataset_key(cfg, fingerprint)
-        if store.has(STAGE, key):
-            check_ipc(store.meta(STAGE, key)["card"], ipc)
-            return key, True
-    raw = datasets.load_source(cfg)
-    fingerprint = fingerprint or datasets.content_fingerprint(raw)
-    key = dataset_key(cfg, fingerprint)
-    card = _card(cfg, raw, fingerprint)
-    check_ipc(card, ipc)
-    if store.has(STAGE, key):
-        return key, True
-    with store.writing(STAGE, key) as tmp:
-        save_arrays(
-            tmp / "data.zarr",
-            {"train_x": raw.train_x, "train_y": raw.train_y, "test_x": raw.test_x, "test_y": raw.test_y},
-        )
-        if cfg.zca:
-            whitening = zca.fit_zca(torch.from_numpy(raw.train_x).float() / 255.0)
-            save_arrays(
-                tmp / "zca.zarr",
-                {k: getattr(whitening, k).numpy() for k in ("mean", "transform", "inverse")},
-            )
-        store.commit(STAGE, key, tmp, {"card": card})
-    return key, False
-
-
 def _to_inputs(x: np.ndarray, card: dict[str, Any], whitening: zca.ZCA | None) -> torch.Tensor:
     pixels = torch.from_numpy(x).float() / 255.0
     if whitening is not None:
@@ -142,10 +68,10 @@ def _to_inputs(x: np.ndarray, card: dict[str, Any], whitening: zca.ZCA | None) -
 def load(store: Store, key: str) -> PreparedDataset:
     """The stored dataset as network inputs."""
     card = store.meta(STAGE, key)["card"]
-    arrays = load_arrays(store.path(STAGE, key) / "data.zarr")
+    arrays = load_arrays(store.path(STAGE, key) / DATA)
     whitening = None
     if card["zca"]:
-        z = load_arrays(store.path(STAGE, key) / "zca.zarr")
+        z = load_arrays(store.path(STAGE, key) / WHITENING)
         whitening = zca.ZCA(**{k: torch.from_numpy(v) for k, v in z.items()})
     return PreparedDataset(
         train_x=_to_inputs(arrays["train_x"], card, whitening),
@@ -155,3 +81,13 @@ def load(store: Store, key: str) -> PreparedDataset:
         card=card,
         whitening=whitening,
     )
+
+
+def check_ipc(card: dict[str, Any], ipc: int) -> None:
+    """``ipc`` real images per class must exist (for the random-real baseline and real initialisation)."""
+    smallest = min(card["class_counts"])
+    if ipc > smallest:
+        cls = card["classes"][card["class_counts"].index(smallest)]
+        raise DatasetError(
+            f"ipc={ipc} is larger than the smallest class ({cls!r} has {smallest} training images)"
+        )

@@ -130,3 +130,22 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Shards and manifest: `{summary['artifacts']['manifest']}`",
     ]
     return "\n".join(out) + "\n"
+
+
+def versions_table(records: list[dict[str, Any]]) -> str:
+    """``condense ls``: one row per published version."""
+    rows = [["dataset", "method", "ipc", "version", "source", "accuracy", "created"]]
+    for r in records:
+        arch, acc = next(iter(r["accuracy"].items()))
+        rows.append(
+            [
+                r["dataset"],
+                r["method"],
+                str(r["ipc"]),
+                f"v{r['version']}",
+                r["source_fingerprint"][:12],
+                f"{acc['mean']:.2f} ± {acc['std']:.2f} ({arch})",
+                r["created"],
+            ]
+        )
+    return "\n".join(_table(rows))

@@ -17,7 +17,7 @@ from torch import nn
 
 from condense.config import DSAConfig, ModelConfig, TeacherConfig
 from condense.errors import ConfigError, DatasetError
-from condense.models import build_model, seeded
+from condense.models import build_model
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.training import accuracy, cosine_factor, predict, sample_per_class, train_epoch
@@ -28,10 +28,11 @@ def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelCon
     return model_cfg.model_copy(update={"norm": cfg.norm})
 
 
-def build_teacher(cfg: TeacherConfig, model_cfg: ModelConfig, data: PreparedDataset) -> nn.Module:
-    return build_model(
-        cfg.arch, data.channels, data.num_classes, data.resolution, teacher_model_config(cfg, model_cfg)
-    )
+def build_teacher(
+    cfg: TeacherConfig, model_cfg: ModelConfig, data: PreparedDataset, seed: int = 0
+) -> nn.Module:
+    model_cfg = teacher_model_config(cfg, model_cfg)
+    return build_model(cfg.arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
 
 
 @dataclass
@@ -51,7 +52,7 @@ def train_teacher(
     progress: Progress = SILENT,
 ) -> TrainedTeacher:
     """Train ``cfg.arch`` on all real training images: SGD + momentum, cosine to 0, DSA per batch."""
-    model = seeded(lambda: build_teacher(cfg, model_cfg, data), seed)
+    model = build_teacher(cfg, model_cfg, data, seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )

@@ -18,20 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from condense.errors import CondenseError
+from condense.stages.base import all_stages
 from condense.store import META, Store, create_exclusive, json_bytes
 
 VERSIONS = "versions"
 RUNS = "runs"
-STAGE_OF_KEY = {
-    "dataset": "dataset",
-    "experts": "experts",
-    "teacher": "teacher",
-    "distill": "distill",
-    "soft_labels": "soft_labels",
-    "relabel": "relabel",
-    "export": "export",
-}
-"""Summary ``keys`` entry -> store stage directory."""
 
 
 def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
@@ -126,8 +117,8 @@ def _referenced(store: Store) -> set[tuple[str, str]]:
     keep: set[tuple[str, str]] = set()
     for record in list_versions(store):
         for name, key in record["keys"].items():
-            if name in STAGE_OF_KEY and key:
-                keep.add((STAGE_OF_KEY[name], key))
+            if key:
+                keep.add((name, key))  # a version's keys are named by their stage
         keep.update(("evaluate", key) for key in record.get("evaluations", []))
     return keep
 
@@ -159,7 +150,7 @@ def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -
     recent = time.time() - grace_seconds
     exports = {key for stage, key in keep if stage == "export"}
     found = Collection()
-    for stage in sorted({*STAGE_OF_KEY.values(), "evaluate"}):
+    for stage in sorted(all_stages()):
         for name in _children(store, stage):
             entry = f"{stage}/{name}"
             if name in (".partial", ".tmp"):

@@ -1,0 +1,1 @@
+"""Prefect flows and the ``condense`` command (installed as ``condense_flows``)."""

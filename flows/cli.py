@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -78,9 +77,31 @@ StoreOption = Annotated[
     str | None,
     typer.Option(
         help="Artifact store: a directory, or an fsspec URL shared by all workers (s3://bucket/store, "
-        "gs://..., file:///mnt/...). Default: data/store, or $CONDENSE_STORE."
+        "gs://..., file:///mnt/...). Default: $CONDENSE_STORE, else ./data/store."
     ),
 ]
+
+
+def task_runner(runner: str = "threads", dask_address: str | None = None, workers: int = 2) -> Any:
+    """Prefect's default thread pool (None), or a Dask cluster (prefect-dask): an existing scheduler
+    at ``dask_address``, else a local cluster of ``workers`` single-threaded processes. Jobs pass only
+    store keys, so any worker that sees the store can run any stage."""
+    from condense.errors import CondenseError
+
+    if runner == "threads" and not dask_address:
+        return None
+    if runner not in ("threads", "dask"):
+        raise CondenseError(f"unknown runner {runner!r}: threads or dask")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise CondenseError("--runner dask needs prefect-dask: pip install -e '.[dask]'") from None
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None},
+    )
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -111,28 +132,23 @@ def run(
     ] = None,
 ) -> None:
     """Run the whole pipeline; a rerun reuses every stage whose inputs did not change."""
-    started = time.perf_counter()
     _configure_prefect(debug)
-    from condense.config import load_config
+    from condense.configure import load_config
     from condense.errors import CondenseError
-    from condense.store import DEFAULT_STORE, open_store
+    from condense.store import open_store
 
     overrides = list(set_ or [])
-    store_dir = str(store or DEFAULT_STORE)
     try:
         load_config(preset, overrides)  # bad config fails here, before any Prefect or store work
-        open_store(store_dir)
+        store_dir = open_store(store).location
     except CondenseError as err:
         _fail(str(err), 2)
 
-    from flows.pipeline import pipeline, task_runner
+    from condense_flows.pipeline import pipeline
 
     try:
-        flow = pipeline
-        if runner != "threads" or dask_address:
-            flow = pipeline.with_options(
-                task_runner=task_runner("dask" if dask_address else runner, dask_address)
-            )
+        runs_on = task_runner(runner, dask_address)
+        flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
         if os.environ.get("PREFECT_API_URL"):
             summary = flow(preset, overrides, store_dir, quiet)
         else:
@@ -158,12 +174,7 @@ def run(
         _fail(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
 
     from condense.report import text_table
-    from condense.store import write_json
 
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    st = open_store(store_dir)
-    write_json(st.root / "runs" / summary["run_id"] / "summary.json", summary)
-    st.share(f"runs/{summary['run_id']}/summary.json")
     typer.echo(text_table(summary))
     if as_json:
         typer.echo(json.dumps(summary, separators=(",", ":")))
@@ -172,7 +183,7 @@ def run(
 @app.command()
 def presets() -> None:
     """List the bundled presets."""
-    from condense.config import PRESET_DIR, preset_names
+    from condense.configure import PRESET_DIR, preset_names
 
     for name in preset_names():
         first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
@@ -187,7 +198,7 @@ def config(
     """Print the fully resolved config (every field, defaults included) as YAML."""
     import yaml
 
-    from condense.config import load_config
+    from condense.configure import load_config
     from condense.errors import CondenseError
 
     try:
@@ -199,10 +210,10 @@ def config(
 
 def _store(store: str | None) -> Store:
     from condense.errors import CondenseError
-    from condense.store import DEFAULT_STORE, open_store
+    from condense.store import open_store
 
     try:
-        return open_store(store or DEFAULT_STORE)
+        return open_store(store)
     except CondenseError as err:
         _fail(str(err), 2)
 
@@ -224,23 +235,9 @@ def list_sets(
     if not records:
         typer.echo("no distilled sets published in this store yet (run `condense run ...`)")
         return
-    rows = [["dataset", "method", "ipc", "version", "source", "accuracy", "created"]]
-    for r in records:
-        arch, acc = next(iter(r["accuracy"].items()))
-        rows.append(
-            [
-                r["dataset"],
-                r["method"],
-                str(r["ipc"]),
-                f"v{r['version']}",
-                r["source_fingerprint"][:12],
-                f"{acc['mean']:.2f} ± {acc['std']:.2f} ({arch})",
-                r["created"],
-            ]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    from condense.report import versions_table
+
+    typer.echo(versions_table(records))
 
 
 @app.command()

@@ -1,1 +1,1 @@
-"""Prefect tasks, one per pipeline stage (see ``tasks.stages``)."""
+"""Prefect tasks of the condense pipeline (installed as ``condense_tasks``)."""

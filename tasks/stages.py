@@ -1,8 +1,9 @@
-"""Prefect tasks: one per pipeline stage, each a few lines around a ``condense.stages`` call.
+"""Prefect tasks: one generic task runs any stage's job; one finishes the run.
 
-Every task takes the store root and its stage key (computed by the flow from configs and input keys)
-and returns the artifact's small metadata dict, never tensors. Prefect's cache key for a task is
-the store key: the store is the truth, Prefect's cache is the index to it.
+Tasks take the store's location and a job (stage, key, params, input keys), and return small JSON
+data, never tensors. Prefect persists nothing for them: the store is the cache (the executor looks
+a job's key up before running it) and the truth, so no result record (a pickle, in Prefect's
+format) is ever written or read back, and nobody who can write to a store can plant code in it.
 """
 
 from __future__ import annotations
@@ -12,19 +13,14 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
-from condense import prepare, stages
+from condense import summary as run_summary
 from condense.config import PipelineConfig
 from condense.progress import Progress
+from condense.stages import Job, Plan, execute, get_stage
 from condense.store import open_store
-
-
-def store_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """``<task>-<store key>[-<index>]``: the task name keeps two stages with equal keys from sharing a
-    record, the index the experts that fill one stage."""
-    index = parameters.get("index")
-    return f"{context.task.name}-{parameters['key']}" + ("" if index is None else f"-{index}")
 
 
 class ArtifactProgress(Progress):
@@ -52,79 +48,27 @@ class ArtifactProgress(Progress):
             update_progress_artifact(self.artifact_id, percent, description=f"{self.label}: {detail}")
 
 
-@task(name="prepare-dataset", retries=0)
-def prepare_dataset(cfg: PipelineConfig, store: str) -> str:
-    """Decode the source into the store (cached by content fingerprint); returns the dataset key."""
-    key, _ = prepare.prepare(cfg.dataset, open_store(store), cfg.ipc)
-    return key
+def _job_name() -> str:
+    return task_run.parameters["job"].name
 
 
-@task(name="record-expert", cache_key_fn=store_cache_key)
-def record_expert(
-    store: str, key: str, cfg: PipelineConfig, dataset_key: str, index: int, quiet: bool = False
-) -> dict:
-    return stages.record_expert(
-        open_store(store), key, cfg, dataset_key, index, Progress("experts", quiet=quiet)
-    )
+def job_progress(job: Job, cfg: PipelineConfig, quiet: bool) -> Progress:
+    """A single-job stage (teacher, distill, ...) also reports to the UI; fanned-out jobs only log."""
+    label = get_stage(job.stage).describe(cfg, job.params)
+    if job.part is None and not job.params:
+        return ArtifactProgress(label, f"condense-{job.stage.replace('_', '-')}-progress", quiet)
+    return Progress(label, quiet=quiet)
 
 
-@task(name="finish-experts", cache_key_fn=store_cache_key)
-def finish_experts(store: str, key: str, records: list[dict]) -> dict:
-    stages.finish_experts(open_store(store), key, records)
-    return open_store(store).meta(stages.EXPERTS, key)
+@task(name="stage", task_run_name=_job_name, persist_result=False, cache_policy=NO_CACHE)
+def run_stage(job: Job, cfg: PipelineConfig, store: str, quiet: bool = False) -> dict[str, Any]:
+    """Run one job of the plan (or find its artifact in the store); returns its outcome."""
+    return execute(job, cfg, open_store(store), job_progress(job, cfg, quiet))
 
 
-@task(name="teacher", cache_key_fn=store_cache_key)
-def teacher(
-    store: str, key: str, cfg: PipelineConfig, dataset_key: str, experts_key: str | None, quiet: bool = False
-) -> dict:
-    progress = ArtifactProgress("teacher", "condense-teacher-progress", quiet)
-    return stages.run_teacher(open_store(store), key, cfg, dataset_key, experts_key, progress)
-
-
-@task(name="distill", cache_key_fn=store_cache_key)
-def distill(
-    store: str,
-    key: str,
-    cfg: PipelineConfig,
-    dataset_key: str,
-    experts_key: str | None,
-    teacher_key: str | None,
-    quiet: bool = False,
-) -> dict:
-    progress = ArtifactProgress(cfg.method, "condense-distill-progress", quiet)
-    return stages.run_distill(open_store(store), key, cfg, dataset_key, experts_key, teacher_key, progress)
-
-
-@task(name="soft-labels", cache_key_fn=store_cache_key)
-def soft_labels(
-    store: str, key: str, cfg: PipelineConfig, dataset_key: str, distill_key: str, teacher_key: str
-) -> dict:
-    return stages.run_soft_labels(open_store(store), key, cfg, dataset_key, distill_key, teacher_key)
-
-
-@task(name="relabel", cache_key_fn=store_cache_key)
-def relabel(store: str, key: str, cfg: PipelineConfig, keys: dict[str, str], quiet: bool = False) -> dict:
-    return stages.run_relabel(open_store(store), key, cfg, keys, Progress("relabel", quiet=quiet))
-
-
-@task(name="evaluate", cache_key_fn=store_cache_key)
-def evaluate(
-    store: str,
-    key: str,
-    cfg: PipelineConfig,
-    subject: str,
-    arch: str,
-    index: int,
-    keys: dict[str, str],
-    quiet: bool = False,
-) -> dict:
-    label = f"eval {subject} {arch} #{index}"
-    return stages.run_evaluation(
-        open_store(store), key, cfg, subject, arch, index, keys, Progress(label, quiet=quiet)
-    )
-
-
-@task(name="export", cache_key_fn=store_cache_key)
-def export(store: str, key: str, cfg: PipelineConfig, keys: dict[str, str], accuracy: dict) -> dict:
-    return stages.run_export(open_store(store), key, cfg, keys, accuracy)
+@task(name="finish-run", persist_result=False, cache_policy=NO_CACHE)
+def finish_run(
+    cfg: PipelineConfig, store: str, plan: Plan, outcomes: list[dict[str, Any]], started: float
+) -> dict[str, Any]:
+    """Summarise, publish the version and write the run folder."""
+    return run_summary.finish_run(cfg, open_store(store), plan, outcomes, started)

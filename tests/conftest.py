@@ -64,7 +64,7 @@ def s3():
 
 def run_cli(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "condense_flows.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -121,24 +121,34 @@ def tree(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
 
 
+def plan_for(store, cfg):
+    """The dataset stage, run directly (no Prefect), and the plan of everything after it."""
+    from condense.stages import dataset_job, execute, make_plan
+
+    return make_plan(cfg, store, execute(dataset_job(), cfg, store)["key"])
+
+
+def run_jobs(store, cfg, plan, stages: set[str], progress=None) -> list[dict]:
+    """Execute, in plan order, the jobs of ``stages`` (their inputs must exist); returns outcomes."""
+    from condense.progress import SILENT
+    from condense.stages import execute
+
+    return [execute(job, cfg, store, progress or SILENT) for job in plan.jobs if job.stage in stages]
+
+
 def record_experts(store, cfg) -> tuple[str, str]:
     """Dataset and expert stages, run directly (no Prefect); returns their keys."""
-    from condense import stages
-    from condense.prepare import prepare
-
-    dataset_key, _ = prepare(cfg.dataset, store, cfg.ipc)
-    key = stages.experts_key(cfg, dataset_key)
-    stages.open_experts(store, key, cfg, dataset_key)
-    records = [stages.record_expert(store, key, cfg, dataset_key, i) for i in range(cfg.experts.num_experts)]
-    stages.finish_experts(store, key, records)
-    return dataset_key, key
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"experts"})
+    return plan.keys["dataset"], plan.keys["experts"]
 
 
 @pytest.fixture(scope="session")
 def digits30(tmp_path_factory: pytest.TempPathFactory):
     """Digits with 30 training images per class, prepared once for the library-level tests."""
     from condense.config import DatasetConfig
-    from condense.prepare import load, prepare
+    from condense.prepare import load
+    from condense.stages.dataset import prepare
     from condense.store import Store
 
     store = Store(tmp_path_factory.mktemp("digits30"))

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from condense.config import load_config, parse_override, preset_names
+from condense.configure import load_config, parse_override, preset_names
 from condense.errors import ConfigError
 
 

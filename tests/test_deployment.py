@@ -3,7 +3,7 @@ from pathlib import Path
 import yaml
 from prefect import Flow
 
-from condense.config import load_config
+from condense.configure import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

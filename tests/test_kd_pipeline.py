@@ -39,13 +39,14 @@ def online_run(tmp_path_factory, prefect_env) -> tuple[Path, dict]:
 
 def test_rded_trains_a_teacher_and_evaluates_everything_with_the_kd_recipe(online_run):
     _, summary = online_run
-    assert list(summary["stages"]) == ["teacher", "distill", "soft_labels", "evaluate"]  # no experts
+    assert list(summary["stages"]) == ["dataset", "teacher", "distill", "soft_labels", "evaluate", "export"]
     assert summary["teacher"]["source"] == "train" and summary["teacher"]["test_accuracy"] > 50
     assert summary["evaluation_recipe"] == "kd" and summary["labels"]["kind"] == "kd-online"
     assert set(summary["baselines"]) == {"random_real", "full_data"}
     stats = summary["distill_stats"]
     assert stats["selected_ce"] < stats["candidate_ce"] and stats["teacher_check_accuracy"] > 50
-    assert summary["accuracy"]["convnet"]["mean"] > 10
+    # The teacher's most confident crops teach more than random real images (28.5 vs 20.0 here).
+    assert summary["accuracy"]["convnet"]["mean"] > summary["baselines"]["random_real"]["mean"]
     assert len(condense.load_distilled(summary["artifacts"]["run_dir"])) == 10
 
 
@@ -121,7 +122,8 @@ def test_cudd_runs_end_to_end_and_reports_its_recovery_and_curricula(online_run,
     summary = last_json(run_cli(args, prefect_env).stdout)
     assert summary["stages"]["teacher"]["cached"] is True  # the same teacher settings as digits-rded
     stats = summary["distill_stats"]
-    assert 0 <= stats["teacher_synthetic_accuracy"] <= 100 and stats["final_bn_loss"] > 0
+    # Recovery starts from images the teacher gets right and lowers its CE: it still knows them all.
+    assert stats["teacher_synthetic_accuracy"] >= 90 and stats["final_bn_loss"] > 0
     first, second = stats["curricula"]
     assert first["init"]["simple"] == 10 and "student_accuracy" in second
     text = report.text_table(summary)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from condense import stages
-from condense.config import load_config
+from condense.configure import load_config
 from condense.errors import DivergenceError
 from condense.methods.mtt import trajectory_loss, unroll
 from condense.models import ConvNet, FlatParams
+from condense.stages import base
 from condense.store import Store, load_arrays
-from tests.conftest import TINY, KillAfter, Notes, record_experts
+from tests.conftest import TINY, KillAfter, Notes, plan_for, run_jobs
 
 
 def test_trajectory_loss_is_normalised_by_the_expert_segment():
@@ -47,40 +47,44 @@ def test_unroll_reaches_images_and_learning_rate():
 def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch):
     cfg = load_config("digits-mtt", TINY)
     store = Store(tmp_path)
-    dataset_key, experts_key = record_experts(store, cfg)
-    key = stages.distill_key(cfg, dataset_key, experts_key)
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"experts"})
+    key = plan.keys["distill"]
 
-    original = stages.TorchCheckpoints
+    original = base.TorchCheckpoints
     monkeypatch.setattr(
-        stages, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), saves=1)
+        base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), saves=1)
     )
     with pytest.raises(KeyboardInterrupt):
-        stages.run_distill(store, key, cfg, dataset_key, experts_key)
-    assert not store.has(stages.DISTILL, key)
-    assert original(store.partial(stages.DISTILL, key) / "checkpoint.pt").load()["iteration"] == 2
-    monkeypatch.setattr(stages, "TorchCheckpoints", original)
+        run_jobs(store, cfg, plan, {"distill"})
+    assert not store.has("distill", key)
+    assert original(store.partial("distill", key) / "checkpoint.pt").load()["iteration"] == 2
+    monkeypatch.setattr(base, "TorchCheckpoints", original)
 
     notes = Notes()
-    stages.run_distill(store, key, cfg, dataset_key, experts_key, progress=notes)
+    run_jobs(store, cfg, plan, {"distill"}, notes)
     assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes.lines)
-    resumed = load_arrays(store.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
+    resumed = load_arrays(store.path("distill", key) / "synthetic.zarr")["images"]
+    assert not (store.path("distill", key) / "checkpoint.pt").exists()
 
     fresh = Store(tmp_path / "fresh")
-    dataset_key2, experts_key2 = record_experts(fresh, cfg)
-    stages.run_distill(fresh, key, cfg, dataset_key2, experts_key2)
-    uninterrupted = load_arrays(fresh.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
+    fresh_plan = plan_for(fresh, cfg)
+    run_jobs(fresh, cfg, fresh_plan, {"experts", "distill"})
+    assert fresh_plan.keys["distill"] == key
+    uninterrupted = load_arrays(fresh.path("distill", key) / "synthetic.zarr")["images"]
     assert np.isfinite(resumed).all()
     assert resumed.tobytes() == uninterrupted.tobytes()
-    assert store.meta(stages.DISTILL, key)["lr"] == fresh.meta(stages.DISTILL, key)["lr"]
+    assert store.meta("distill", key)["lr"] == fresh.meta("distill", key)["lr"]
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path):
     cfg = load_config("digits-mtt", [*TINY, "distill.lr_img=1e30", "distill.checkpoint_every=1"])
     store = Store(tmp_path)
-    dataset_key, experts_key = record_experts(store, cfg)
-    key = stages.distill_key(cfg, dataset_key, experts_key)
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"experts"})
+    key = plan.keys["distill"]
     with pytest.raises(DivergenceError, match="diverged at iteration .* last good checkpoint: iteration"):
-        stages.run_distill(store, key, cfg, dataset_key, experts_key)
-    state = stages.TorchCheckpoints(store.partial(stages.DISTILL, key) / "checkpoint.pt").load()
+        run_jobs(store, cfg, plan, {"distill"})
+    state = base.TorchCheckpoints(store.partial("distill", key) / "checkpoint.pt").load()
     assert torch.isfinite(state["images"]).all()
-    assert not store.has(stages.DISTILL, key)
+    assert not store.has("distill", key)

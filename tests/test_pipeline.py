@@ -17,12 +17,11 @@ import pytest
 import webdataset as wds
 
 import condense
-from condense import stages
-from condense.remote_store import RemoteStore
 from condense.store import load_arrays
+from condense.store.remote import RemoteStore
 from tests.conftest import ROOT, last_json, run_cli, tiny_args, tree
 
-STAGES = ("experts", "teacher", "distill", "soft_labels", "evaluate")
+STAGES = ("dataset", "experts", "distill", "teacher", "soft_labels", "evaluate", "export")
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,10 @@ def test_summary_has_the_documented_shape(first_run):
     assert (summary["dataset"], summary["method"], summary["ipc"]) == ("digits", "mtt", 1)
     assert list(summary["stages"]) == list(STAGES)
     for stage in summary["stages"].values():
-        assert stage["cached"] is False and stage["seconds"] >= 0 and len(stage["key"]) == 20
+        assert stage["cached"] is False and len(stage["key"]) == 20
     convnet = summary["accuracy"]["convnet"]
-    assert len(convnet["runs"]) == 2 and 0 <= convnet["mean"] <= 100
+    # Ten synthetic digits beat ten random real ones even at this budget (71.8 vs 59.4).
+    assert len(convnet["runs"]) == 2 and convnet["mean"] > summary["baselines"]["random_real"]["mean"] + 5
     assert set(summary["baselines"]) == {"random_real", "full_data"}
     artifacts = summary["artifacts"]
     assert Path(artifacts["synthetic"]).is_dir() and Path(artifacts["manifest"]).is_file()
@@ -69,11 +69,13 @@ def test_changing_evaluation_reuses_experts_and_synthetic_set(first_run, prefect
     changed = last_json(run_cli(tiny_args(store, "evaluate.epochs=10"), prefect_env).stdout)
     cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
     assert cached == {
+        "dataset": True,
         "experts": True,
-        "teacher": True,
         "distill": True,
+        "teacher": True,
         "soft_labels": True,
         "evaluate": False,
+        "export": False,
     }
 
 
@@ -83,11 +85,13 @@ def test_changing_distillation_reuses_experts(first_run, prefect_env):
     assert changed["version"]["new"] is True and changed["version"]["number"] >= 2
     cached = {name: stage["cached"] for name, stage in changed["stages"].items()}
     assert cached == {
+        "dataset": True,
         "experts": True,
-        "teacher": True,
         "distill": False,
+        "teacher": True,
         "soft_labels": False,
         "evaluate": False,
+        "export": False,
     }
 
 
@@ -119,7 +123,7 @@ def test_the_distilled_set_loads_in_python_and_with_plain_webdataset(first_run):
 def test_sigkill_during_distillation_resumes_from_the_checkpoint(prefect_env, tmp_path):
     args = tiny_args(tmp_path, "distill.iterations=400", "distill.checkpoint_every=5", quiet=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "condense_flows.cli", *args],
         cwd=ROOT,
         env=prefect_env,
         stdout=subprocess.DEVNULL,
@@ -269,7 +273,7 @@ def test_the_dask_runner_on_an_s3_store_gives_the_same_results_and_leaves_no_ser
     assert on_dask["accuracy"] == summary["accuracy"]
     a = load_arrays(Path(summary["artifacts"]["synthetic"]))["images"]
     reader = RemoteStore(url, cache=tmp_path / "reader")
-    b = load_arrays(reader.path(stages.DISTILL, on_dask["keys"]["distill"]) / "synthetic.zarr")["images"]
+    b = load_arrays(reader.path("distill", on_dask["keys"]["distill"]) / "synthetic.zarr")["images"]
     # Dask workers run torch single-threaded (OMP_NUM_THREADS=1): reductions sum in another order,
     # so the images agree to float rounding rather than bit for bit.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,8 @@ import torch
 
 from condense.config import DatasetConfig
 from condense.errors import DatasetError
-from condense.prepare import STAGE, load, prepare
+from condense.prepare import STAGE, load
+from condense.stages.dataset import prepare
 from condense.store import Store, load_arrays
 
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from condense import teacher
-from condense.config import DSAConfig, ModelConfig, TeacherConfig, load_config
+from condense.config import DSAConfig, ModelConfig, TeacherConfig
+from condense.configure import load_config
 from condense.errors import ConfigError, DatasetError
 from condense.methods import rded
 from condense.methods.base import DistillInputs
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT
+from condense.stages.base import TorchCheckpoints
 from tests.conftest import KillAfter, Notes
 from tests.test_matching import MemoryCheckpoints
 
@@ -70,9 +72,7 @@ def test_factor_two_stitches_four_half_size_patches_per_image(digits, observer):
 
 
 def test_a_killed_run_resumes_at_the_next_class_and_matches(digits, observer, tmp_path):
-    from condense import stages
-
-    checkpoints = stages.TorchCheckpoints(tmp_path / "checkpoint.pt")
+    checkpoints = TorchCheckpoints(tmp_path / "checkpoint.pt")
     with pytest.raises(KeyboardInterrupt):
         rded.distill(make_inputs(digits, observer), KillAfter(checkpoints, saves=4), SILENT)
     recorder = Notes()

@@ -18,12 +18,23 @@ import pytest
 import torch
 
 import condense
-from condense import remote_store, stages, versions
-from condense.config import load_config
-from condense.prepare import prepare
-from condense.remote_store import RemoteStore
+from condense import artifacts, versions
+from condense.configure import load_config
+from condense.stages import base, execute
 from condense.store import Store, load_arrays, save_arrays
-from tests.conftest import TINY, KillAfter, Notes, last_json, record_experts, run_cli, tiny_args
+from condense.store import remote as remote_store
+from condense.store.remote import RemoteStore
+from tests.conftest import (
+    TINY,
+    KillAfter,
+    Notes,
+    last_json,
+    plan_for,
+    record_experts,
+    run_cli,
+    run_jobs,
+    tiny_args,
+)
 
 
 @pytest.fixture
@@ -118,21 +129,20 @@ def test_experts_recorded_on_two_machines_are_sealed_on_a_third(shared, tmp_path
     _, machine = shared
     cfg = load_config("digits-mtt", TINY)
     a, b, c = machine("a"), machine("b"), machine("c")
-    dataset_key, _ = prepare(cfg.dataset, a, cfg.ipc)
-    key = stages.experts_key(cfg, dataset_key)
-    stages.open_experts(a, key, cfg, dataset_key)
-    records = [
-        stages.record_expert(a, key, cfg, dataset_key, 0),
-        stages.record_expert(b, key, cfg, dataset_key, 1),
-    ]
-    assert stages.record_expert(c, key, cfg, dataset_key, 1) == records[1]  # found, not retrained
-    stages.finish_experts(c, key, records)
+    plan = plan_for(a, cfg)
+    part0, part1, seal = (job for job in plan.jobs if job.stage == "experts")
+    records = [execute(part0, cfg, a)["meta"], execute(part1, cfg, b)["meta"]]
+    again = execute(part1, cfg, c)
+    assert again["meta"] == records[1] and again["cached"] is True  # found in the shared work, not retrained
+    sealed = execute(seal, cfg, c)
+    assert sealed["meta"]["parts"] == records
+    key = seal.key
 
     _, local_key = record_experts(Store(tmp_path / "local"), cfg)
     assert local_key == key
-    expected = stages.load_buffer(Store(tmp_path / "local"), key)
+    expected = artifacts.load_buffer(Store(tmp_path / "local"), key)
     for machine_store in (c, machine("d")):
-        buffer = stages.load_buffer(machine_store, key)
+        buffer = artifacts.load_buffer(machine_store, key)
         for index in range(cfg.experts.num_experts):
             for epoch in range(cfg.experts.epochs + 1):
                 assert torch.equal(buffer.snapshot(index, epoch), expected.snapshot(index, epoch))
@@ -142,25 +152,25 @@ def test_a_distillation_killed_on_one_machine_resumes_on_another(shared, tmp_pat
     _, machine = shared
     cfg = load_config("digits-mtt", TINY)
     a, b = machine("a"), machine("b")
-    dataset_key, experts_key = record_experts(a, cfg)
-    key = stages.distill_key(cfg, dataset_key, experts_key)
+    plan = plan_for(a, cfg)
+    run_jobs(a, cfg, plan, {"experts"})
+    key = plan.keys["distill"]
 
-    original = stages.TorchCheckpoints
-    monkeypatch.setattr(stages, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), 1))
+    original = base.TorchCheckpoints
+    monkeypatch.setattr(base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), 1))
     with pytest.raises(KeyboardInterrupt):
-        stages.run_distill(a, key, cfg, dataset_key, experts_key)
-    monkeypatch.setattr(stages, "TorchCheckpoints", original)
+        run_jobs(a, cfg, plan, {"distill"})
+    monkeypatch.setattr(base, "TorchCheckpoints", original)
 
     notes = Notes()
-    stages.run_distill(b, key, cfg, dataset_key, experts_key, progress=notes)
+    run_jobs(b, cfg, plan, {"distill"}, notes)
     assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes.lines)
     assert not any(Path(b.base, "distill", ".partial").glob("*/*"))  # the commit cleared shared work
 
     fresh = Store(tmp_path / "fresh")
-    record_experts(fresh, cfg)
-    stages.run_distill(fresh, key, cfg, dataset_key, experts_key)
-    resumed = load_arrays(a.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
-    uninterrupted = load_arrays(fresh.path(stages.DISTILL, key) / "synthetic.zarr")["images"]
+    run_jobs(fresh, cfg, plan_for(fresh, cfg), {"experts", "distill"})
+    resumed = load_arrays(a.path("distill", key) / "synthetic.zarr")["images"]
+    uninterrupted = load_arrays(fresh.path("distill", key) / "synthetic.zarr")["images"]
     assert resumed.tobytes() == uninterrupted.tobytes()
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from condense.store import Store, load_arrays, save_arrays, stable_hash, stage_key
+from condense.stages.base import stage_key
+from condense.store import Store, load_arrays, save_arrays, stable_hash
 
 
 def test_stage_key_depends_on_every_part():

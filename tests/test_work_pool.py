@@ -195,7 +195,7 @@ def test_an_existing_dask_cluster_runs_the_tasks_on_machines_that_share_only_the
         cli_cache = tmp_path / "cache-cli"
         command = [*tiny_args("s3://bucket/external"), "--dask-address", address]
         run = subprocess.run(
-            [sys.executable, "-m", "flows.cli", *command],
+            [sys.executable, "-m", "condense_flows.cli", *command],
             cwd=ROOT,
             env={**env, "CONDENSE_CACHE": str(cli_cache)},
             capture_output=True,

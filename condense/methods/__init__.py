@@ -1,63 +1,141 @@
-"""Registry of distillation methods, by name (the way timm's ``create_model`` finds architectures)."""
+"""The registry of distillation methods: each method file registers itself, the way timm's
+``register_model`` does::
+
+    @register_method("mtt", config=MTTConfig, needs=("experts",), check=check)
+    def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
+        ...
+
+Nothing else is edited to add a method: the modules of this package are imported on the first
+lookup, so is any module named by a ``condense.methods`` entry point (a method in another package),
+and a method defined anywhere else (a notebook, a test) is registered once its module is imported.
+The registry is read-only from outside (:data:`METHODS` is a mapping proxy).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from importlib.metadata import entry_points
+from types import MappingProxyType
 
-from condense import crops, evaluate, relabel, sampling, teacher
-from condense.methods import cudd, dm, dream, dsa, matching, mtt, rded, sre2l
+from pydantic import BaseModel, ValidationError
+
+from condense.config import PipelineConfig, explain
+from condense.errors import ConfigError
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
+
+INPUTS = ("experts", "teacher")
+"""What a method may need besides the real data: expert trajectories, a trained teacher."""
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    config_cls: type
+    config_cls: type[BaseModel]
     distill: Callable[..., SyntheticSet]
-    check: Callable[[Any], None]
+    check: Callable[[PipelineConfig], None]
     """Cross-field validation against the whole pipeline config; raises ValueError."""
-    needs_experts: bool
-    modules: tuple[ModuleType, ...]
-    """The modules implementing it: their source is the method's code version in cache keys."""
-    needs_teacher: bool = False
+    needs: frozenset[str]
+    module: str
+    """Where the method is defined: its import closure is the method's code version in cache keys."""
+
+    @property
+    def needs_experts(self) -> bool:
+        return "experts" in self.needs
+
+    @property
+    def needs_teacher(self) -> bool:
+        return "teacher" in self.needs
 
 
-MATCHING = (matching, sampling)
-RECOVER = (sre2l, crops, teacher)
-METHODS: dict[str, Method] = {
-    "mtt": Method("mtt", mtt.MTTConfig, mtt.distill, mtt.check, needs_experts=True, modules=(mtt, sampling)),
-    "dsa": Method("dsa", dsa.DSAMatchConfig, dsa.distill, dsa.check, False, (dsa, *MATCHING)),
-    "dm": Method("dm", dm.DMConfig, dm.distill, dm.check, False, (dm, *MATCHING)),
-    "dream": Method(
-        "dream", dream.DREAMConfig, dream.distill, dream.check, False, (dream, dsa, dm, *MATCHING)
-    ),
-    "rded": Method(
-        "rded", rded.RDEDConfig, rded.distill, rded.check, False, (rded, crops, teacher), needs_teacher=True
-    ),
-    "sre2l": Method(
-        "sre2l", sre2l.RecoverConfig, sre2l.distill, sre2l.check, False, RECOVER, needs_teacher=True
-    ),
-    "cda": Method("cda", sre2l.CDAConfig, sre2l.distill, sre2l.check, False, RECOVER, needs_teacher=True),
-    "cudd": Method(
-        "cudd",
-        cudd.CUDDConfig,
-        cudd.distill,
-        cudd.check,
-        False,
-        (cudd, *RECOVER, relabel, evaluate),
-        needs_teacher=True,
-    ),
-}
+_registry: dict[str, Method] = {}
+METHODS = MappingProxyType(_registry)
+"""Every registered method by name (read-only; call :func:`method_names` to discover them first)."""
+_discovered = False
+_lock = threading.Lock()
+
+
+def _no_check(cfg: PipelineConfig) -> None:
+    """No constraints beyond the method config's own fields."""
+
+
+def register_method(
+    name: str,
+    *,
+    config: type[BaseModel],
+    needs: Iterable[str] = (),
+    check: Callable[[PipelineConfig], None] = _no_check,
+) -> Callable[[Callable[..., SyntheticSet]], Callable[..., SyntheticSet]]:
+    """Register the decorated ``distill(inputs, checkpoints, progress)`` as method ``name``."""
+    unknown = set(needs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"method {name!r} needs {sorted(unknown)}; a method may need {list(INPUTS)}")
+
+    def decorate(distill: Callable[..., SyntheticSet]) -> Callable[..., SyntheticSet]:
+        method = Method(name, config, distill, check, frozenset(needs), distill.__module__)
+        known = _registry.get(name)
+        if known is not None and known.module != method.module:
+            raise ValueError(f"method {name!r} is registered twice: in {known.module} and {method.module}")
+        _registry[name] = method
+        return distill
+
+    return decorate
+
+
+def _discover() -> None:
+    """Import every method module of this package and of ``condense.methods`` entry points, once."""
+    global _discovered
+    with _lock:
+        if _discovered:
+            return
+        for info in pkgutil.iter_modules(__path__, f"{__name__}."):
+            importlib.import_module(info.name)
+        for entry in entry_points(group="condense.methods"):
+            entry.load()
+        _discovered = True
+
+
+def method_names() -> list[str]:
+    _discover()
+    return sorted(_registry)
 
 
 def get_method(name: str) -> Method:
+    _discover()
     try:
-        return METHODS[name]
+        return _registry[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}") from None
+        raise ConfigError(f"unknown method {name!r}; methods: {', '.join(sorted(_registry))}") from None
 
 
-__all__ = ["METHODS", "Checkpoints", "DistillInputs", "Method", "SyntheticSet", "get_method"]
+def configure(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with its ``distill`` section typed by the method's config class and the method's
+    cross-field checks passed; every error is one :class:`ConfigError` line."""
+    method = get_method(cfg.method)
+    raw = cfg.distill.model_dump() if isinstance(cfg.distill, BaseModel) else cfg.distill
+    try:
+        section = method.config_cls.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(explain(err, method.config_cls, "distill.")) from None
+    typed = cfg.model_copy(update={"distill": section})
+    try:
+        method.check(typed)
+    except ValueError as err:
+        raise ConfigError(f"invalid config: {err}") from None
+    return typed
+
+
+__all__ = [
+    "METHODS",
+    "Checkpoints",
+    "DistillInputs",
+    "Method",
+    "SyntheticSet",
+    "configure",
+    "get_method",
+    "method_names",
+    "register_method",
+]

@@ -1,19 +1,15 @@
-"""What every distillation method receives and returns."""
+"""What every distillation method receives and returns, and the resumable state of its loop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from condense.config import DSAConfig, ModelConfig
-from condense.models import ConvNet
 from condense.prepare import PreparedDataset
 from condense.progress import Progress
-from condense.sampling import kmeans_init
-from condense.training import random_seed, sample_per_class
 
 
 @dataclass
@@ -51,32 +47,7 @@ class Checkpoints(Protocol):
     def save(self, state: dict[str, Any]) -> None: ...
 
 
-__all__ = ["Checkpoints", "DistillInputs", "Progress", "SyntheticSet", "init_real", "initial_images"]
-
-
-def init_real(data: PreparedDataset, ipc: int, generator: torch.Generator) -> torch.Tensor:
-    """``ipc`` randomly chosen real training images per class, class-major order."""
-    return data.train_x[sample_per_class(data.train_y, data.num_classes, ipc, generator)].clone()
-
-
-def initial_images(
-    data: PreparedDataset,
-    ipc: int,
-    init: str,
-    generator: torch.Generator,
-    network: Callable[[int], ConvNet],
-) -> torch.Tensor:
-    """The synthetic set's starting point, class-major: random real images (``real``), Gaussian noise
-    (``noise``), or DREAM's ``kmeans``: per class, the real images nearest the k-means centroids of
-    ``network(seed)``'s features (each method says which network it embeds with)."""
-    if init == "real":
-        return init_real(data, ipc, generator)
-    if init == "kmeans":
-        seed = random_seed(generator)
-        with torch.no_grad():
-            return kmeans_init(data.train_x, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
-    shape = (data.num_classes * ipc, data.channels, data.resolution, data.resolution)
-    return torch.randn(*shape, generator=generator)
+__all__ = ["Checkpoints", "DistillInputs", "Progress", "Resumable", "SyntheticSet"]
 
 
 class Resumable:

@@ -12,8 +12,10 @@ few). Its loss adds
   robustness);
 - ``l2_weight`` * MSE between the image and its initial real image, under the same crop and shift.
 
-Each curriculum's student (weights and test accuracy), its initial picks and every finished batch
-are checkpointed, so a run that stops resumes in the curriculum, even in the batch, it was in.
+The recover loop is SRe2L's (:mod:`condense.recover`); the two terms are passed to it as extra
+terms (:func:`cudd_terms`). Each curriculum's student (weights and test accuracy), its initial
+picks and every finished batch are checkpointed, so a run that stops resumes in the curriculum,
+even in the batch, it was in.
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from condense.config import KDRecipeConfig
 from condense.errors import ConfigError
 from condense.evaluate import KDRecipe, train_kd
+from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
-from condense.methods.sre2l import (
-    Adversary,
+from condense.models import CONVNET, build_model
+from condense.prepare import PreparedDataset
+from condense.progress import SILENT, Progress
+from condense.recover import (
+    ExtraTerms,
     RecoverConfig,
+    RecoverStep,
     batch_generator,
     check_teacher_settings,
     checked_teacher,
@@ -41,9 +49,6 @@ from condense.methods.sre2l import (
     summarize_recovery,
     with_batch,
 )
-from condense.models import CONVNET, build_model
-from condense.prepare import PreparedDataset
-from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, online_labels, online_plans
 from condense.training import accuracy, predict
 
@@ -69,6 +74,30 @@ class CUDDConfig(RecoverConfig):
 
 def curriculum_sizes(cfg: CUDDConfig, ipc: int) -> list[int]:
     return cfg.curricula or [s for s in ((ipc + 1) // 2, ipc // 2) if s > 0]
+
+
+def adversarial_loss(
+    student: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
+    """CUDD's non-saturating term -log(1 - p_student(y|x)), averaged over the images the teacher
+    still classifies correctly (the others get no push)."""
+    p_true = torch.softmax(student(x), dim=1).gather(1, labels[:, None]).squeeze(1)
+    mask = (teacher_logits.argmax(1) == labels).float()
+    per_image = -torch.log((1 - p_true).clamp(min=1e-6))
+    return (per_image * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cudd_terms(student: torch.nn.Module | None, anchor: torch.Tensor, cfg: CUDDConfig) -> ExtraTerms:
+    """The two terms CUDD adds to recovery: stay near ``anchor`` (the start image) under the same
+    augmentation, and, once a student exists, stay hard for it where the teacher is right."""
+
+    def terms(step: RecoverStep) -> dict[str, tuple[float, torch.Tensor]]:
+        out = {"l2": (cfg.l2_weight, F.mse_loss(step.x, step.augment(anchor)))}
+        if student is not None:
+            out["adv"] = (cfg.adv_weight, adversarial_loss(student, step.x, step.labels, step.logits))
+        return out
+
+    return terms
 
 
 def check(cfg: Any) -> None:
@@ -146,6 +175,7 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     return frozen(model)
 
 
+@register_method("cudd", config=CUDDConfig, needs=("teacher",), check=check)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     cfg: CUDDConfig = inputs.method_cfg
     data = inputs.data
@@ -205,7 +235,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
                 batch_generator(inputs.seed, number),
                 saving_partial(checkpoints, state),
                 resume=state["partial"],
-                adversary=Adversary(student, anchor, cfg.adv_weight, cfg.l2_weight),
+                extra_terms=cudd_terms(student, anchor, cfg),
                 progress=progress,
                 label=f"curriculum {index + 1} batch {offset + 1}/{size}",
             )

@@ -12,11 +12,10 @@ numbers (DM's loss keeps improving slowly long after 1000).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pydantic import Field
 
+from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
 from condense.methods.matching import MatchingConfig, MatchingRun, run_matching
 
@@ -25,10 +24,6 @@ class DMConfig(MatchingConfig):
     iterations: int = Field(default=1000, gt=0)
     """The paper runs 20000."""
     lr_img: float = Field(default=1.0, gt=0)
-
-
-def check(cfg: Any) -> None:
-    """No constraints beyond the config's own fields."""
 
 
 def class_means(features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -56,6 +51,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     return loss.item() / run.num_classes
 
 
+@register_method("dm", config=DMConfig)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DM"
 ) -> SyntheticSet:

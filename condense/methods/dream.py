@@ -24,7 +24,7 @@ from pydantic import ValidationInfo, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from condense.config import Strict
-from condense.methods import dm, dsa
+from condense.methods import dm, dsa, register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
 from condense.methods.matching import MatchingConfig
 
@@ -32,12 +32,11 @@ from condense.methods.matching import MatchingConfig
 class Base(NamedTuple):
     config: type[MatchingConfig]
     distill: Callable[..., SyntheticSet]
-    check: Callable[[Any], None]
 
 
 BASES = {
-    "dsa": Base(dsa.DSAMatchConfig, dsa.distill, dsa.check),
-    "dm": Base(dm.DMConfig, dm.distill, dm.check),
+    "dsa": Base(dsa.DSAMatchConfig, dsa.distill),
+    "dm": Base(dm.DMConfig, dm.distill),
 }
 FIXED = {"sampler": "representative"}
 """What makes a matching method DREAM; not settable."""
@@ -91,11 +90,7 @@ class DREAMConfig(_DREAMFields):
         return BASES[self.base].config.model_validate(values | FIXED)
 
 
-def check(cfg: Any) -> None:
-    """The base method's cross-field checks, on the config as the base will see it."""
-    BASES[cfg.distill.base].check(cfg.model_copy(update={"distill": cfg.distill.base_config()}))
-
-
+@register_method("dream", config=DREAMConfig)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     cfg: DREAMConfig = inputs.method_cfg
     base_inputs = replace(inputs, method_cfg=cfg.base_config())

@@ -17,12 +17,12 @@ because a synthetic batch (one image per class at ipc 1) is too small to estimat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
 from condense.methods.matching import MatchingConfig, MatchingRun, run_matching
 from condense.models import ConvNet
@@ -54,10 +54,6 @@ class DSAMatchConfig(MatchingConfig):
     """Plain SGD step size of the network's training between passes."""
     batch_train: int = Field(default=256, gt=0)
     """Synthetic batch size of that training (DC's batch_train; the whole set up to 256 images)."""
-
-
-def check(cfg: Any) -> None:
-    """No constraints beyond the config's own fields."""
 
 
 def get_loops(ipc: int) -> tuple[int, int]:
@@ -139,6 +135,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     return total / (outer * run.num_classes)
 
 
+@register_method("dsa", config=DSAMatchConfig)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DSA"
 ) -> SyntheticSet:

@@ -21,14 +21,8 @@ from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig, Strict
 from condense.errors import DivergenceError
 from condense.experts import student_model
-from condense.methods.base import (
-    Checkpoints,
-    DistillInputs,
-    Progress,
-    Resumable,
-    SyntheticSet,
-    initial_images,
-)
+from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
+from condense.methods.initial import initial_images
 from condense.models import ConvNet
 from condense.prepare import PreparedDataset
 from condense.sampling import Embed, make_sampler

@@ -22,18 +22,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from condense.artifacts import ExpertBuffer
 from condense.augment import dsa
 from condense.config import Strict
 from condense.errors import DivergenceError
-from condense.experts import ExpertBuffer, student_model
-from condense.methods.base import (
-    Checkpoints,
-    DistillInputs,
-    Progress,
-    Resumable,
-    SyntheticSet,
-    initial_images,
-)
+from condense.experts import student_model
+from condense.methods import register_method
+from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
+from condense.methods.initial import initial_images
 from condense.models import ConvNet, FlatParams
 from condense.training import random_seed
 
@@ -99,6 +95,7 @@ def unroll(
     return theta
 
 
+@register_method("mtt", config=MTTConfig, needs=("experts",), check=check)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     cfg: MTTConfig = inputs.method_cfg
     buffer: ExpertBuffer = inputs.experts

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from condense import crops
 from condense.config import Strict
 from condense.errors import ConfigError, DatasetError
+from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 from condense.progress import SILENT, Progress
 from condense.teacher import check_class_order
@@ -93,6 +94,7 @@ def select_class(
     return crops.stitch(chosen, cfg.factor), stats
 
 
+@register_method("rded", config=RDEDConfig, needs=("teacher",), check=check)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     cfg: RDEDConfig = inputs.method_cfg
     data, teacher = inputs.data, inputs.teacher

@@ -36,7 +36,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from condense.errors import CondenseError
-from condense.store import META, Store, create_exclusive, json_bytes
+from condense.store.files import META, create_exclusive, json_bytes
+from condense.store.local import Store
 
 DEFAULT_CACHE = Path.home() / ".cache" / "condense"
 

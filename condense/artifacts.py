@@ -1,0 +1,152 @@
+"""What each stage leaves in the store, and how to read it back: one place per format.
+
+Readers import little on purpose. The code version of a stage covers every ``condense`` module it
+imports (:mod:`condense.codeversion`), so the evaluation stage, which reads teachers and synthetic
+sets, must not import the code that trains them: an edit to teacher training changes the teacher's
+key, and through it the keys of the evaluations that use a teacher, never the full-data baselines
+that do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from condense import models
+from condense.config import ModelConfig
+from condense.methods.base import SyntheticSet
+from condense.relabel import StoredLabels
+from condense.store import Store, load_arrays, read_json, save_arrays, write_json
+
+BUFFER = "trajectories.zarr"
+TEACHER_WEIGHTS = "weights.pt"
+SYNTHETIC = "synthetic.zarr"
+HISTORY = "history.json"
+SOFT_LABELS = "labels.zarr"
+STORED_LABELS = "labels.zarr"
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+class ExpertBuffer:
+    """Read access to stored trajectories, an (experts, snapshots, parameters) array.
+
+    Backed by zarr chunked per snapshot, so drawing ``(expert, epoch)`` reads one vector, never the
+    whole buffer (paper-scale buffers are gigabytes).
+    """
+
+    def __init__(self, params: np.ndarray | object):
+        self._params = params
+        self.num_experts, self.num_snapshots, self.num_params = params.shape  # type: ignore[attr-defined]
+
+    def snapshot(self, expert: int, epoch: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self._params[expert, epoch]))  # type: ignore[index]
+
+
+def create_buffer(path: Path, experts: int, snapshots: int, params: int) -> None:
+    """The (experts, snapshots, parameters) trajectory array, chunked per snapshot under the "/"
+    chunk key encoding, so expert ``i``'s chunks live under ``c/<i>/`` (see :func:`expert_chunks`)."""
+    zarr.create_array(
+        str(path),
+        shape=(experts, snapshots, params),
+        chunks=(1, 1, params),
+        dtype="float32",
+        chunk_key_encoding={"name": "default", "separator": "/"},
+    )
+
+
+def expert_chunks(index: int) -> str:
+    """Where expert ``index``'s trajectory lives in the buffer (relative to the artifact)."""
+    return f"{BUFFER}/c/{index}"
+
+
+def load_buffer(store: Store, key: str) -> ExpertBuffer:
+    return ExpertBuffer(zarr.open_array(str(store.path("experts", key) / BUFFER), mode="r"))
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def save_teacher(work: Path, model: torch.nn.Module) -> None:
+    torch.save(model.state_dict(), work / TEACHER_WEIGHTS)
+
+
+def teacher_description(arch: str, model_cfg: ModelConfig, card: dict[str, Any]) -> dict[str, Any]:
+    """What rebuilds the teacher's network: stored in its meta, so a reader needs no teacher code."""
+    return {
+        "arch": arch,
+        "model": model_cfg.model_dump(),
+        "channels": card["channels"],
+        "num_classes": len(card["classes"]),
+        "resolution": card["resolution"],
+    }
+
+
+def load_teacher(store: Store, key: str) -> torch.nn.Module:
+    """The stored teacher in eval mode, rebuilt from its meta's description."""
+    meta = store.meta("teacher", key)
+    net = meta["network"]
+    model = models.build_model(
+        net["arch"], net["channels"], net["num_classes"], net["resolution"], ModelConfig(**net["model"])
+    )
+    weights = torch.load(store.path("teacher", key) / TEACHER_WEIGHTS, weights_only=True)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- synthetic set
+
+
+def save_synthetic(work: Path, result: SyntheticSet, pixels: torch.Tensor) -> None:
+    save_arrays(
+        work / SYNTHETIC,
+        {"images": result.images.numpy(), "labels": result.labels.numpy(), "pixels": pixels.numpy()},
+    )
+    write_json(work / HISTORY, result.history)
+
+
+def load_synthetic(store: Store, key: str) -> SyntheticSet:
+    folder = store.path("distill", key)
+    arrays = load_arrays(folder / SYNTHETIC, ["images", "labels"])
+    return SyntheticSet(
+        images=torch.from_numpy(arrays["images"]),
+        labels=torch.from_numpy(arrays["labels"]).long(),
+        lr=store.meta("distill", key)["lr"],
+        history=read_json(folder / HISTORY),
+    )
+
+
+def load_synthetic_arrays(store: Store, key: str) -> dict[str, np.ndarray]:
+    """images (network inputs), labels and pixels (viewable [0, 1]) as numpy arrays."""
+    return load_arrays(store.path("distill", key) / SYNTHETIC)
+
+
+def stitch_factor(store: Store, distill_key: str) -> int:
+    """Patches per side of a stitched set (RDED's factor; 1 for every other method)."""
+    return int(store.meta("distill", distill_key).get("stats", {}).get("factor", 1))
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def save_soft_labels(work: Path, probs: torch.Tensor) -> None:
+    save_arrays(work / SOFT_LABELS, {"probs": probs.numpy()})
+
+
+def load_soft_labels(store: Store, key: str) -> torch.Tensor:
+    return torch.from_numpy(load_arrays(store.path("soft_labels", key) / SOFT_LABELS)["probs"])
+
+
+def save_stored_labels(work: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Relabeling's per-epoch plans and top-k probabilities, chunked per epoch (one read per epoch)."""
+    save_arrays(work / STORED_LABELS, arrays, chunks={n: (1, *a.shape[1:]) for n, a in arrays.items()})
+
+
+def load_stored_labels(store: Store, key: str, num_classes: int, batch_size: int) -> StoredLabels:
+    group = zarr.open_group(str(store.path("relabel", key) / STORED_LABELS), mode="r")
+    return StoredLabels({name: group[name] for name in group.array_keys()}, num_classes, batch_size)

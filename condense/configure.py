@@ -1,0 +1,116 @@
+"""A run's config: a preset (or YAML file), its named budget, then ``key=value`` overrides, validated.
+
+The schemas are :mod:`condense.config`; the ``distill`` section is typed by the method registry
+(:func:`condense.methods.configure`), so adding a method never touches this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from condense import methods
+from condense.config import PipelineConfig, explain
+from condense.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"distill.iterations=300"`` -> ``("distill.iterations", 300)``; values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def preset_names() -> list[str]:
+    """The bundled presets (``condense/presets/*.yaml``), by name."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where (PyYAML's own report spans several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {source}")
+    else:
+        path = PRESET_DIR / f"{source}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {source!r}; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot read config {path}: {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of settings")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def build_config(data: dict[str, Any]) -> PipelineConfig:
+    """Validate a config mapping (the schema, then the method's own section through the registry),
+    turning pydantic's report into one actionable line."""
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(explain(err, PipelineConfig)) from None
+    return methods.configure(cfg)
+
+
+def _apply_budget(data: dict[str, Any], budget: str | None) -> None:
+    """A config may name budgets (``budgets: {paper: {dotted.key: value}}``) so that a whole scale
+    change, e.g. CPU-sized to paper-sized, is one ``--set budget=paper`` away."""
+    budgets = data.pop("budgets", None) or {}
+    if budget is None:
+        return
+    if budget not in budgets:
+        known = ", ".join(sorted(budgets)) or "none"
+        raise ConfigError(f"unknown budget {budget!r} for this config; budgets: {known}")
+    for key, value in budgets[budget].items():
+        _set_path(data, key, value)
+    data["budget"] = budget
+
+
+def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """A preset name or YAML path, then its selected budget, then ``key=value`` overrides, validated."""
+    data = _read_yaml(source)
+    parsed = [parse_override(text) for text in overrides]
+    budget = next((value for key, value in reversed(parsed) if key == "budget"), data.get("budget"))
+    _apply_budget(data, budget)
+    for key, value in parsed:
+        if key != "budget":
+            _set_path(data, key, value)
+    return build_config(data)

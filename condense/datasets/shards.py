@@ -1,0 +1,230 @@
+"""WebDataset shards (local, ``file://``, or any URL webdataset opens): ``jpg``/``png`` + ``cls``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from condense.config import DatasetConfig
+from condense.datasets.common import (
+    RawDataset,
+    Source,
+    dataset_root,
+    decode_images,
+    finish,
+    first_per_class,
+    hash_file,
+    settings_hash,
+)
+from condense.errors import DatasetError
+
+SAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+def _local_path(url: str) -> Path | None:
+    """The file behind a local shard URL, None for remote (http, pipe:, s3, ...) ones."""
+    if url.startswith("pipe:"):
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    # One-letter "schemes" are Windows drive letters, i.e. local paths.
+    if parsed.scheme and len(parsed.scheme) > 1:
+        return None
+    return Path(url).expanduser()
+
+
+def _dir_shards(root: Path, prefixes: Sequence[str]) -> list[str]:
+    for prefix in prefixes:
+        found = sorted({p for ext in ("tar", "tar.gz", "tgz") for p in root.glob(f"{prefix}-*.{ext}")})
+        if found:
+            return [str(p) for p in found]
+    return []
+
+
+def _shard_urls(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
+    """Expanded train and test shard URLs: explicit URL patterns first, else the shards in ``path``."""
+    root = dataset_root(cfg) if cfg.path and not (cfg.train_urls and cfg.test_urls) else None
+    splits = []
+    for split, pattern, prefixes in (
+        ("train", cfg.train_urls, ("train",)),
+        ("test", cfg.test_urls, ("test", "val")),
+    ):
+        if pattern:
+            # Imported here: webdataset imports torch, too slow for fingerprinting a shard directory.
+            from webdataset.shardlists import expand_urls
+
+            urls = expand_urls(pattern)
+            if not urls:
+                raise DatasetError(f"dataset.{split}_urls {pattern!r} expands to no shards")
+        elif root is not None:
+            urls = _dir_shards(root, prefixes)
+            if not urls:
+                names = " or ".join(f"{p}-*.tar[.gz]" for p in prefixes)
+                raise DatasetError(f"no {split} shards ({names}) in {root}")
+        else:
+            raise DatasetError(
+                f"source=webdataset needs dataset.path (a shard directory) or dataset.{split}_urls"
+            )
+        for url in urls:
+            path = _local_path(url)
+            if path is not None and not path.is_file():
+                raise DatasetError(f"shard not found: {url}")
+        splits.append(urls)
+    return splits[0], splits[1]
+
+
+def _error_reason(err: BaseException) -> str:
+    # webdataset appends the stream and URL to exception args and " @ <stream>" to the message; keep
+    # only the original first line.
+    if isinstance(err, OSError) and err.strerror:  # args[0] of an OSError is its errno
+        return f"{type(err).__name__}: {err.strerror}"
+    reason = str(err.args[0]) if err.args else ""
+    reason = reason.split(" @ ")[0].strip().splitlines()[0] if reason.strip() else ""
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+
+
+class _ClosingOpener:
+    """Wraps webdataset's shard opener to close each shard's stream as soon as it has been read.
+
+    webdataset 1.0 leaves shard streams to the garbage collector: a ResourceWarning per local file,
+    and for ``pipe:``/http shards the download command's failure is raised from ``close()`` at some
+    later point, far from the shard it concerns. Closing here keeps that failure, to be reported with
+    the shard's name.
+    """
+
+    def __init__(self, opener: Callable[[Any], Iterator[dict[str, Any]]]) -> None:
+        self.opener = opener
+        self.streams: list[Any] = []
+        self.errors: list[str] = []
+
+    def __call__(self, urls: Any) -> Iterator[dict[str, Any]]:
+        for source in self.opener(urls):
+            self.streams.append(source["stream"])
+            try:
+                yield source
+            finally:
+                self.close()
+
+    def close(self) -> None:
+        while self.streams:
+            stream = self.streams.pop()
+            try:
+                stream.close()
+            except Exception as err:  # a pipe (curl, ...) raises its command's exit status on close
+                status = getattr(stream, "status", None)
+                self.errors.append(f"command exited with status {status}" if status else _error_reason(err))
+
+
+def _shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard; any read/parse failure becomes a DatasetError naming it."""
+    import webdataset as wds
+
+    local = _local_path(url)
+    # One pipeline per shard, so a failure can be pinned on the shard being read. No node/worker
+    # splitter: this process loads the whole dataset even under torchrun or in a DataLoader worker.
+    dataset = wds.WebDataset(
+        [url if local is None else str(local)],
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        empty_check=False,
+    )
+    opener = None
+    for i, stage in enumerate(dataset.pipeline):
+        if isinstance(stage, wds.cache.StreamingOpen):
+            opener = dataset.pipeline[i] = _ClosingOpener(stage)
+    samples = iter(dataset)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except Exception as err:  # tarfile, gzip, zlib, network: all mean this shard cannot be read
+            reason = _error_reason(err)
+            if opener is not None:
+                opener.close()
+                # "empty file" from tarfile says less than the download command's exit status.
+                reason = f"{opener.errors[0]} ({reason})" if opener.errors else reason
+            raise DatasetError(f"corrupt or unreadable shard {url}: {reason}") from None
+        yield sample
+    if opener is not None:
+        opener.close()
+        if opener.errors:  # a download that failed on a tar block boundary reads as a clean end
+            raise DatasetError(f"corrupt or unreadable shard {url}: {opener.errors[0]}")
+
+
+def _read_split(urls: list[str]) -> tuple[list[bytes], np.ndarray, list[tuple[str, str]]]:
+    blobs: list[bytes] = []
+    labels: list[int] = []
+    where: list[tuple[str, str]] = []
+    for url in urls:
+        for sample in _shard_samples(url):
+            key = sample.get("__key__", "?")
+            image_key = next((k for k in SAMPLE_IMAGE_KEYS if k in sample), None)
+            if image_key is None:
+                keys = ", ".join(k for k in sample if not k.startswith("__")) or "none"
+                raise DatasetError(
+                    f"sample {key} in {url} has no image (jpg, jpeg or png key; it has: {keys})"
+                )
+            if "cls" not in sample:
+                raise DatasetError(f"sample {key} in {url} has no 'cls' key")
+            raw = sample["cls"]
+            try:
+                label = int(raw.decode() if isinstance(raw, bytes) else raw)
+            except (UnicodeDecodeError, ValueError, TypeError):
+                raise DatasetError(f"sample {key} in {url} has a non-integer 'cls': {raw!r:.40}") from None
+            if label < 0:
+                raise DatasetError(f"sample {key} in {url} has a negative 'cls': {label}")
+            blobs.append(sample[image_key])
+            labels.append(label)
+            where.append((key, url))
+    return blobs, np.asarray(labels, dtype=np.int64), where
+
+
+def load(cfg: DatasetConfig) -> RawDataset:
+    train_urls, test_urls = _shard_urls(cfg)
+    splits = []
+    for urls in (train_urls, test_urls):
+        blobs, labels, where = _read_split(urls)
+        if not blobs:
+            shown = ", ".join(urls[:3]) + (f", ... ({len(urls)} shards)" if len(urls) > 3 else "")
+            raise DatasetError(f"no samples in shards {shown}")
+        splits.append((blobs, labels, where))
+    (train_blobs, train_y, train_where), (test_blobs, test_y, test_where) = splits
+    keep = first_per_class(train_y, cfg.train_per_class)
+    train_blobs = [train_blobs[i] for i in keep]
+    train_where = [train_where[i] for i in keep]
+    train_y = train_y[keep]
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    # Check before decoding: decoding 50k images only to report a missing class wastes seconds.
+    counts = np.bincount(train_y, minlength=num_classes)
+    if (counts == 0).any():
+        raise DatasetError(f"class {int(np.flatnonzero(counts == 0)[0])} has no training images")
+    # Decoded together so both splits get the same channel layout and size check.
+    where = train_where + test_where
+    x = decode_images(train_blobs + test_blobs, lambda i: "sample {} in {}".format(*where[i]), cfg.resolution)
+    n = len(train_blobs)
+    return finish(x[:n], train_y, x[n:], test_y, [str(i) for i in range(num_classes)])
+
+
+def fingerprint(cfg: DatasetConfig) -> str | None:
+    """sha256 over (split/basename, bytes) of every local shard; None when a shard is remote."""
+    h = settings_hash(cfg)
+    train_urls, test_urls = _shard_urls(cfg)
+    if not all(_local_path(u) is not None for u in train_urls + test_urls):
+        return None
+    for split, urls in (("train", train_urls), ("test", test_urls)):
+        for url in urls:
+            path = _local_path(url)
+            assert path is not None
+            # The basename, not the full path: moving the dataset must not change its fingerprint.
+            hash_file(h, f"{split}/{path.name}", path)
+    return h.hexdigest()
+
+
+SOURCE = Source("webdataset", load, fingerprint)

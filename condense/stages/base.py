@@ -1,0 +1,290 @@
+"""A pipeline stage is a declaration; one executor runs any of them.
+
+A :class:`Stage` says what it reads (other stages, by name), which slice of the config shapes its
+result, and how to ``run``. Its store key hashes the stage name, that config slice, its code version
+and the keys of what it reads, where the code version is derived from the stage's module by an import
+walk (:mod:`condense.codeversion`): no list of dependencies is kept by hand, so none can be
+forgotten. :func:`execute` does everything else once, for every stage and every store: cache
+lookup, the work directory (kept across crashes for resumable stages), the parts of a fanned-out
+artifact, timing and the commit.
+
+A stage module declares ``STAGE = Stage(...)``; :func:`all_stages` finds every module of this package
+that does. The plan (:mod:`condense.stages.plan`) orders them by what they read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from condense.codeversion import code_version
+from condense.config import PipelineConfig
+from condense.errors import CondenseError
+from condense.prepare import PreparedDataset, load
+from condense.progress import SILENT, Progress
+from condense.store import Store, read_json, stable_hash, write_json
+
+KEY_CHARS = 20
+CHECKPOINT = "checkpoint.pt"
+PART_RECORD = "part-{:04d}.json"
+
+Params = Mapping[str, Any]
+InputKeys = Mapping[str, "str | list[str]"]
+"""Keys of what a job reads, by stage name: one key, or every key of a fanned-out stage."""
+
+
+def input_key(value: str | Sequence[str]) -> str:
+    """One string per input: a key, or the sorted keys of a fanned-out stage (e.g. all evaluations)."""
+    return value if isinstance(value, str) else ",".join(sorted(value))
+
+
+def stage_key(stage: str, config: Any, code: str, inputs: Mapping[str, str]) -> str:
+    return stable_hash({"stage": stage, "config": config, "code": code, "inputs": dict(inputs)})[:KEY_CHARS]
+
+
+def _reads_nothing(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
+    return ()
+
+
+def _no_extra_code(cfg: PipelineConfig) -> tuple[str, ...]:
+    return ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: name, inputs, config slice, code, run."""
+
+    name: str
+    """Its folder in the store, and how other stages name it in ``reads``."""
+    run: Callable[[Context], dict[str, Any]]
+    """Compute the artifact into ``ctx.work``; returns its small JSON metadata."""
+    config: Callable[[PipelineConfig, Params], Any]
+    """The slice of the config that shapes the result (goes into the key)."""
+    reads: Callable[[PipelineConfig, Params], Sequence[str]] = _reads_nothing
+    """The stages whose artifacts it reads (their keys go into its key)."""
+    code: Callable[[PipelineConfig], Sequence[str]] = _no_extra_code
+    """Modules it runs beyond its own module's imports (the method a registry picks)."""
+    instances: Callable[[PipelineConfig], list[dict[str, Any]]] | None = None
+    """Fan-out into separate artifacts (e.g. evaluation per subject x model x seed); None: one."""
+    parts: Callable[[PipelineConfig], int] | None = None
+    """Fan-out of one artifact into parts computed by separate jobs (e.g. one expert each)."""
+    run_part: Callable[[Context, int], dict[str, Any]] | None = None
+    """Compute part ``i`` into the shared work directory; returns its record (``ctx.parts`` later)."""
+    resolve: Callable[[PipelineConfig], dict[str, Any]] | None = None
+    """Params only its own job can compute (the dataset's content fingerprint), so its key is known
+    once that job ran, not at planning time."""
+    resumable: bool = False
+    """Work in ``<stage>/.partial/<key>/``, kept across crashes (checkpoints, finished parts)."""
+    label: Callable[[PipelineConfig, Params], str] | None = None
+    """How progress lines name a job of this stage (default: the stage name)."""
+
+    @property
+    def module(self) -> str:
+        return self.run.__module__
+
+    def code_version(self, cfg: PipelineConfig) -> str:
+        return code_version(self.module, *self.code(cfg))
+
+    def key(self, cfg: PipelineConfig, keys: InputKeys, params: Params) -> str:
+        inputs = {name: input_key(keys[name]) for name in self.reads(cfg, params)}
+        return stage_key(self.name, self.config(cfg, params), self.code_version(cfg), inputs)
+
+    def describe(self, cfg: PipelineConfig, params: Params) -> str:
+        return self.label(cfg, params) if self.label else self.name
+
+
+_stages: dict[str, Stage] = {}
+_lock = threading.Lock()
+
+
+def all_stages() -> dict[str, Stage]:
+    """Every stage declared in this package (a module's ``STAGE``), found once per process."""
+    with _lock:
+        if not _stages:
+            package = __name__.rpartition(".")[0]
+            for info in pkgutil.iter_modules([str(Path(__file__).parent)], f"{package}."):
+                stage = getattr(importlib.import_module(info.name), "STAGE", None)
+                if isinstance(stage, Stage):
+                    _stages[stage.name] = stage
+    return dict(_stages)
+
+
+def get_stage(name: str) -> Stage:
+    stages = all_stages()
+    if name not in stages:
+        raise CondenseError(f"unknown stage {name!r}; stages: {', '.join(sorted(stages))}")
+    return stages[name]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work of a plan: an instance of a stage (or one part of it), with its store key."""
+
+    stage: str
+    key: str
+    params: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, str | list[str]] = field(default_factory=dict)
+    """Keys of the artifacts it reads."""
+    part: int | None = None
+
+    @property
+    def name(self) -> str:
+        """Unique within a plan: stage, part or params, key."""
+        detail = "" if self.part is None else f"[{self.part}]"
+        detail += "".join(f"-{v}" for v in self.params.values() if not isinstance(v, dict))
+        return f"{self.stage}{detail}-{self.key}"
+
+
+class TorchCheckpoints:
+    """Resumable state as one file written atomically (temporary name, then rename); ``on_save``
+    runs after each save (a remote store shares the checkpoint with other machines there)."""
+
+    def __init__(self, path: Path, on_save: Callable[[], None] = lambda: None):
+        self.path = path
+        self.on_save = on_save
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, weights_only=True)
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        self.on_save()
+
+
+@dataclass
+class Context:
+    """What a stage's ``run`` gets: its config, store, key, inputs' keys, params and work folder."""
+
+    stage: str
+    cfg: PipelineConfig
+    store: Store
+    key: str
+    keys: InputKeys
+    params: Params
+    work: Path
+    progress: Progress = SILENT
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    """The records of every part (in a stage with parts, when ``run`` seals them)."""
+    _data: PreparedDataset | None = None
+
+    def data(self) -> PreparedDataset:
+        """The prepared real data, loaded once per job."""
+        if self._data is None:
+            self._data = load(self.store, str(self.keys["dataset"]))
+        return self._data
+
+    def meta(self, stage: str) -> dict[str, Any]:
+        """The metadata of the input artifact of ``stage``."""
+        return self.store.meta(stage, str(self.keys[stage]))
+
+    def share(self, *names: str) -> None:
+        """Make files or folders of a resumable stage's work folder visible to other machines."""
+        self.store.push(self.stage, self.key, *names)
+
+    def pull(self, *names: str) -> None:
+        """Fetch what other machines shared of this artifact's work folder."""
+        self.store.pull(self.stage, self.key, *names)
+
+    def checkpoints(self) -> TorchCheckpoints:
+        """This job's checkpoint file, shared with other machines after every save."""
+        return TorchCheckpoints(self.work / CHECKPOINT, lambda: self.share(CHECKPOINT))
+
+
+def _check_key(stage: Stage, job: Job, cfg: PipelineConfig) -> None:
+    """A worker whose code or config differs from the planner's must not write under the plan's key."""
+    key = stage.key(cfg, job.keys, job.params)
+    if key != job.key:
+        raise CondenseError(
+            f"stage {job.stage}: this process computes key {key}, the plan says {job.key}: the worker runs"
+            " other code than the process that planned the run (update it and rerun)"
+        )
+
+
+def _run_part(stage: Stage, ctx: Context, index: int) -> tuple[dict[str, Any], bool]:
+    """(the part's record, whether it was found done: on this machine or shared by another)."""
+    record_name = PART_RECORD.format(index)
+    ctx.pull(record_name)
+    if (ctx.work / record_name).exists():
+        return read_json(ctx.work / record_name), True
+    assert stage.run_part is not None
+    started = time.perf_counter()
+    record = {**stage.run_part(ctx, index), "seconds": round(time.perf_counter() - started, 3)}
+    write_json(ctx.work / record_name, record)
+    ctx.share(record_name)  # after the part's own files: the record vouches for them
+    return record, False
+
+
+def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
+    """Run the stage (gathering its parts first) and commit what it wrote."""
+    started = time.perf_counter()
+    if stage.parts is not None:
+        ctx.pull()
+        count = stage.parts(ctx.cfg)
+        missing = [i for i in range(count) if not (ctx.work / PART_RECORD.format(i)).exists()]
+        if missing:
+            raise CondenseError(f"stage {stage.name}: parts {missing} of {ctx.key} were not computed")
+        ctx.parts = [read_json(ctx.work / PART_RECORD.format(i)) for i in range(count)]
+    elif stage.resumable:
+        ctx.pull(CHECKPOINT)
+    meta = stage.run(ctx)
+    if stage.parts is not None:
+        meta = {**meta, "parts": ctx.parts}
+    meta["seconds"] = round(time.perf_counter() - started, 3)
+    for scratch in [ctx.work / CHECKPOINT, *ctx.work.glob("part-*.json")]:
+        scratch.unlink(missing_ok=True)
+    ctx.store.commit(stage.name, ctx.key, ctx.work, meta)
+    return ctx.store.meta(stage.name, ctx.key)
+
+
+def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SILENT) -> dict[str, Any]:
+    """Run ``job`` unless its artifact exists; returns what happened, as JSON-able data:
+    ``{"job", "stage", "key", "params", "part", "cached", "started", "seconds", "meta"}`` (``meta``
+    is the part's record for a part job; ``cached``: nothing had to be computed)."""
+    stage = get_stage(job.stage)
+    if stage.resolve is not None and not job.key:
+        params = {**job.params, **stage.resolve(cfg)}
+        job = replace(job, params=params, key=stage.key(cfg, job.keys, params))
+    _check_key(stage, job, cfg)
+    started = time.time()
+    cached = store.has(stage.name, job.key)
+    if cached:
+        meta = store.meta(stage.name, job.key)
+        if job.part is not None:
+            meta = meta["parts"][job.part]
+    else:
+        ctx = Context(stage.name, cfg, store, job.key, job.keys, job.params, Path(), progress)
+        if job.part is not None:
+            ctx.work = store.partial(stage.name, job.key)
+            meta, cached = _run_part(stage, ctx, job.part)
+        elif stage.resumable or stage.parts is not None:
+            ctx.work = store.partial(stage.name, job.key)
+            meta = _seal(stage, ctx)
+        else:
+            with store.writing(stage.name, job.key) as tmp:
+                ctx.work = tmp
+                meta = _seal(stage, ctx)
+    return {
+        "job": job.name,
+        "stage": job.stage,
+        "key": job.key,
+        "params": job.params,
+        "part": job.part,
+        "cached": cached,
+        "started": started,
+        "seconds": round(time.time() - started, 3),
+        "meta": meta,
+    }

@@ -1,0 +1,191 @@
+"""The evaluation stage: one fresh network trained on one set and tested on the real test split.
+
+It fans out over subject x model x seed: the distilled set, the same number of random real images
+(``random_real``) and the whole training set (``full_data``), each under the same recipe and labels,
+so the comparison is fair. ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA, hard or stored soft
+labels); ``recipe: kd`` the RDED/SRe2L recipe (stored labels for the distilled set when relabel is
+stored, else the teacher online).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from condense import artifacts, evaluate, labels, models, relabel
+from condense.config import PipelineConfig
+from condense.evaluate import KDRecipe, Recipe
+from condense.prepare import PreparedDataset
+from condense.stages.base import Context, Params, Stage
+from condense.stages.relabel import check_top_k
+
+SUBJECTS = ("distilled", "random_real", "full_data")
+
+
+def subjects(cfg: PipelineConfig) -> list[str]:
+    ev = cfg.evaluate
+    return [s for s, on in zip(SUBJECTS, (True, ev.random_real, ev.full_data), strict=True) if on]
+
+
+def instances(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    return [
+        {"subject": subject, "arch": arch, "index": index}
+        for subject in subjects(cfg)
+        for arch in cfg.evaluate.models
+        for index in range(cfg.evaluate.seeds)
+    ]
+
+
+def eval_seed(cfg: PipelineConfig, index: int) -> int:
+    return cfg.seed * 1000 + 500 + index
+
+
+def uses_stored_labels(cfg: PipelineConfig) -> bool:
+    return cfg.evaluate.recipe == "kd" and cfg.relabel.mode == "stored"
+
+
+def _recipe_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
+    """The MTT recipe of ``subject``; ``lr`` may still be ``"learned"``."""
+    ev = cfg.evaluate
+    soft = ev.labels == "soft" and subject != "full_data"
+    return {
+        "epochs": ev.full_data_epochs if subject == "full_data" else ev.epochs,
+        "lr": ev.lr if subject == "distilled" else ev.baseline_lr,
+        "batch_size": ev.batch_size,
+        "momentum": ev.momentum,
+        "weight_decay": ev.weight_decay,
+        "dsa": cfg.dsa if ev.dsa else None,
+        "temperature": cfg.soft_labels.temperature if soft else None,
+    }
+
+
+def recipe(cfg: PipelineConfig, subject: str, learned_lr: float | None) -> Recipe:
+    """The recipe with its learning rate resolved (a method without a learned lr gets ``baseline_lr``)."""
+    fields = _recipe_fields(cfg, subject)
+    if fields["lr"] == "learned":
+        fields["lr"] = learned_lr if learned_lr is not None else cfg.evaluate.baseline_lr
+    return Recipe(**fields)
+
+
+def kd_recipe(cfg: PipelineConfig, subject: str, factor: int) -> KDRecipe:
+    kd = cfg.evaluate.kd
+    return KDRecipe(
+        epochs=cfg.evaluate.full_data_epochs if subject == "full_data" else cfg.evaluate.epochs,
+        lr=kd.lr,
+        weight_decay=kd.weight_decay,
+        final_lr_fraction=kd.final_lr_fraction,
+        batch_size=cfg.evaluate.batch_size,
+        temperature=kd.temperature,
+        augment=relabel.KDAugment.from_config(kd, factor),
+    )
+
+
+def _kd_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
+    """What a KD-recipe run's result depends on; the full-data baseline is shared across IPCs."""
+    stored = subject == "distilled" and uses_stored_labels(cfg)
+    return {
+        "recipe": "kd",
+        "kd": cfg.evaluate.kd.model_dump(),
+        "epochs": cfg.evaluate.full_data_epochs if subject == "full_data" else cfg.evaluate.epochs,
+        "batch_size": cfg.evaluate.batch_size,
+        "top_k": cfg.relabel.top_k,
+        "fp16": cfg.relabel.fp16,
+        "labels": "stored" if stored else "online",
+    }
+
+
+def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
+    subject, arch = params["subject"], params["arch"]
+    if cfg.evaluate.recipe == "kd":
+        fields = _kd_fields(cfg, subject)
+    else:
+        fields = _recipe_fields(cfg, subject)
+        fields["dsa"] = fields["dsa"].model_dump() if fields["dsa"] else None
+    return {
+        "subject": subject,
+        "arch": arch,
+        "seed": eval_seed(cfg, params["index"]),
+        "recipe": fields,
+        "model": cfg.model.model_dump() if arch == models.CONVNET else None,
+        "ipc": cfg.ipc if subject == "random_real" else None,
+    }
+
+
+def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
+    """What a run depends on (full data under the MTT recipe: only the dataset)."""
+    subject = params["subject"]
+    inputs = ["dataset"]
+    if subject == "distilled":
+        inputs.append("distill")
+    if cfg.evaluate.recipe == "kd":
+        inputs.append("relabel" if subject == "distilled" and uses_stored_labels(cfg) else "teacher")
+    elif cfg.evaluate.labels == "soft":
+        if subject == "distilled":
+            inputs.append("soft_labels")
+        elif subject == "random_real":
+            inputs.append("teacher")
+    return tuple(inputs)
+
+
+def _subject_set(
+    ctx: Context, subject: str, data: PreparedDataset, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(inputs, hard labels, learned lr) of the set a run trains on."""
+    if subject == "distilled":
+        synthetic = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"]))
+        return synthetic.images, synthetic.labels, synthetic.lr
+    if subject == "random_real":
+        x, y = evaluate.random_real_subset(data, ctx.cfg.ipc, seed)
+        return x, y, None
+    return data.train_x, data.train_y, None
+
+
+def _train_kd(
+    ctx: Context, subject: str, data: PreparedDataset, x: torch.Tensor, seed: int
+) -> dict[str, float]:
+    """Replay stored labels for the distilled set when relabel is stored, else run the teacher online
+    (baselines always: they are drawn per seed), quantised the same way."""
+    cfg = ctx.cfg
+    check_top_k(cfg, data.num_classes)
+    factor = artifacts.stitch_factor(ctx.store, str(ctx.keys["distill"])) if subject == "distilled" else 1
+    kd = kd_recipe(cfg, subject, factor)
+    if "relabel" in ctx.keys:
+        stored = artifacts.load_stored_labels(
+            ctx.store, str(ctx.keys["relabel"]), data.num_classes, kd.batch_size
+        )
+        plans, targets = stored.plan, stored.targets
+    else:
+        model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"]))
+        plans = relabel.online_plans(len(x), kd.batch_size, kd.augment, seed, cfg.relabel.fp16)
+        targets = relabel.online_labels(model, kd.temperature, cfg.relabel.top_k, cfg.relabel.fp16)
+    arch = ctx.params["arch"]
+    return evaluate.train_and_test_kd(arch, data, x, kd, seed, plans, targets, cfg.model, ctx.progress)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    cfg, data = ctx.cfg, ctx.data()
+    subject, arch, index = ctx.params["subject"], ctx.params["arch"], ctx.params["index"]
+    seed = eval_seed(cfg, index)
+    x, targets, learned_lr = _subject_set(ctx, subject, data, seed)
+    if cfg.evaluate.recipe == "kd":
+        result = _train_kd(ctx, subject, data, x, seed)
+    else:
+        if "soft_labels" in ctx.keys:
+            targets = artifacts.load_soft_labels(ctx.store, str(ctx.keys["soft_labels"]))
+        elif cfg.evaluate.labels == "soft":  # random real images, labelled by the teacher
+            model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"]))
+            targets = labels.soft_labels(model, x, cfg.soft_labels.temperature)
+        run_recipe = recipe(cfg, subject, learned_lr)
+        result = evaluate.train_and_test(arch, data, x, targets, run_recipe, seed, cfg.model, ctx.progress)
+    return {"subject": subject, "arch": arch, "index": index, **result}
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run,
+    config=config,
+    reads=reads,
+    instances=instances,
+    label=lambda cfg, p: f"eval {p['subject']} {p['arch']} #{p['index']}",
+)

@@ -1,0 +1,91 @@
+"""The experts stage: MTT's buffer of expert training trajectories, one part (job) per expert.
+
+Each part trains one expert and writes its trajectory into the shared buffer (a zarr array chunked
+per snapshot), so experts can train in parallel, on several machines, and a killed run keeps every
+expert it finished. Sealing names the teacher candidate: the expert that fits the train set best.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any
+
+import zarr
+
+from condense import models
+from condense.artifacts import BUFFER, create_buffer, expert_chunks
+from condense.config import PipelineConfig
+from condense.experts import expert_seed, train_expert
+from condense.stages.base import Context, Params, Stage
+
+BUFFER_META = f"{BUFFER}/zarr.json"
+
+
+def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
+    section = {"experts": cfg.experts.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed}
+    if cfg.experts.dsa:
+        section["dsa"] = cfg.dsa.model_dump()
+    return section
+
+
+def _open_buffer(ctx: Context) -> zarr.Array:
+    """The shared buffer, created by whichever part gets there first (on any machine)."""
+    ctx.pull(BUFFER_META)
+    path = ctx.work / BUFFER
+    if not path.exists():
+        data = ctx.data()
+        net = models.build_model(
+            models.CONVNET, data.channels, data.num_classes, data.resolution, ctx.cfg.model
+        )
+        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+        snapshots = ctx.cfg.experts.epochs + 1
+        create_buffer(tmp, ctx.cfg.experts.num_experts, snapshots, models.FlatParams(net).numel)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another part created it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        ctx.share(BUFFER_META)
+    return zarr.open_array(str(path), mode="r+")
+
+
+def record_expert(ctx: Context, index: int) -> dict[str, Any]:
+    """Train expert ``index`` and write its trajectory into the buffer."""
+    cfg = ctx.cfg
+    buffer = _open_buffer(ctx)
+    trajectory = train_expert(
+        ctx.data(),
+        cfg.model,
+        cfg.experts,
+        cfg.dsa,
+        expert_seed(cfg.seed, index),
+        on_epoch=lambda e, loss: ctx.progress.step(e, cfg.experts.epochs, f"expert {index} loss {loss:.4f}"),
+    )
+    buffer[index] = trajectory.params
+    ctx.share(expert_chunks(index))
+    ctx.progress.note(
+        f"expert {index}: train {trajectory.train_accuracy:.1f}% test {trajectory.test_accuracy:.1f}%"
+    )
+    return {
+        "index": index,
+        "train_loss": trajectory.train_loss,
+        "train_accuracy": trajectory.train_accuracy,
+        "test_accuracy": trajectory.test_accuracy,
+    }
+
+
+def seal(ctx: Context) -> dict[str, Any]:
+    """Every expert is in the buffer; the teacher candidate is the best fit to the train set."""
+    return {"teacher": max(ctx.parts, key=lambda r: r["train_accuracy"])["index"]}
+
+
+STAGE = Stage(
+    name="experts",
+    run=seal,
+    config=config,
+    reads=lambda cfg, params: ("dataset",),
+    parts=lambda cfg: cfg.experts.num_experts,
+    run_part=record_expert,
+    resumable=True,
+)

@@ -1,0 +1,93 @@
+"""The plan of a run: which jobs, with which keys, in which order, derived from the declarations.
+
+Planning starts from the stage that publishes (``export``) and follows ``reads`` backwards, so a
+stage is in the plan exactly when something downstream reads it for this config: the experts when
+the method matches trajectories or the teacher is the best expert, stored relabeling when the KD
+recipe replays stored labels. Jobs come out in dependency order; each lists the jobs it waits for.
+Adding a stage is its own module plus the ``reads`` of the stage that uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from condense.config import PipelineConfig
+from condense.errors import CondenseError
+from condense.prepare import STAGE as DATASET
+from condense.prepare import check_ipc
+from condense.stages.base import Job, Stage, all_stages, input_key, stage_key
+from condense.store import Store
+
+SINK = "export"
+
+
+@dataclass
+class Plan:
+    """Jobs in dependency order; ``after[job.name]`` are the names of the jobs it waits for."""
+
+    jobs: list[Job] = field(default_factory=list)
+    after: dict[str, list[str]] = field(default_factory=dict)
+    keys: dict[str, str | list[str]] = field(default_factory=dict)
+    """Each planned stage's key, or the keys of its instances (a fanned-out stage)."""
+
+    def stages(self) -> list[str]:
+        """Stage names in plan order."""
+        return list(dict.fromkeys(job.stage for job in self.jobs))
+
+    def summary_key(self, stage: str) -> str:
+        """One key per stage for reports: its key, or a hash of its instances' keys."""
+        keys = self.keys[stage]
+        return keys if isinstance(keys, str) else stage_key(stage, {}, "", {"runs": input_key(keys)})
+
+
+def dataset_job() -> Job:
+    """The first job: its key depends on the source's content, computed where the job runs."""
+    return Job(stage=DATASET, key="")
+
+
+def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
+    """Every job after the dataset stage, for ``cfg``, given the prepared dataset's key."""
+    check_ipc(store.meta(DATASET, dataset_key)["card"], cfg.ipc)
+    stages = all_stages()
+    plan = Plan(keys={DATASET: dataset_key})
+    jobs_of: dict[str, list[str]] = {DATASET: []}
+    visiting: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in plan.keys:
+            return
+        if name in visiting:
+            raise CondenseError(f"stage {name!r} reads itself through {sorted(visiting)}")
+        visiting.add(name)
+        stage = stages[name]
+        instances = stage.instances(cfg) if stage.instances else [{}]
+        for params in instances:
+            for upstream in stage.reads(cfg, params):
+                add(upstream)
+        keys = [_add_instance(plan, jobs_of, stage, cfg, params) for params in instances]
+        plan.keys[name] = keys if stage.instances else keys[0]
+        visiting.discard(name)
+
+    add(SINK)
+    return plan
+
+
+def _add_instance(
+    plan: Plan, jobs_of: dict[str, list[str]], stage: Stage, cfg: PipelineConfig, params: dict[str, Any]
+) -> str:
+    reads = stage.reads(cfg, params)
+    keys = {name: plan.keys[name] for name in reads}
+    key = stage.key(cfg, keys, params)
+    waits = [job for name in reads for job in jobs_of[name]]
+    parts = (
+        [Job(stage.name, key, params, keys, part=i) for i in range(stage.parts(cfg))] if stage.parts else []
+    )
+    for part in parts:
+        plan.jobs.append(part)
+        plan.after[part.name] = waits
+    job = Job(stage.name, key, params, keys)
+    plan.jobs.append(job)
+    plan.after[job.name] = waits + [p.name for p in parts]
+    jobs_of.setdefault(stage.name, []).append(job.name)
+    return key

@@ -1,0 +1,121 @@
+"""A finished run: its summary (the ``--json`` object), its published version and its run folder.
+
+The summary is built from the plan and what each job reported; the run folder
+(``<store>/runs/<run_id>/``) holds ``summary.json``, ``report.md`` and ``grid.png``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from condense import report, versions
+from condense.config import PipelineConfig
+from condense.export import GRID
+from condense.stages.export import accuracy_table
+from condense.stages.plan import Plan
+from condense.store import Store, write_json
+
+
+def stage_table(plan: Plan, outcomes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stage, in plan order: cached (every job was), wall seconds (first start to last end), key."""
+    table: dict[str, dict[str, Any]] = {}
+    for stage in ["dataset", *plan.stages()]:
+        mine = [o for o in outcomes if o["stage"] == stage]
+        begin = min(o["started"] for o in mine)
+        end = max(o["started"] + o["seconds"] for o in mine)
+        table[stage] = {
+            "cached": all(o["cached"] for o in mine),
+            "seconds": round(end - begin, 3),
+            "key": plan.summary_key(stage),
+        }
+    return table
+
+
+def _label_summary(cfg: PipelineConfig, store: Store, plan: Plan) -> dict[str, Any]:
+    """Where the evaluation's labels came from, and what stored labels cost next to the images."""
+    if cfg.evaluate.recipe == "mtt":
+        return {"kind": cfg.evaluate.labels}
+    summary: dict[str, Any] = {"kind": f"kd-{cfg.relabel.mode}", "top_k": cfg.relabel.top_k}
+    if "relabel" in plan.keys:
+        meta = store.meta("relabel", str(plan.keys["relabel"]))
+        summary.update({k: meta[k] for k in ("epochs", "label_bytes", "label_disk_bytes", "image_bytes")})
+    return summary
+
+
+def build_summary(
+    cfg: PipelineConfig, store: Store, plan: Plan, outcomes: list[dict[str, Any]], run_id: str, seconds: float
+) -> dict[str, Any]:
+    keys = {stage: key for stage, key in plan.keys.items() if isinstance(key, str)}
+    card = store.meta("dataset", keys["dataset"])["card"]
+    distill = store.meta("distill", keys["distill"])
+    teacher = store.meta("teacher", keys["teacher"])
+    table = accuracy_table(store, list(plan.keys["evaluate"]))
+    models = cfg.evaluate.models
+    baselines = [s for s in table[models[0]] if s != "distilled"]
+    export_url = store.url("export", keys["export"])
+    run_url = f"{store.location}/runs/{run_id}"
+    return {
+        "run_id": run_id,
+        "config_name": cfg.name,
+        "dataset": card["name"],
+        "method": cfg.method,
+        "ipc": cfg.ipc,
+        "store": store.location,
+        "seconds": round(seconds, 2),
+        "stages": stage_table(plan, outcomes),
+        "accuracy": {arch: table[arch]["distilled"] for arch in models},
+        "baselines": {s: {k: table[models[0]][s][k] for k in ("mean", "std")} for s in baselines},
+        "baselines_by_arch": {arch: {s: table[arch][s] for s in baselines} for arch in models},
+        "evaluation_runs": cfg.evaluate.seeds,
+        "learned_lr": distill["lr"],
+        "evaluation_recipe": cfg.evaluate.recipe,
+        "teacher": {k: teacher[k] for k in ("source", "arch", "train_accuracy", "test_accuracy")},
+        "labels": _label_summary(cfg, store, plan),
+        "distill_stats": distill.get("stats", {}),
+        "artifacts": {
+            "synthetic": f"{store.url('distill', keys['distill'])}/synthetic.zarr",
+            "soft_labels": f"{store.url('soft_labels', keys['soft_labels'])}/labels.zarr",
+            "shards": [f"{export_url}/{name}" for name in store.meta("export", keys["export"])["shards"]],
+            "manifest": f"{export_url}/manifest.json",
+            "grid_png": f"{run_url}/{GRID}",
+            "run_dir": run_url,
+        },
+        "keys": keys,
+    }
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def finish_run(
+    cfg: PipelineConfig, store: Store, plan: Plan, outcomes: list[dict[str, Any]], started: float
+) -> dict[str, Any]:
+    """Summarise the run, publish its set as a version, and write its run folder; returns the summary."""
+    run_id = new_run_id()
+    summary = build_summary(cfg, store, plan, outcomes, run_id, time.time() - started)
+    record = {
+        "dataset": summary["dataset"],
+        "method": cfg.method,
+        "ipc": cfg.ipc,
+        "config_name": cfg.name,
+        "source_fingerprint": store.meta("dataset", summary["keys"]["dataset"])["card"]["fingerprint"],
+        "accuracy": summary["accuracy"],
+        "baselines": summary["baselines"],
+        "run_id": run_id,
+        "keys": summary["keys"],
+        "evaluations": list(plan.keys["evaluate"]),
+    }
+    version, new = versions.publish(store, record)
+    summary["version"] = {"number": version["version"], "new": new, "created": version["created"]}
+    run_dir = store.root / versions.RUNS / run_id
+    run_dir.mkdir(parents=True)
+    shutil.copy(store.path("export", summary["keys"]["export"]) / GRID, run_dir / GRID)
+    write_json(run_dir / "summary.json", summary)
+    (run_dir / "report.md").write_text(report.markdown(summary))
+    store.share(f"{versions.RUNS}/{run_id}")
+    return summary

@@ -1,0 +1,154 @@
+"""The stage model: keys derived from the code (an edit re-keys exactly what depends on it, however
+indirectly), the import graph without cycles, and a plan derived from what stages read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from condense import codeversion
+from condense.configure import load_config
+from condense.stages import all_stages, make_plan
+from condense.stages.dataset import prepare
+from condense.store import Store
+from tests.conftest import ROOT
+
+# Prints every planned job's key for digits-dsa, with the package found first on sys.path.
+PLAN_KEYS = """
+import json, sys
+from condense.configure import load_config
+from condense.stages import get_stage, make_plan
+from condense.store import Store
+cfg = load_config("digits-dsa")
+dataset = get_stage("dataset")
+keys = {"dataset": dataset.key(cfg, {}, dataset.resolve(cfg))}
+plan = make_plan(cfg, Store(sys.argv[1]), sys.argv[2])
+keys.update({job.name.rsplit("-", 1)[0]: job.key for job in plan.jobs})
+print(json.dumps(keys))
+"""
+
+
+def _plan_keys(package_parent: Path, store: Path, dataset_key: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(package_parent)}
+    out = subprocess.run(
+        [sys.executable, "-c", PLAN_KEYS, str(store), dataset_key],
+        cwd=package_parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_editing_a_module_rekeys_what_imports_it_and_everything_downstream_and_nothing_else(tmp_path: Path):
+    cfg = load_config("digits-dsa")
+    store = tmp_path / "store"
+    dataset_key, _ = prepare(cfg.dataset, Store(store), cfg.ipc)
+    original, edited = tmp_path / "original", tmp_path / "edited"
+    for copy in (original, edited):
+        shutil.copytree(ROOT / "condense", copy / "condense", ignore=shutil.ignore_patterns("__pycache__"))
+    # One function changed in experts.py. DSA never reads trajectories, but its matching loop builds
+    # its networks with experts.student_model: a dependency no hand-kept list had.
+    source = edited / "condense" / "experts.py"
+    text = source.read_text()
+    assert "def student_model(" in text
+    source.write_text(
+        text.replace(
+            '    """The distillation architecture (ConvNet) for this dataset."""\n',
+            '    """The distillation architecture (ConvNet) for this dataset."""\n    seed = int(seed)\n',
+        )
+    )
+    before = _plan_keys(original, store, dataset_key)
+    after = _plan_keys(edited, store, dataset_key)
+    changed = sorted(name for name in before if before[name] != after[name])
+    print("\nkeys changed by editing experts.student_model (digits-dsa):")
+    for name in before:
+        print(
+            f"  {name:<32} {before[name]} -> {after[name]}{'' if before[name] != after[name] else '  (same)'}"
+        )
+
+    assert before.keys() == after.keys() and before["dataset"] == dataset_key
+    # Upstream (the dataset) and unrelated (the baselines train on the dataset alone): unchanged.
+    unchanged = [n for n in before if n.startswith(("dataset", "evaluate-full_data", "evaluate-random_real"))]
+    assert unchanged and all(before[n] == after[n] for n in unchanged)
+    # The experts (train_expert), their teacher, the DSA set (through matching.py) and all downstream.
+    expected = {"experts", "teacher", "distill", "soft_labels", "export"}
+    expected |= {n for n in before if n.startswith(("experts[", "evaluate-distilled"))}
+    assert set(changed) == expected
+
+
+def test_the_code_version_follows_imports_but_not_registries():
+    distill_mtt = codeversion.code_modules(["condense.stages.distill", "condense.methods.mtt"])
+    assert "condense.experts" in distill_mtt and "condense.methods.dsa" not in distill_mtt
+    evaluate = codeversion.code_modules(["condense.stages.evaluate"])
+    # Evaluation reads teachers and synthetic sets but runs none of the code that makes them.
+    assert not {"condense.teacher", "condense.experts", "condense.methods.mtt"} & set(evaluate)
+    assert "condense.stages.base" in evaluate  # the executor and keying are every stage's code
+
+
+def _cycles() -> list[list[str]]:
+    modules = sorted(
+        ".".join(("condense", *p.relative_to(codeversion.ROOT).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for p in codeversion.ROOT.rglob("*.py")
+    )
+    state: dict[str, int] = {}
+    found: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(codeversion.direct_imports(module)):
+            if state.get(target) == 1:
+                found.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in modules:
+        if module not in state:
+            visit(module, [module])
+    return found
+
+
+def test_no_import_cycle_in_the_package():
+    assert _cycles() == []
+
+
+def test_the_cycle_check_finds_a_cycle(monkeypatch):
+    graph = {"condense.config": {"condense.methods"}, "condense.methods": {"condense.config"}}
+    monkeypatch.setattr(codeversion, "direct_imports", lambda module: graph.get(module, set()))
+    assert _cycles() == [["condense.config", "condense.methods", "condense.config"]]
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides", "stages"),
+    [
+        ("digits-mtt", [], ["dataset", "experts", "distill", "teacher", "soft_labels", "evaluate", "export"]),
+        ("digits-rded", [], ["dataset", "teacher", "distill", "soft_labels", "evaluate", "export"]),
+        (
+            "digits-rded",
+            ["relabel.mode=stored"],
+            ["dataset", "teacher", "distill", "soft_labels", "relabel", "evaluate", "export"],
+        ),
+    ],
+)
+def test_the_plan_holds_exactly_the_stages_something_reads(tmp_path, preset, overrides, stages):
+    cfg = load_config(preset, overrides)
+    store = Store(tmp_path)
+    plan = make_plan(cfg, store, prepare(cfg.dataset, store, cfg.ipc)[0])
+    assert ["dataset", *plan.stages()] == stages
+    assert set(plan.stages()) <= set(all_stages())
+    position = {job.name: i for i, job in enumerate(plan.jobs)}
+    for job in plan.jobs:  # every job waits only for jobs planned before it
+        assert all(position[name] < position[job.name] for name in plan.after[job.name])
+    evaluations = plan.keys["evaluate"]
+    runs = cfg.evaluate.seeds * len(cfg.evaluate.models) * 3
+    assert isinstance(evaluations, list) and len(set(evaluations)) == runs
