@@ -57,6 +57,7 @@ def create_buffer(path: Path, experts: int, snapshots: int, params: int) -> None
         chunks=(1, 1, params),
         dtype="float32",
         chunk_key_encoding={"name": "default", "separator": "/"},
+        zarr_format=3,
     )
 
 
@@ -66,7 +67,7 @@ def expert_chunks(index: int) -> str:
 
 
 def load_buffer(store: Store, key: str) -> ExpertBuffer:
-    return ExpertBuffer(zarr.open_array(str(store.path("experts", key) / BUFFER), mode="r"))
+    return ExpertBuffer(zarr.open_array(str(store.path("experts", key) / BUFFER), mode="r", zarr_format=3))
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -148,5 +149,5 @@ def save_stored_labels(work: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_stored_labels(store: Store, key: str, num_classes: int, batch_size: int) -> StoredLabels:
-    group = zarr.open_group(str(store.path("relabel", key) / STORED_LABELS), mode="r")
+    group = zarr.open_group(str(store.path("relabel", key) / STORED_LABELS), mode="r", zarr_format=3)
     return StoredLabels({name: group[name] for name in group.array_keys()}, num_classes, batch_size)

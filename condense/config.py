@@ -8,13 +8,41 @@ forbids unknown keys, so a typo is an error, never a silently ignored setting.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+def _numeric(annotation: Any) -> bool:
+    """An int or float field (possibly optional or a float-or-literal union)."""
+    if annotation in (int, float):
+        return True
+    return get_origin(annotation) in (Union, UnionType) and any(
+        a in (int, float) for a in get_args(annotation)
+    )
 
 
 class Strict(BaseModel):
+    """Unknown keys are errors; so is ``true``/``false`` where a number belongs (``ipc: true`` is a
+    slip, not 1)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and _numeric(cls.model_fields[str(info.field_name)].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class DatasetConfig(Strict):

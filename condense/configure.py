@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from condense import methods
 from condense.config import PipelineConfig, explain
 from condense.errors import ConfigError
+from condense.models import check_architecture
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -87,7 +88,20 @@ def build_config(data: dict[str, Any]) -> PipelineConfig:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(explain(err, PipelineConfig)) from None
+    _check_architectures(cfg)
     return methods.configure(cfg)
+
+
+def _check_architectures(cfg: PipelineConfig) -> None:
+    """Every network name is checked now, not when its stage runs after hours of others."""
+    named = [(f"evaluate.models[{i}]", name) for i, name in enumerate(cfg.evaluate.models)]
+    if cfg.teacher.source != "best_expert":
+        named.append(("teacher.arch", cfg.teacher.arch))
+    for where, name in named:
+        try:
+            check_architecture(name)
+        except ValueError as err:
+            raise ConfigError(f"invalid config value for {where!r}: {err}") from None
 
 
 def _apply_budget(data: dict[str, Any], budget: str | None) -> None:

@@ -10,9 +10,16 @@ Each sample holds:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import posixpath
+import re
+import shutil
 import tarfile
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from condense.errors import CondenseError
-from condense.store import META, Store, open_store
+from condense.store import META, open_store
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "distilled-%06d.tar"
@@ -87,20 +94,14 @@ def write_distilled(
                 sample["soft.npy"] = _npy(soft[i].astype(np.float32))
             sink.write(sample)
     shards = sorted(out_dir.glob("distilled-*.tar"))
-    manifest = {**manifest, "shards": [p.name for p in shards], "num_samples": len(images)}
+    manifest = {
+        **manifest,
+        "shards": [p.name for p in shards],
+        "shard_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
+        "num_samples": len(images),
+    }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return shards
-
-
-def _find_manifest(path: Path) -> Path:
-    """Accept an export directory, its manifest, or a run folder (whose summary points to it)."""
-    if path.is_file() and path.name == MANIFEST:
-        return path
-    if (path / MANIFEST).is_file():
-        return path / MANIFEST
-    if (path / "summary.json").is_file():
-        return Path(json.loads((path / "summary.json").read_text())["artifacts"]["manifest"])
-    raise CondenseError(f"no distilled set at {path}: expected a directory with {MANIFEST} or a run folder")
 
 
 class DistilledDataset(Dataset):
@@ -137,12 +138,89 @@ def load_distilled(
 def _raw_samples(
     path: str | Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Manifest and raw samples (bytes per field, in key order) of the set ``path`` names."""
-    if "://" in str(path):
-        return _remote_samples(str(path), dataset, method, ipc, version)
-    manifest_path = _locate(Path(path), dataset, method, ipc, version)
-    manifest = json.loads(manifest_path.read_text())
-    return manifest, _samples(manifest_path, manifest)
+    """Manifest and raw samples (bytes per field, in key order) of the set ``path`` names, checked
+    against the manifest: every shard's sha256 and the number of samples."""
+    fs, folder = _export_folder(str(path), dataset, method, ipc, version)
+    try:
+        manifest = json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CondenseError(f"distilled set at {folder}: {MANIFEST} is not valid JSON") from None
+    samples: dict[str, dict[str, Any]] = {}
+    for shard in manifest["shards"]:
+        blob = fs.cat_file(f"{folder}/{shard}")
+        expected = manifest.get("shard_sha256", {}).get(shard)
+        if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+            raise CondenseError(f"distilled set at {folder} is damaged: {shard} does not match its manifest")
+        for key, fields in _shard_samples(blob, f"{folder}/{shard}").items():
+            samples.setdefault(key, {"__key__": key}).update(fields)
+    if not samples:
+        raise CondenseError(f"distilled set at {folder} has no samples")
+    if len(samples) != manifest.get("num_samples", len(samples)):
+        raise CondenseError(
+            f"distilled set at {folder} is damaged: {len(samples)} samples, its manifest lists"
+            f" {manifest['num_samples']}"
+        )
+    return manifest, [samples[k] for k in sorted(samples)]
+
+
+SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _shard_samples(blob: bytes, where: str) -> dict[str, dict[str, bytes]]:
+    """{sample key: {field: bytes}} of one WebDataset shard (a tar); keys are plain names."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, field = member.name.partition(".")
+                if not SAMPLE_KEY.fullmatch(key):  # no folders, no "..": exports hold flat samples
+                    raise CondenseError(
+                        f"{where} holds a member named {member.name!r}: not a plain sample key"
+                    )
+                content = tar.extractfile(member)
+                assert content is not None
+                samples.setdefault(key, {})[field] = content.read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise CondenseError(f"distilled set shard {where} is unreadable: {err}") from None
+    return samples
+
+
+def _export_folder(
+    path: str, dataset: str | None, method: str | None, ipc: int | None, version: int | str
+) -> tuple[Any, str]:
+    """Filesystem and folder of the export ``path`` names: with dataset/method/ipc, a version in a
+    store; else the folder itself or its manifest, a run folder (the export beside it in its store),
+    or a committed export of a remote store (its meta.json names the payload folder)."""
+    import fsspec
+
+    if any(v is not None for v in (dataset, method, ipc)):
+        _require_all_selectors(dataset, method, ipc)
+        from condense import versions
+
+        store = open_store(path)
+        record = versions.resolve(store, str(dataset), str(method), int(ipc or 0), version)
+        key = record["keys"]["export"]
+        path = store.url("export", key) if "://" in store.location else str(store.path("export", key))
+    fs, base = fsspec.core.url_to_fs(path)
+    base = base.rstrip("/").removesuffix(f"/{MANIFEST}")
+    if fs.isfile(f"{base}/{MANIFEST}"):
+        return fs, base
+    if fs.isfile(f"{base}/summary.json"):
+        summary = json.loads(fs.cat_file(f"{base}/summary.json"))
+        # The run's store is two levels up: a copied or moved store finds its own export.
+        beside = f"{posixpath.dirname(posixpath.dirname(base))}/export/{summary['keys']['export']}"
+        for candidate in (beside, summary["artifacts"]["manifest"].removesuffix(f"/{MANIFEST}")):
+            try:
+                return _export_folder(candidate, None, None, None, version)
+            except CondenseError:
+                continue
+    if fs.isfile(f"{base}/{META}"):
+        payload = json.loads(fs.cat_file(f"{base}/{META}")).get("payload")
+        if payload and fs.isfile(f"{base}/{payload}/{MANIFEST}"):
+            return fs, f"{base}/{payload}"
+    raise CondenseError(f"no distilled set at {path}: expected {MANIFEST}, a run folder or an export")
 
 
 def _to_dataset(samples: list[dict[str, Any]], manifest: dict[str, Any]) -> DistilledDataset:
@@ -159,74 +237,19 @@ def _array(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
-def _remote_export(url: str) -> tuple[Any, str]:
-    """Filesystem and folder of the export ``url`` names: the folder itself or its manifest, a run
-    folder (its summary names the export), or a committed export of a remote store (its meta.json
-    names the payload folder that holds the files)."""
-    import fsspec
-
-    fs, base = fsspec.core.url_to_fs(url)
-    base = base.rstrip("/").removesuffix(f"/{MANIFEST}")
-    if fs.exists(f"{base}/{MANIFEST}"):
-        return fs, base
-    if fs.exists(f"{base}/summary.json"):
-        return _remote_export(json.loads(fs.cat_file(f"{base}/summary.json"))["artifacts"]["manifest"])
-    meta = json.loads(fs.cat_file(f"{base}/{META}")) if fs.exists(f"{base}/{META}") else {}
-    if "payload" in meta and fs.exists(f"{base}/{meta['payload']}/{MANIFEST}"):
-        return fs, f"{base}/{meta['payload']}"
-    raise CondenseError(f"no distilled set at {url}: expected {MANIFEST}, a run folder or an export")
-
-
-def _remote_samples(
-    url: str, dataset: str | None, method: str | None, ipc: int | None, version: int | str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Manifest and raw samples of an export on an fsspec filesystem, read as plain tar streams."""
-    if any(v is not None for v in (dataset, method, ipc)):
-        _require_all_selectors(dataset, method, ipc)
-        from condense import versions
-
-        store = open_store(url)
-        record = versions.resolve(store, str(dataset), str(method), int(ipc or 0), version)
-        url = store.url("export", record["keys"]["export"])
-    fs, base = _remote_export(url)
-    manifest = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))
-    samples: dict[str, dict[str, Any]] = {}
-    for shard in manifest["shards"]:
-        with fs.open(f"{base}/{shard}", "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                content = tar.extractfile(member)
-                if content is None:
-                    continue
-                key, _, field = member.name.rpartition("/")[2].partition(".")
-                samples.setdefault(key, {"__key__": key})[field] = content.read()
-    if not samples:
-        raise CondenseError(f"distilled set at {url} has no samples")
-    return manifest, [samples[k] for k in sorted(samples)]
-
-
 def _require_all_selectors(dataset: str | None, method: str | None, ipc: int | None) -> None:
     if any(v is None for v in (dataset, method, ipc)):
         raise CondenseError("select a published set with all of dataset, method and ipc")
 
 
-def _locate(path: Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str) -> Path:
-    if all(v is None for v in (dataset, method, ipc)):
-        return _find_manifest(path)
-    _require_all_selectors(dataset, method, ipc)
-    from condense import versions
-
-    store = Store(path)
-    record = versions.resolve(store, str(dataset), str(method), int(ipc or 0), version)
-    return _find_manifest(versions.export_dir(store, record))
-
-
-def _samples(manifest_path: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Raw samples (bytes per field) of a local export, in key order."""
-    urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
-    samples = sorted(wds.WebDataset(urls, shardshuffle=False), key=lambda s: s["__key__"])
-    if not samples:
-        raise CondenseError(f"distilled set at {manifest_path.parent} has no samples")
-    return samples
+def folder_names(classes: list[str]) -> list[str]:
+    """A safe, distinct folder name per class: letters, digits, ``.``, ``_``, ``-`` and spaces kept,
+    anything else (path separators, ``..``) replaced, so no class name can point outside the export."""
+    names: list[str] = []
+    for index, name in enumerate(classes):
+        safe = re.sub(r"[^\w .-]", "_", str(name)).strip(" ").lstrip(".") or f"class_{index}"
+        names.append(safe if safe not in names else f"{safe}_{index}")
+    return names
 
 
 def write_image_folder(
@@ -236,25 +259,59 @@ def write_image_folder(
     method: str | None = None,
     ipc: int | None = None,
     version: int | str = "latest",
+    overwrite: bool = False,
 ) -> Path:
     """Export a distilled set as ``<out>/<class>/<index>.png`` plus ``labels.json`` (class names,
-    and per file its hard label and soft label), for tools that read image folders."""
+    and per file its hard label and soft label), for tools that read image folders.
+
+    The folder is written beside ``out_dir`` and renamed into place whole: a non-empty ``out_dir`` is
+    refused unless ``overwrite`` (then replaced, never mixed with what was there)."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CondenseError(f"--to {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CondenseError(f"--to {out_dir} is not empty; pass --overwrite to replace it")
     manifest, samples = _raw_samples(path, dataset, method, ipc, version)
     classes = [str(c) for c in manifest["classes"]]
-    entries = []
-    for sample in samples:
-        label = int(sample["cls"])
-        relative = Path(classes[label]) / f"{sample['__key__']}.png"
-        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-        (out_dir / relative).write_bytes(sample["png"])
-        soft = _array(sample["soft.npy"]).tolist() if "soft.npy" in sample else None
-        entries.append({"file": relative.as_posix(), "label": label, "soft": soft})
-    labels = {
-        "classes": classes,
-        "method": manifest["method"],
-        "ipc": manifest["ipc"],
-        "source_fingerprint": manifest["source_fingerprint"],
-        "images": entries,
-    }
-    (out_dir / "labels.json").write_text(json.dumps(labels, indent=2))
+    folders = folder_names(classes)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        entries = []
+        for sample in samples:
+            label = int(sample["cls"])
+            if not 0 <= label < len(classes):
+                raise CondenseError(
+                    f"sample {sample['__key__']} has class {label}, outside 0..{len(classes) - 1}"
+                )
+            relative = Path(folders[label]) / f"{sample['__key__']}.png"
+            target = (staging / relative).resolve()
+            if not target.is_relative_to(staging.resolve()):
+                raise CondenseError(f"refusing to write {relative} outside {out_dir}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(sample["png"])
+            soft = _array(sample["soft.npy"]).tolist() if "soft.npy" in sample else None
+            entries.append({"file": relative.as_posix(), "label": label, "soft": soft})
+        labels = {
+            "classes": classes,
+            "method": manifest["method"],
+            "ipc": manifest["ipc"],
+            "source_fingerprint": manifest["source_fingerprint"],
+            "images": entries,
+        }
+        (staging / "labels.json").write_text(json.dumps(labels, indent=2))
+        _replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Put ``staging`` at ``out_dir``; what was there is removed only once the new folder is in."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}-old-{uuid.uuid4().hex[:8]}")
+        os.rename(out_dir, old)
+        os.rename(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)

@@ -3,6 +3,7 @@ flat-parameter view that unrolled training (MTT) differentiates through."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import threading
 from collections.abc import Callable
@@ -72,6 +73,18 @@ def _adapt_timm_to_small_images(model: nn.Module, channels: int) -> None:
             model.maxpool = nn.Identity()
 
 
+def check_architecture(name: str) -> None:
+    """Raise ValueError (with the closest names) unless ``name`` is ``convnet`` or a timm model."""
+    if name == CONVNET:
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, [CONVNET, *timm.list_models()], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown architecture {name!r}{hint}: use 'convnet' or a timm model name")
+
+
 def build_model(
     name: str,
     channels: int,
@@ -93,8 +106,7 @@ def _build(name: str, channels: int, num_classes: int, resolution: int, cfg: Mod
         return ConvNet(channels, num_classes, resolution, cfg)
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(f"unknown architecture {name!r}: use 'convnet' or a timm model name")
+    check_architecture(name)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels)
     if resolution <= 64:
         _adapt_timm_to_small_images(model, channels)

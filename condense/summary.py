@@ -93,10 +93,14 @@ def new_run_id() -> str:
 
 
 def finish_run(
-    cfg: PipelineConfig, store: Store, plan: Plan, outcomes: list[dict[str, Any]], started: float
+    cfg: PipelineConfig,
+    store: Store,
+    plan: Plan,
+    outcomes: list[dict[str, Any]],
+    started: float,
+    run_id: str,
 ) -> dict[str, Any]:
     """Summarise the run, publish its set as a version, and write its run folder; returns the summary."""
-    run_id = new_run_id()
     summary = build_summary(cfg, store, plan, outcomes, run_id, time.time() - started)
     record = {
         "dataset": summary["dataset"],

@@ -8,6 +8,7 @@ decoupled methods: a teacher whose class indices are not the dataset's (RDED iss
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,14 @@ def load_teacher_file(path: str | Path, model: nn.Module) -> nn.Module:
         raise ConfigError(f"teacher file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"teacher file {path} is not a readable state_dict (loaded weights only): {first}"
+        ) from None
+    try:
         model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError) as err:
+    except (RuntimeError, OSError, ValueError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"teacher file {path} does not fit the teacher architecture: {first}") from None
     return model.eval()

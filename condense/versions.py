@@ -10,16 +10,22 @@ set was built from, so ``gc`` knows what to keep.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
+
 from condense.errors import CondenseError
+from condense.leases import leased
 from condense.stages.base import all_stages
 from condense.store import META, Store, create_exclusive, json_bytes
+from condense.store.local import DAMAGED, LOCKS
 
 VERSIONS = "versions"
 RUNS = "runs"
@@ -29,8 +35,19 @@ def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
     return f"{store.base}/{VERSIONS}/{dataset}/{method}/ipc{ipc}"
 
 
+def _record(store: Store, path: str) -> dict[str, Any]:
+    try:
+        record = json.loads(store.fs.cat_file(path))
+        int(record["version"])
+    except (ValueError, KeyError, TypeError):
+        raise CondenseError(
+            f"version record {path} is damaged (not a version record); restore or remove it"
+        ) from None
+    return record
+
+
 def _read(store: Store, paths: list[str]) -> list[dict[str, Any]]:
-    return sorted((json.loads(store.fs.cat_file(p)) for p in paths), key=lambda r: r["version"])
+    return sorted((_record(store, p) for p in paths), key=lambda r: r["version"])
 
 
 def _records(store: Store, folder: str) -> list[dict[str, Any]]:
@@ -114,7 +131,8 @@ class Collection:
 
 
 def _referenced(store: Store) -> set[tuple[str, str]]:
-    keep: set[tuple[str, str]] = set()
+    """What a published version or a running pipeline (its lease) uses."""
+    keep = leased(store)
     for record in list_versions(store):
         for name, key in record["keys"].items():
             if key:
@@ -123,11 +141,20 @@ def _referenced(store: Store) -> set[tuple[str, str]]:
     return keep
 
 
+def _local(store: Store) -> bool:
+    return isinstance(store.fs, LocalFileSystem)
+
+
+def _is_link(store: Store, relative: str) -> bool:
+    return _local(store) and os.path.islink(f"{store.base}/{relative}")
+
+
 def _children(store: Store, relative: str) -> list[str]:
-    """Names in the store folder ``relative`` (none if it does not exist)."""
+    """Names in the store folder ``relative`` (none if it does not exist or is a link: gc never
+    looks, let alone deletes, behind a link)."""
     folder = f"{store.base}/{relative}"
     store.fs.invalidate_cache(folder)
-    if not store.fs.isdir(folder):
+    if _is_link(store, relative) or not store.fs.isdir(folder):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in store.fs.ls(folder, detail=False))
 
@@ -136,9 +163,37 @@ def _changed(store: Store, relative: str) -> float:
     """When the store entry ``relative`` last changed (POSIX seconds): its commit marker's time if it
     has one, else its newest file's (object stores have no folder times)."""
     path = f"{store.base}/{relative}"
+    if _is_link(store, relative):
+        return os.lstat(path).st_mtime
     marker = f"{path}/{META}"
     files = [marker] if store.fs.isfile(marker) else store.fs.find(path) or [path]
     return max(store.fs.modified(f).timestamp() for f in files)
+
+
+def _size(store: Store, relative: str) -> int:
+    path = f"{store.base}/{relative}"
+    if not _local(store):
+        return int(store.fs.du(path))
+    if os.path.islink(path) or os.path.isfile(path):
+        return os.lstat(path).st_size
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
+
+
+def _remove(store: Store, relative: str) -> None:
+    """Delete a store entry; on a local disk never through a link, never outside the store: a link is
+    unlinked itself, and a path whose folders lead elsewhere is refused."""
+    path = f"{store.base}/{relative}"
+    if not _local(store):
+        store.fs.rm(path, recursive=True)
+        return
+    root = os.path.realpath(store.base)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.realpath(parent) != parent or not (parent + os.sep).startswith(root + os.sep):
+        raise CondenseError(f"refusing to remove {relative}: its folder is a link out of {store.location}")
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)  # removes links inside the tree, never what they point to
 
 
 def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -> Collection:
@@ -153,9 +208,13 @@ def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -
     for stage in sorted(all_stages()):
         for name in _children(store, stage):
             entry = f"{stage}/{name}"
-            if name in (".partial", ".tmp"):
-                leftovers = [f"{entry}/{n}" for n in _children(store, entry)]
-                old = [p for p in leftovers if _changed(store, p) <= recent]
+            if name == LOCKS:  # tiny, and removing one a run holds would let two runs in
+                continue
+            if _is_link(store, entry):  # not written by condense: a link is garbage, never followed
+                (found.removable if partials else found.partial).append(entry)
+            elif name in (".partial", ".tmp", DAMAGED):
+                leftovers = [n for n in _children(store, entry) if (stage, n.rsplit("-", 1)[0]) not in keep]
+                old = [f"{entry}/{n}" for n in leftovers if _changed(store, f"{entry}/{n}") <= recent]
                 (found.removable if partials else found.partial).extend(old)
             elif (stage, name) in keep or _changed(store, entry) > recent:
                 found.kept += 1
@@ -172,7 +231,7 @@ def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -
         )
         if export not in exports and _changed(store, f"{RUNS}/{name}") <= recent:
             found.removable.append(f"{RUNS}/{name}")
-    found.bytes = sum(store.fs.du(f"{store.base}/{p}") for p in found.removable)
+    found.bytes = sum(_size(store, p) for p in found.removable)
     return found
 
 
@@ -182,6 +241,30 @@ def gc(store: Store, dry_run: bool = True, partials: bool = False, grace_seconds
         raise CondenseError(f"{store.location} has no published versions: nothing marks what to keep")
     found = collect(store, partials, grace_seconds)
     if not dry_run:
+        leased_now = leased(store)  # a run may have started since the listing
         for path in found.removable:
-            store.fs.rm(f"{store.base}/{path}", recursive=True)
+            stage, _, key = path.partition("/")
+            if (stage, key) not in leased_now:
+                _remove(store, path)
     return found
+
+
+def verify(store: Store, move_aside: bool = False) -> tuple[int, list[str]]:
+    """Check every committed artifact's files against its checksums, contents included. Returns
+    (artifacts checked, one line per damaged one); with ``move_aside`` the damaged are moved aside so
+    that the next run recomputes them."""
+    checked, damaged = 0, []
+    for stage in sorted(all_stages()):
+        for name in _children(store, stage):
+            if name.startswith(".") or _is_link(store, f"{stage}/{name}") or not store.has(stage, name):
+                continue
+            checked += 1
+            try:
+                if _local(store):
+                    store.verify(stage, name, hash_up_to=float("inf"))
+                else:
+                    store.path(stage, name)  # mirrored here, every file checked on the way
+            except CondenseError as err:
+                moved = f"; moved aside to {store.quarantine(stage, name)}" if move_aside else ""
+                damaged.append(f"{err}{moved}")
+    return checked, damaged

@@ -6,8 +6,17 @@ only, and (with no ``PREFECT_API_URL``) the in-process ephemeral API, so no serv
 
 from __future__ import annotations
 
+import contextvars
+import ctypes
+import functools
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -28,7 +37,7 @@ app = typer.Typer(
 QUIET_PREFECT = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 
@@ -45,6 +54,34 @@ def _configure_prefect(debug: bool) -> None:
     os.environ.setdefault("PREFECT_LOGGING_ROOT_LEVEL", level)
 
 
+def _dies_with_parent() -> None:
+    """In the server's process, before it runs: ask Linux to send it SIGTERM when this command's
+    process is gone, even by SIGKILL, so no server outlives the run it served."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _start_server(server: SubprocessASGIServer) -> None:
+    from condense.errors import CondenseError
+
+    popen = subprocess.Popen
+    if sys.platform == "linux":  # only this thread runs now: nothing else starts processes meanwhile
+        subprocess.Popen = functools.partial(popen, preexec_fn=_dies_with_parent)  # type: ignore[misc]
+    try:
+        server.start()
+    except RuntimeError as err:
+        if "Timed out" not in str(err):
+            raise
+        raise CondenseError(
+            "Prefect's local API server did not start in time (its first start migrates a database in"
+            " PREFECT_HOME, slow on a busy machine); rerun, raise"
+            " PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start `prefect server start` and set"
+            " PREFECT_API_URL"
+        ) from None
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
+
+
 def _start_local_api_quietly(debug: bool = False) -> SubprocessASGIServer:
     """Start Prefect's ephemeral API server now, its output going to a log file in PREFECT_HOME.
 
@@ -55,9 +92,9 @@ def _start_local_api_quietly(debug: bool = False) -> SubprocessASGIServer:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_HOME
 
+    server = SubprocessASGIServer()
     if debug:
-        server = SubprocessASGIServer()
-        server.start()
+        _start_server(server)
         return server
     home = Path(PREFECT_HOME.value())
     home.mkdir(parents=True, exist_ok=True)
@@ -65,12 +102,54 @@ def _start_local_api_quietly(debug: bool = False) -> SubprocessASGIServer:
     with open(home / "condense-ephemeral-server.log", "ab") as log:
         os.dup2(log.fileno(), 2)
         try:
-            server = SubprocessASGIServer()
-            server.start()
+            _start_server(server)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
     return server
+
+
+def _in_thread(function: Any, *args: Any) -> Any:
+    """Call ``function`` in a thread (with this thread's context, Prefect's settings included) and
+    wait for it here. The flow engine, run in the main thread, replaces the SIGTERM handler and then
+    waits for every running task before letting the signal through; from another thread it cannot,
+    so this thread stays free to stop the command at once (:func:`_stop_on_signals`)."""
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(call,), name="condense-flow", daemon=True
+    )
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # wakes for signals, unlike a join without a timeout on some Pythons
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _stop_on_signals(servers: list[SubprocessASGIServer]) -> None:
+    """SIGINT or SIGTERM stops the command within moments: jobs run in threads that would otherwise
+    finish their epoch first. Everything finished is committed and checkpoints are written atomically,
+    so nothing is lost: the same command resumes. The local API server stops with it."""
+
+    def stop(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        typer.echo(
+            f"error: stopped by {name}; rerun the same command to resume from the last checkpoint", err=True
+        )
+        for server in servers:
+            if server.server_process is not None:
+                server.server_process.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 StoreOption = Annotated[
@@ -107,6 +186,27 @@ def task_runner(runner: str = "threads", dask_address: str | None = None, worker
 def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def one_line_errors(debug: bool = False) -> Iterator[None]:
+    """What goes wrong becomes one line on stderr and exit 1 (the traceback only with --debug):
+    a CondenseError as it is, anything else (a filesystem, a network, credentials) with its type."""
+    from condense.errors import CondenseError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except CondenseError as err:
+        if debug:
+            raise
+        _fail(str(err))
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        _fail(f"{type(err).__name__}: {first} (rerun with --debug for the traceback)")
 
 
 @app.command()
@@ -146,32 +246,28 @@ def run(
 
     from condense_flows.pipeline import pipeline
 
+    servers: list[SubprocessASGIServer] = []
+    _stop_on_signals(servers)
     try:
-        runs_on = task_runner(runner, dask_address)
-        flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
-        if os.environ.get("PREFECT_API_URL"):
-            summary = flow(preset, overrides, store_dir, quiet)
-        else:
-            # A local ephemeral API dies with this process, so its run heartbeats (a fixed ~1 s at
-            # exit) guard nothing.
-            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        with one_line_errors(debug):
+            runs_on = task_runner(runner, dask_address)
+            flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
+            if os.environ.get("PREFECT_API_URL"):
+                summary = _in_thread(flow, preset, overrides, store_dir, quiet)
+            else:
+                # A local ephemeral API dies with this process, so its run heartbeats (a fixed ~1 s
+                # at exit) guard nothing.
+                from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-            server = _start_local_api_quietly(debug)
-            # Dask workers are other processes: without an API URL each would start its own
-            # ephemeral server (and some outlive the run); point them at this one.
-            os.environ["PREFECT_API_URL"] = server.api_url
-            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                summary = flow(preset, overrides, store_dir, quiet)
-    except CondenseError as err:
-        if debug:
-            raise
-        _fail(str(err))
+                servers.append(_start_local_api_quietly(debug))
+                server = servers[0]
+                # Dask workers are other processes: without an API URL each would start its own
+                # ephemeral server (and some outlive the run); point them at this one.
+                os.environ["PREFECT_API_URL"] = server.api_url
+                with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                    summary = _in_thread(flow, preset, overrides, store_dir, quiet)
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume from the last checkpoint", 130)
-    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with --debug
-        if debug:
-            raise
-        _fail(f"{type(err).__name__}: {err} (rerun with --debug for the traceback)")
 
     from condense.report import text_table
 
@@ -227,7 +323,8 @@ def list_sets(
     """List the distilled sets published in a store (dataset, method, IPC, version, source, accuracy)."""
     from condense.versions import list_versions
 
-    records = list_versions(_store(store), latest_only=not all_versions)
+    with one_line_errors():
+        records = list_versions(_store(store), latest_only=not all_versions)
     if as_json:
         for record in records:
             typer.echo(json.dumps(record, separators=(",", ":")))
@@ -252,15 +349,12 @@ def gc(
     ] = 60.0,
 ) -> None:
     """Remove stage artifacts and run reports that no published version references."""
-    from condense.errors import CondenseError
     from condense.report import human_bytes
     from condense.versions import gc as collect_garbage
 
     st = _store(store)
-    try:
+    with one_line_errors():
         found = collect_garbage(st, dry_run=dry_run, partials=partials, grace_seconds=grace_minutes * 60)
-    except CondenseError as err:
-        _fail(str(err))
     verb = "would remove" if dry_run else "removed"
     for path in found.removable:
         typer.echo(f"{verb} {path}")
@@ -269,6 +363,26 @@ def gc(
     )
     if found.partial:
         typer.echo(f"left {len(found.partial)} unfinished entries (resumable work); --partials removes them")
+
+
+@app.command()
+def verify(
+    store: StoreOption = None,
+    move_aside: Annotated[
+        bool, typer.Option(help="Move damaged artifacts aside, so that the next run recomputes them.")
+    ] = False,
+) -> None:
+    """Check every artifact in a store against the sizes and sha256 recorded when it was committed."""
+    from condense.versions import verify as verify_store
+
+    st = _store(store)
+    with one_line_errors():
+        checked, damaged = verify_store(st, move_aside)
+    for line in damaged:
+        typer.echo(line)
+    typer.echo(f"checked {checked} artifacts: {len(damaged)} damaged")
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -284,17 +398,19 @@ def export(
     method: Annotated[str | None, typer.Option(help="Published set: method.")] = None,
     ipc: Annotated[int | None, typer.Option(help="Published set: images per class.")] = None,
     version: Annotated[str, typer.Option(help="'latest' or a version number.")] = "latest",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty --to (it is swapped whole, never mixed).")
+    ] = False,
 ) -> None:
     """Write a distilled set as an image folder: <to>/<class>/<n>.png and labels.json (soft labels)."""
-    from condense.errors import CondenseError
     from condense.export import write_image_folder
 
-    try:
+    if version != "latest" and not version.isdigit():
+        _fail(f"--version must be 'latest' or a number, not {version!r}", 2)
+    with one_line_errors():
         out = write_image_folder(
-            source, to, dataset, method, ipc, version if version == "latest" else int(version)
+            source, to, dataset, method, ipc, version if version == "latest" else int(version), overwrite
         )
-    except (CondenseError, ValueError) as err:
-        _fail(str(err))
     typer.echo(f"wrote {out} ({len(list(out.glob('*/*.png')))} images, labels.json)")
 
 

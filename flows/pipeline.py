@@ -19,8 +19,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from condense import report
 from condense.configure import load_config
+from condense.leases import Lease
 from condense.stages import dataset_job, make_plan
 from condense.store import open_store
+from condense.summary import new_run_id
 from condense_tasks.stages import finish_run, run_stage
 
 
@@ -35,17 +37,21 @@ def pipeline(
 
     ``store``: a directory or fsspec URL; default ``$CONDENSE_STORE`` or ``./data/store``.
     """
-    started = time.time()
+    started, run_id = time.time(), new_run_id()
     cfg = load_config(preset, overrides or [])
-    location = open_store(store).location
-    dataset = run_stage(dataset_job(), cfg, location, quiet)
-    plan = make_plan(cfg, open_store(location), dataset["key"])
-    futures: dict[str, Any] = {}
-    for job in plan.jobs:
-        waits = [futures[name] for name in plan.after[job.name]]
-        futures[job.name] = run_stage.submit(job, cfg, location, quiet, wait_for=waits)
-    outcomes = [dataset, *(future.result() for future in futures.values())]
-    summary = finish_run(cfg, location, plan, outcomes, started)
+    opened = open_store(store)
+    location = opened.location
+    with Lease(opened, run_id) as lease:  # gc keeps what this run uses until it ends
+        dataset = run_stage(dataset_job(), cfg, location, quiet)
+        lease.protect([("dataset", dataset["key"])])
+        plan = make_plan(cfg, opened, dataset["key"])
+        lease.protect(plan.artifacts())
+        futures: dict[str, Any] = {}
+        for job in plan.jobs:
+            waits = [futures[name] for name in plan.after[job.name]]
+            futures[job.name] = run_stage.submit(job, cfg, location, quiet, wait_for=waits)
+        outcomes = [dataset, *(future.result() for future in futures.values())]
+        summary = finish_run(cfg, location, plan, outcomes, started, run_id)
     publish_artifacts(summary)
     return summary
 

@@ -68,7 +68,7 @@ def run_stage(job: Job, cfg: PipelineConfig, store: str, quiet: bool = False) ->
 
 @task(name="finish-run", persist_result=False, cache_policy=NO_CACHE)
 def finish_run(
-    cfg: PipelineConfig, store: str, plan: Plan, outcomes: list[dict[str, Any]], started: float
+    cfg: PipelineConfig, store: str, plan: Plan, outcomes: list[dict[str, Any]], started: float, run_id: str
 ) -> dict[str, Any]:
     """Summarise, publish the version and write the run folder."""
-    return run_summary.finish_run(cfg, open_store(store), plan, outcomes, started)
+    return run_summary.finish_run(cfg, open_store(store), plan, outcomes, started, run_id)

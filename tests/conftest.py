@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +29,33 @@ TINY = [
 
 
 @pytest.fixture(scope="session")
-def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for CLI subprocesses: a throwaway PREFECT_HOME shared by the session (so the
-    ephemeral API's database migrates once), offline and quiet."""
+def ephemeral_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for CLI subprocesses with no API URL: each command starts (and stops) its own
+    ephemeral Prefect server, as on a user's laptop. A throwaway PREFECT_HOME shared by the session
+    (its database migrates once), offline and quiet."""
     home = tmp_path_factory.mktemp("prefect-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def prefect_env(
+    ephemeral_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """Environment for CLI subprocesses: one Prefect server for the whole session, started and stopped
+    here, so that each of the many commands skips a 10-30 s ephemeral-server start."""
+    from tests.prefect_server import prefect_server
+
+    home = tmp_path_factory.mktemp("prefect-server")  # its own database: not the ephemeral servers'
+    env = {**ephemeral_env, "PREFECT_HOME": str(home)}
+    with prefect_server(env, home / "server.log") as (api, _):
+        yield {**env, "PREFECT_API_URL": api}
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +150,21 @@ def run_jobs(store, cfg, plan, stages: set[str], progress=None) -> list[dict]:
     from condense.stages import execute
 
     return [execute(job, cfg, store, progress or SILENT) for job in plan.jobs if job.stage in stages]
+
+
+def run_pipeline(store, cfg, progress=None) -> dict:
+    """The whole pipeline, run directly (no Prefect): what the flow does, job by job; the summary."""
+    import time
+
+    from condense.progress import SILENT
+    from condense.stages import dataset_job, execute, make_plan
+    from condense.summary import finish_run, new_run_id
+
+    started = time.time()
+    dataset = execute(dataset_job(), cfg, store, progress or SILENT)
+    plan = make_plan(cfg, store, dataset["key"])
+    outcomes = [dataset, *(execute(job, cfg, store, progress or SILENT) for job in plan.jobs)]
+    return finish_run(cfg, store, plan, outcomes, started, new_run_id())
 
 
 def record_experts(store, cfg) -> tuple[str, str]:

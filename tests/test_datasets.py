@@ -229,9 +229,9 @@ def test_mixed_sizes_need_resolution(shards):
 
 
 def _write_folder(root: Path, test_name: str = "test", gray: bool = False) -> dict[str, np.ndarray]:
-    """train/{cat,dog,emu}/ with 3/2/2 images, <test_name>/{cat,emu}/ with 1/2; returns the pixels."""
+    """train/{cat,dog,emu}/ with 3/2/2 images, <test_name>/{cat,dog,emu}/ with 1/1/2; returns the pixels."""
     pixels = {}
-    layout = {"train": {"cat": 3, "dog": 2, "emu": 2}, test_name: {"cat": 1, "emu": 2}}
+    layout = {"train": {"cat": 3, "dog": 2, "emu": 2}, test_name: {"cat": 1, "dog": 1, "emu": 2}}
     seed = 10
     for split, counts in layout.items():
         for cls, n in counts.items():
@@ -252,10 +252,10 @@ def test_folder_round_trip(tmp_path, test_name):
     pixels = _write_folder(tmp_path, test_name)
     raw = datasets.load_source(DatasetConfig(source="folder", path=str(tmp_path)))
     assert raw.classes == ["cat", "dog", "emu"]
-    assert raw.train_y.tolist() == [0, 0, 0, 1, 1, 2, 2] and raw.test_y.tolist() == [0, 2, 2]
+    assert raw.train_y.tolist() == [0, 0, 0, 1, 1, 2, 2] and raw.test_y.tolist() == [0, 1, 2, 2]
     assert raw.train_x.shape == (7, 3, SIDE, SIDE) and raw.train_x.dtype == np.uint8
     np.testing.assert_array_equal(raw.train_x[3], pixels["train/dog/000"].transpose(2, 0, 1))
-    np.testing.assert_array_equal(raw.test_x[2], pixels[f"{test_name}/emu/001"].transpose(2, 0, 1))
+    np.testing.assert_array_equal(raw.test_x[3], pixels[f"{test_name}/emu/001"].transpose(2, 0, 1))
 
 
 def test_folder_grayscale_and_mixed(tmp_path):
@@ -385,3 +385,34 @@ def test_torchvision_unknown_name_and_missing_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
     with pytest.raises(DatasetError, match="needs torchvision: pip install torchvision"):
         datasets.load_source(DatasetConfig(source="torchvision", name="CIFAR10"))
+
+
+# ---------------------------------------------------------------------------------------- labels
+
+
+def test_a_label_far_past_the_samples_names_its_sample_instead_of_allocating(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    _write_shard(root / "train-000000.tar", _images(3, seed=0), [0, 10**12, 1])
+    _write_shard(root / "test-000000.tar", _images(2, seed=1), [0, 1])
+    with pytest.raises(DatasetError, match=r"sample 000001 in .*train-000000.tar has cls 1000000000000"):
+        datasets.load_source(_wds_cfg(root))
+
+
+def test_a_test_label_outside_the_training_classes_names_that_sample(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    _write_shard(root / "train-000000.tar", _images(4, seed=0), [0, 1, 0, 1])
+    _write_shard(root / "test-000000.tar", _images(3, seed=1), [0, 1, 7], start=50)
+    with pytest.raises(
+        DatasetError, match=r"test sample 000052 .* has cls 7, outside the training classes 0\.\.1"
+    ):
+        datasets.load_source(_wds_cfg(root))
+
+
+def test_a_class_without_test_images_is_an_error_not_a_silent_subset(tmp_path):
+    _write_folder(tmp_path)
+    for image in (tmp_path / "test" / "dog").iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match="class dog has no test images"):
+        datasets.load_source(DatasetConfig(source="folder", path=str(tmp_path)))

@@ -14,7 +14,7 @@ from condense.store import Store, write_json
 
 
 def _artifact(store: Store, stage: str, key: str, age: float = 7200) -> Path:
-    path = store.path(stage, key)
+    path = store.root / stage / key
     path.mkdir(parents=True)
     write_json(path / "meta.json", {"stage": stage, "key": key})
     old = time.time() - age
@@ -97,9 +97,9 @@ def test_a_store_copied_to_object_storage_loads_by_url(tmp_path: Path):
     images = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
     soft = np.full((4, 2), 0.5, dtype=np.float32)
     manifest = {"method": "mtt", "ipc": 2, "classes": [0, 1], "source_fingerprint": "f1"}
-    write_distilled(
-        store.path("export", "x1"), images, images.clip(0, 1), np.array([0, 0, 1, 1]), soft, manifest
-    )
+    with store.writing("export", "x1") as tmp:
+        write_distilled(tmp, images, images.clip(0, 1), np.array([0, 0, 1, 1]), soft, manifest)
+        store.commit("export", "x1", tmp, {})
     versions.publish(store, _record("x1"))
     local = condense.load_distilled(store.root, dataset="digits", method="mtt", ipc=1)
 

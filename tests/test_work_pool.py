@@ -4,14 +4,10 @@ digits at a tiny budget, its artifacts checked through the API, and nothing left
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,27 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY, last_json, tiny_args
-
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(api: str, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "prefect server exited during start-up"
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("prefect server did not become healthy")
+from tests.prefect_server import PREFECT, free_port, prefect_server, stop
 
 
 def sessions_alive(session_ids: set[int]) -> list[str]:
@@ -52,22 +28,6 @@ def sessions_alive(session_ids: set[int]) -> list[str]:
         if int(sid) in session_ids and int(pid) != os.getpid() and not stat.startswith("Z"):
             alive.append(f"{pid} {args[:80]}")
     return alive
-
-
-def stop(proc: subprocess.Popen, signals: int = 1) -> None:
-    """SIGTERM the process group (twice for a worker: started without job control, its first
-    SIGTERM only forwards a SIGINT it ignores), then SIGKILL whatever is left of the group."""
-    for _ in range(signals):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=15)
 
 
 @pytest.fixture
@@ -83,20 +43,9 @@ def server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         PREFECT_WORKER_QUERY_SECONDS="2",
         CONDENSE_PROJECT_DIR=str(ROOT),
     )
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_healthy(api, proc)
+    with prefect_server(env, tmp_path / "server.log", port) as (started, proc):
+        assert started == api
         yield api, env
-    finally:
-        stop(proc)
-        log.close()
     assert sessions_alive({proc.pid}) == [], "the server left processes behind"
 
 

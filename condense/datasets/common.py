@@ -174,6 +174,12 @@ def finish(
     if (counts == 0).any():
         missing = int(np.flatnonzero(counts == 0)[0])
         raise DatasetError(f"class {classes[missing]} has no training images")
+    tested = np.bincount(test_y, minlength=len(classes))
+    if (tested == 0).any():
+        missing = int(np.flatnonzero(tested == 0)[0])
+        raise DatasetError(
+            f"class {classes[missing]} has no test images: test accuracy would leave it out; add some"
+        )
     # A gray split next to an RGB one (possible only for array sources) becomes RGB like the other.
     if train_x.shape[1] != test_x.shape[1]:
         train_x, test_x = (np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a for a in (train_x, test_x))

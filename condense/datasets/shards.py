@@ -200,11 +200,27 @@ def load(cfg: DatasetConfig) -> RawDataset:
     train_blobs = [train_blobs[i] for i in keep]
     train_where = [train_where[i] for i in keep]
     train_y = train_y[keep]
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    # Check before decoding: decoding 50k images only to report a missing class wastes seconds.
+    # Checks before decoding: decoding 50k images only to report a bad label wastes seconds. The
+    # classes are the training split's: a label past its sample count cannot be a class index.
+    top = int(np.argmax(train_y))
+    if train_y[top] >= len(train_y):
+        raise DatasetError(
+            "sample {} in {} has cls {}: classes must be numbered 0..C-1, with C at most {} here".format(
+                *train_where[top], int(train_y[top]), len(train_y)
+            )
+        )
+    num_classes = int(train_y[top]) + 1
     counts = np.bincount(train_y, minlength=num_classes)
     if (counts == 0).any():
         raise DatasetError(f"class {int(np.flatnonzero(counts == 0)[0])} has no training images")
+    outside = np.flatnonzero(test_y >= num_classes)
+    if len(outside):
+        bad = int(outside[0])
+        raise DatasetError(
+            "test sample {} in {} has cls {}, outside the training classes 0..{}".format(
+                *test_where[bad], int(test_y[bad]), num_classes - 1
+            )
+        )
     # Decoded together so both splits get the same channel layout and size check.
     where = train_where + test_where
     x = decode_images(train_blobs + test_blobs, lambda i: "sample {} in {}".format(*where[i]), cfg.resolution)

@@ -29,7 +29,7 @@ import torch
 
 from condense.codeversion import code_version
 from condense.config import PipelineConfig
-from condense.errors import CondenseError
+from condense.errors import CondenseError, DamagedArtifactError
 from condense.prepare import PreparedDataset, load
 from condense.progress import SILENT, Progress
 from condense.store import Store, read_json, stable_hash, write_json
@@ -147,16 +147,29 @@ class Job:
 
 class TorchCheckpoints:
     """Resumable state as one file written atomically (temporary name, then rename); ``on_save``
-    runs after each save (a remote store shares the checkpoint with other machines there)."""
+    runs after each save (a remote store shares the checkpoint with other machines there).
 
-    def __init__(self, path: Path, on_save: Callable[[], None] = lambda: None):
+    Loaded with ``weights_only=True``: tensors and plain containers, never code. A checkpoint that
+    does not load (damaged, or not one of ours) is moved aside and the work starts over."""
+
+    def __init__(self, path: Path, on_save: Callable[[], None] = lambda: None, progress: Progress = SILENT):
         self.path = path
         self.on_save = on_save
+        self.progress = progress
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        return torch.load(self.path, weights_only=True)
+        try:
+            return torch.load(self.path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is only lost work
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{uuid.uuid4().hex[:8]}")
+            os.replace(self.path, aside)
+            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            self.progress.note(
+                f"checkpoint {self.path} does not load ({reason}); moved to {aside.name}, starting over"
+            )
+            return None
 
     def save(self, state: dict[str, Any]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
@@ -201,7 +214,7 @@ class Context:
 
     def checkpoints(self) -> TorchCheckpoints:
         """This job's checkpoint file, shared with other machines after every save."""
-        return TorchCheckpoints(self.work / CHECKPOINT, lambda: self.share(CHECKPOINT))
+        return TorchCheckpoints(self.work / CHECKPOINT, lambda: self.share(CHECKPOINT), self.progress)
 
 
 def _check_key(stage: Stage, job: Job, cfg: PipelineConfig) -> None:
@@ -244,10 +257,29 @@ def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
     if stage.parts is not None:
         meta = {**meta, "parts": ctx.parts}
     meta["seconds"] = round(time.perf_counter() - started, 3)
-    for scratch in [ctx.work / CHECKPOINT, *ctx.work.glob("part-*.json")]:
+    for scratch in [ctx.work / CHECKPOINT, *ctx.work.glob("part-*.json"), *ctx.work.glob(f"{CHECKPOINT}.*")]:
         scratch.unlink(missing_ok=True)
     ctx.store.commit(stage.name, ctx.key, ctx.work, meta)
     return ctx.store.meta(stage.name, ctx.key)
+
+
+def _context(
+    stage: Stage, job: Job, cfg: PipelineConfig, store: Store, progress: Progress, work: Path
+) -> Context:
+    return Context(stage.name, cfg, store, job.key, job.keys, job.params, work, progress)
+
+
+def _intact(store: Store, stage: str, key: str, progress: Progress) -> bool:
+    """Whether ``(stage, key)`` is committed with its meta and file sizes as recorded; a damaged one is
+    moved aside, so that it is computed again (its contents are hashed when a job reads it)."""
+    if not store.has(stage, key):
+        return False
+    try:
+        store.verify(stage, key)
+    except DamagedArtifactError as err:
+        progress.note(f"{err}; moved aside to {store.quarantine(stage, key)}, recomputing it")
+        return False
+    return True
 
 
 def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SILENT) -> dict[str, Any]:
@@ -260,23 +292,25 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
         job = replace(job, params=params, key=stage.key(cfg, job.keys, params))
     _check_key(stage, job, cfg)
     started = time.time()
-    cached = store.has(stage.name, job.key)
-    if cached:
+    meta: dict[str, Any] | None = None  # set when this job computed (or found its part's record)
+    cached = _intact(store, stage.name, job.key, progress)
+    if not cached and (stage.resumable or stage.parts is not None):
+        # One work folder per key: a second run on the same store waits, then finds it done.
+        with store.lock(stage.name, job.key if job.part is None else f"{job.key}-{job.part}"):
+            cached = _intact(store, stage.name, job.key, progress)
+            if not cached:
+                ctx = _context(stage, job, cfg, store, progress, store.partial(stage.name, job.key))
+                if job.part is not None:
+                    meta, cached = _run_part(stage, ctx, job.part)
+                else:
+                    meta = _seal(stage, ctx)
+    elif not cached:
+        with store.writing(stage.name, job.key) as tmp:
+            meta = _seal(stage, _context(stage, job, cfg, store, progress, tmp))
+    if meta is None:  # committed, by an earlier run or by another one while this job waited
         meta = store.meta(stage.name, job.key)
         if job.part is not None:
             meta = meta["parts"][job.part]
-    else:
-        ctx = Context(stage.name, cfg, store, job.key, job.keys, job.params, Path(), progress)
-        if job.part is not None:
-            ctx.work = store.partial(stage.name, job.key)
-            meta, cached = _run_part(stage, ctx, job.part)
-        elif stage.resumable or stage.parts is not None:
-            ctx.work = store.partial(stage.name, job.key)
-            meta = _seal(stage, ctx)
-        else:
-            with store.writing(stage.name, job.key) as tmp:
-                ctx.work = tmp
-                meta = _seal(stage, ctx)
     return {
         "job": job.name,
         "stage": job.stage,

@@ -47,7 +47,7 @@ def _open_buffer(ctx: Context) -> zarr.Array:
         except OSError:  # another part created it first
             shutil.rmtree(tmp, ignore_errors=True)
         ctx.share(BUFFER_META)
-    return zarr.open_array(str(path), mode="r+")
+    return zarr.open_array(str(path), mode="r+", zarr_format=3)
 
 
 def record_expert(ctx: Context, index: int) -> dict[str, Any]:

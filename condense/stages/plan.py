@@ -31,6 +31,14 @@ class Plan:
     keys: dict[str, str | list[str]] = field(default_factory=dict)
     """Each planned stage's key, or the keys of its instances (a fanned-out stage)."""
 
+    def artifacts(self) -> list[tuple[str, str]]:
+        """(stage, key) of every artifact the plan reads or writes."""
+        return [
+            (stage, key)
+            for stage, keys in self.keys.items()
+            for key in ([keys] if isinstance(keys, str) else keys)
+        ]
+
     def stages(self) -> list[str]:
         """Stage names in plan order."""
         return list(dict.fromkeys(job.stage for job in self.jobs))

@@ -78,7 +78,7 @@ def save_arrays(
     path: Path, arrays: Mapping[str, np.ndarray], chunks: Mapping[str, tuple] | None = None
 ) -> None:
     """Write numpy arrays as one zarr v3 group (replacing what is there)."""
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, value in arrays.items():
         value = np.ascontiguousarray(value)
         arr = group.create_array(
@@ -88,7 +88,8 @@ def save_arrays(
 
 
 def load_arrays(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(path), mode="r")
+    # Version 3 only: a version-2 group could name numcodecs' pickle codec, i.e. run code on read.
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
     return {name: group[name][...] for name in (names or sorted(group.array_keys()))}
 
 

@@ -9,6 +9,8 @@ Arrays are zarr (v3) groups; small metadata is JSON.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -20,7 +22,15 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from condense.store.files import META, make_dir_racing_cleanup, read_json, write_json
+from condense.errors import CondenseError, DamagedArtifactError
+from condense.store import integrity
+from condense.store.files import META, make_dir_racing_cleanup, write_json
+
+LOCKS = ".locks"
+DAMAGED = ".damaged"
+"""``<stage>/.damaged/<key>-<id>``: damaged artifacts moved aside (``gc --partials`` removes them)."""
+_verified: set[tuple[str, str, str]] = set()
+"""(store root, stage, key) whose contents this process has checked: committed artifacts never change."""
 
 
 class Store:
@@ -42,8 +52,32 @@ class Store:
         return self.root / stage / key
 
     def path(self, stage: str, key: str) -> Path:
-        """Local directory of the finished artifact (fetched first if the store is remote)."""
-        return self._local(stage, key)
+        """Local directory of the finished artifact (fetched first if the store is remote), its files
+        checked against their checksums the first time this process reads it; a damaged artifact is
+        moved aside and raises :class:`DamagedArtifactError`."""
+        folder = self._local(stage, key)
+        if (str(self.root), stage, key) not in _verified:
+            try:
+                self.verify(stage, key, integrity.content_limit())
+            except DamagedArtifactError as err:
+                raise DamagedArtifactError(stage, key, err.problem, self.quarantine(stage, key)) from None
+            _verified.add((str(self.root), stage, key))
+        return folder
+
+    def verify(self, stage: str, key: str, hash_up_to: float = 0) -> None:
+        """Raise :class:`DamagedArtifactError` unless the artifact's meta is intact and its files have
+        their recorded sizes (and contents, when it holds at most ``hash_up_to`` bytes)."""
+        wrong = integrity.problem(self._local(stage, key), self.meta(stage, key), hash_up_to)
+        if wrong is not None:
+            raise DamagedArtifactError(stage, key, wrong)
+
+    def quarantine(self, stage: str, key: str) -> str:
+        """Move a damaged artifact aside (so that its stage is recomputed); returns where it went."""
+        target = self.root / stage / DAMAGED / f"{key}-{uuid.uuid4().hex[:8]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.rename(self._local(stage, key), target)
+        return str(target)
 
     def url(self, stage: str, key: str) -> str:
         """Where the finished artifact lives in the store itself, for reports."""
@@ -68,7 +102,18 @@ class Store:
         return (self._local(stage, key) / META).is_file()
 
     def meta(self, stage: str, key: str) -> dict[str, Any]:
-        return read_json(self._local(stage, key) / META)
+        """The artifact's metadata, checked against its digest."""
+        folder = self._local(stage, key)
+        try:
+            raw = (folder / META).read_bytes()
+        except FileNotFoundError:
+            if folder.is_dir():
+                raise DamagedArtifactError(stage, key, f"{META} is missing") from None
+            raise CondenseError(f"artifact {stage}/{key} is not in the store {self.location}") from None
+        meta, wrong = integrity.parse_meta(raw)
+        if meta is None:
+            raise DamagedArtifactError(stage, key, str(wrong))
+        return meta
 
     def partial(self, stage: str, key: str) -> Path:
         """Scratch directory of an unfinished artifact; survives crashes so work can resume."""
@@ -77,25 +122,55 @@ class Store:
         return path
 
     def commit(self, stage: str, key: str, work_dir: Path, meta: Mapping[str, Any]) -> Path:
-        """Seal ``work_dir`` as the artifact ``(stage, key)``: write its meta, rename into place.
+        """Seal ``work_dir`` as the artifact ``(stage, key)``: record every file's size and sha256 in
+        its meta, write the meta, rename into place.
 
         If another process finished the same artifact first, keep theirs (same key, same content)
         and drop ours.
         """
-        return self._seal(stage, key, work_dir, meta)
+        checksums = integrity.checksums(work_dir)
+        record = integrity.sealed({"stage": stage, "key": key, **meta, integrity.CHECKSUMS: checksums})
+        return self._seal(stage, key, work_dir, record)
 
-    def _seal(self, stage: str, key: str, work_dir: Path, meta: Mapping[str, Any]) -> Path:
-        """Write ``meta`` into ``work_dir`` and rename it to the local artifact directory."""
-        write_json(work_dir / META, {"stage": stage, "key": key, **meta})
+    def _seal(self, stage: str, key: str, work_dir: Path, record: Mapping[str, Any]) -> Path:
+        """Write the sealed ``record`` into ``work_dir`` and rename it to the local artifact directory.
+        A folder already there without an intact meta (debris of a damaged or half-deleted artifact)
+        is moved aside first."""
+        write_json(work_dir / META, record)
         final = self._local(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_dir() and not self._intact_meta(final):
+            self.quarantine(stage, key)
         try:
             os.rename(work_dir, final)
         except OSError:
-            if not (final / META).is_file():
+            if not self._intact_meta(final):
                 raise
-            shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(work_dir, ignore_errors=True)  # another process committed it first
+        else:
+            _verified.add((str(self.root), stage, key))  # just written from checked files
         return final
+
+    @staticmethod
+    def _intact_meta(folder: Path) -> bool:
+        try:
+            return integrity.parse_meta((folder / META).read_bytes())[0] is not None
+        except OSError:
+            return False
+
+    @contextmanager
+    def lock(self, stage: str, name: str) -> Iterator[None]:
+        """Hold ``<stage>/.locks/<name>`` exclusively (other processes and threads on this machine
+        wait): two runs working on the same resumable artifact take turns instead of writing into
+        one work folder at once. The lock goes with its holder, even one killed by SIGKILL."""
+        path = self.root / stage / LOCKS / f"{name}.lock"
+        make_dir_racing_cleanup(path.parent, exist_ok=True)
+        with open(path, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:

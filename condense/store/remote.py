@@ -25,7 +25,6 @@ variables or files, ``AWS_ENDPOINT_URL`` for S3-compatible servers) or fsspec's
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -35,7 +34,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from condense.errors import CondenseError
+from condense.errors import CondenseError, DamagedArtifactError
+from condense.store import integrity
 from condense.store.files import META, create_exclusive, json_bytes
 from condense.store.local import Store
 
@@ -68,9 +68,13 @@ class RemoteStore(Store):
             path = self._remote(stage, key, META)
             self.fs.invalidate_cache(path)  # another machine may have committed since we listed
             try:
-                self._markers[stage, key] = json.loads(self.fs.cat_file(path))
+                raw = self.fs.cat_file(path)
             except FileNotFoundError:
                 return None
+            marker, wrong = integrity.parse_meta(raw)
+            if marker is None:
+                raise DamagedArtifactError(stage, key, f"{wrong} (in {self.location})")
+            self._markers[stage, key] = marker
         return self._markers[stage, key]
 
     def has(self, stage: str, key: str) -> bool:
@@ -81,7 +85,7 @@ class RemoteStore(Store):
             return super().meta(stage, key)
         marker = self.marker(stage, key)
         if marker is None:
-            raise FileNotFoundError(f"{self.url(stage, key)} is not committed")
+            raise CondenseError(f"artifact {stage}/{key} is not committed in {self.location}")
         return marker
 
     def url(self, stage: str, key: str) -> str:
@@ -91,15 +95,29 @@ class RemoteStore(Store):
     def path(self, stage: str, key: str) -> Path:
         final = self._local(stage, key)
         if (final / META).is_file():
-            return final
+            return super().path(stage, key)
         marker = self.marker(stage, key)
         if marker is None:
-            raise FileNotFoundError(f"{self.url(stage, key)} is not committed")
+            raise CondenseError(f"artifact {stage}/{key} is not committed in {self.location}")
         folder, files = self._payload(stage, key, marker)
         with self.writing(stage, key) as tmp:
             self._download([f"{folder}/{name}" for name in files], [tmp / name for name in files])
+            wrong = integrity.problem(tmp, marker, integrity.content_limit())
+            if wrong is not None:  # the store's own copy is damaged: never mirror it
+                raise DamagedArtifactError(stage, key, f"{wrong} (in {self.url(stage, key)})")
             self._seal(stage, key, tmp, marker)
         return final
+
+    def verify(self, stage: str, key: str, hash_up_to: float = 0) -> None:
+        if (self._local(stage, key) / META).is_file():
+            super().verify(stage, key, hash_up_to)
+        else:
+            self.meta(stage, key)  # the marker's digest; files are checked when they are mirrored
+
+    def quarantine(self, stage: str, key: str) -> str:
+        """Drop this machine's damaged mirror of an artifact (the next read downloads it again)."""
+        shutil.rmtree(self._local(stage, key), ignore_errors=True)
+        return f"{self.url(stage, key)} (this machine's copy was removed)"
 
     def _payload(self, stage: str, key: str, marker: dict[str, Any]) -> tuple[str, list[str]]:
         """Folder and file names of a committed artifact. A store written locally and copied to
@@ -111,13 +129,22 @@ class RemoteStore(Store):
         return folder, [name for name in names if name != META]
 
     def commit(self, stage: str, key: str, work_dir: Path, meta: dict[str, Any]) -> Path:
-        files = sorted(p.relative_to(work_dir).as_posix() for p in work_dir.rglob("*") if p.is_file())
-        files = [name for name in files if name != META]  # the marker is written last, below
+        checksums = integrity.checksums(work_dir)
+        files = sorted(checksums)  # the marker is written last, below
         payload = uuid.uuid4().hex[:12]
         folder = self._remote(stage, key, payload)
         if files:
             self.fs.put([str(work_dir / name) for name in files], [f"{folder}/{name}" for name in files])
-        marker = {"stage": stage, "key": key, **meta, "payload": payload, "files": files}
+        marker = integrity.sealed(
+            {
+                "stage": stage,
+                "key": key,
+                **meta,
+                integrity.CHECKSUMS: checksums,
+                "payload": payload,
+                "files": files,
+            }
+        )
         if not create_exclusive(self.fs, self._remote(stage, key, META), json_bytes(marker)):
             # another machine committed this key first: keep theirs (same key, same content)
             if files:
