@@ -74,7 +74,7 @@ def load_buffer(store: Store, key: str) -> ExpertBuffer:
 
 
 def save_teacher(work: Path, model: torch.nn.Module) -> None:
-    torch.save(model.state_dict(), work / TEACHER_WEIGHTS)
+    torch.save({name: t.detach().cpu() for name, t in model.state_dict().items()}, work / TEACHER_WEIGHTS)
 
 
 def teacher_description(arch: str, model_cfg: ModelConfig, card: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def load_teacher(store: Store, key: str) -> torch.nn.Module:
     model = models.build_model(
         net["arch"], net["channels"], net["num_classes"], net["resolution"], ModelConfig(**net["model"])
     )
-    weights = torch.load(store.path("teacher", key) / TEACHER_WEIGHTS, weights_only=True)
+    weights = torch.load(store.path("teacher", key) / TEACHER_WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(weights)
     return model.eval()
 
@@ -104,10 +104,8 @@ def load_teacher(store: Store, key: str) -> torch.nn.Module:
 
 
 def save_synthetic(work: Path, result: SyntheticSet, pixels: torch.Tensor) -> None:
-    save_arrays(
-        work / SYNTHETIC,
-        {"images": result.images.numpy(), "labels": result.labels.numpy(), "pixels": pixels.numpy()},
-    )
+    arrays = {"images": result.images, "labels": result.labels, "pixels": pixels}
+    save_arrays(work / SYNTHETIC, {name: t.detach().cpu().numpy() for name, t in arrays.items()})
     write_json(work / HISTORY, result.history)
 
 
@@ -136,7 +134,7 @@ def stitch_factor(store: Store, distill_key: str) -> int:
 
 
 def save_soft_labels(work: Path, probs: torch.Tensor) -> None:
-    save_arrays(work / SOFT_LABELS, {"probs": probs.numpy()})
+    save_arrays(work / SOFT_LABELS, {"probs": probs.detach().cpu().numpy()})
 
 
 def load_soft_labels(store: Store, key: str) -> torch.Tensor:

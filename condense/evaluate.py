@@ -12,20 +12,24 @@ Two recipes, each measured once at the end of training (no picking of a best tes
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
+from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig
+from condense.devices import Compiled
 from condense.labels import kd_loss
 from condense.models import build_model
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
-from condense.training import accuracy, cosine_factor, sample_per_class, train_epoch
+from condense.training import accuracy, batches, cosine_factor, random_seed, sample_per_class, train_epoch
 
 
 @dataclass(frozen=True)
@@ -49,13 +53,15 @@ def train_and_test(
     seed: int,
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
+    compile_step: bool = False,
 ) -> dict[str, float]:
     """Train ``arch`` from a seeded initialisation on (x, targets); returns test accuracy (%) and time.
 
     ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set.
     """
     started = time.perf_counter()
-    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(x.device)
+    forward = Compiled(model, compile_step, x.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -72,7 +78,9 @@ def train_and_test(
     generator = torch.Generator().manual_seed(seed)
     loss = float("nan")
     for epoch in range(recipe.epochs):
-        loss = train_epoch(model, x, targets, loss_fn, optimizer, recipe.batch_size, generator, recipe.dsa)
+        loss = train_epoch(
+            model, x, targets, loss_fn, optimizer, recipe.batch_size, generator, recipe.dsa, forward
+        )
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
     return {
@@ -80,6 +88,96 @@ def train_and_test(
         "train_loss": loss,
         "seconds": time.perf_counter() - started,
     }
+
+
+def batchable(model: nn.Module) -> bool:
+    """Seeds of this network can train together (no batch norm: its running statistics do not vmap)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def train_and_test_seeds(
+    arch: str,
+    data: PreparedDataset,
+    xs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    recipe: Recipe,
+    seeds: list[int],
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+    compile_step: bool = False,
+) -> list[dict[str, float]]:
+    """:func:`train_and_test` for several seeds at once: their networks are stacked
+    (``torch.func.stack_module_state``) and every step is one vmapped forward and backward for all of
+    them, so a GPU runs K small trainings as one instead of K launch-bound ones.
+
+    Each seed keeps what it has alone: its initialisation, its generator (batch order, then one DSA
+    seed per batch, drawn in the same order), its set (``xs[k]``, e.g. its random real images) and
+    the recipe's SGD (momentum, weight decay, learning rate /10 halfway), which acts on each seed's
+    slice of the stacked parameters exactly as on its own. The result equals the one-at-a-time
+    training up to floating-point rounding (batched convolutions sum in another order)."""
+    started = time.perf_counter()
+    device = xs[0].device
+    models = [
+        build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, s) for s in seeds
+    ]
+    if len(seeds) == 1 or not batchable(models[0]):
+        return [
+            train_and_test(arch, data, x, t, recipe, seed, model_cfg, progress, compile_step)
+            for x, t, seed in zip(xs, targets, seeds, strict=True)
+        ]
+    params, buffers = stack_module_state([m.to(device) for m in models])
+    shape = copy.deepcopy(models[0]).to("meta")
+
+    def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(shape, (p, b), (x,))
+
+    stacked = Compiled(vmap(forward), compile_step, device)
+    optimizer = torch.optim.SGD(
+        list(params.values()), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    half = recipe.epochs // 2
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[half] if half else [], gamma=0.1)
+    temperature = recipe.temperature
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    n, k = len(xs[0]), len(seeds)
+    losses = torch.zeros(k, dtype=torch.float64, device=device)
+    for epoch in range(recipe.epochs):
+        orders = [batches(n, recipe.batch_size, g) for g in generators]
+        losses.zero_()
+        for picks in zip(*orders, strict=True):
+            inputs, labels = [], []
+            for seed_index, idx in enumerate(picks):
+                idx = idx.to(device)
+                batch = xs[seed_index][idx]
+                if recipe.dsa is not None:
+                    batch = dsa(batch, recipe.dsa, random_seed(generators[seed_index]))
+                inputs.append(batch)
+                labels.append(targets[seed_index][idx])
+            logits = stacked(params, buffers, torch.stack(inputs))
+            per_seed = torch.stack(
+                [
+                    F.cross_entropy(logits[i], labels[i])
+                    if temperature is None
+                    else kd_loss(logits[i], labels[i], temperature)
+                    for i in range(k)
+                ]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            per_seed.sum().backward()  # seeds share no parameter: each gets its own gradient
+            optimizer.step()
+            losses += per_seed.detach().double() * len(picks[0])
+        scheduler.step()
+        progress.step(epoch + 1, recipe.epochs, f"{k} seeds, loss {float(losses.mean()) / n:.4f}")
+    with torch.no_grad():
+        correct = torch.zeros(k, device=device)
+        for chunk, labels in zip(torch.split(data.test_x, 1024), torch.split(data.test_y, 1024), strict=True):
+            predicted = vmap(forward, in_dims=(0, 0, None))(params, buffers, chunk.to(device)).argmax(-1)
+            correct += (predicted == labels.to(device)).sum(1)
+    seconds = (time.perf_counter() - started) / k
+    return [
+        {"accuracy": float(c) / len(data.test_y) * 100, "train_loss": float(loss) / n, "seconds": seconds}
+        for c, loss in zip(correct, losses, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -116,7 +214,7 @@ def train_kd(
 ) -> tuple[nn.Module, float]:
     """Train ``arch`` by KD: each epoch follows ``plans(epoch)``, each batch learns ``targets``.
     Returns the model and the last epoch's mean loss."""
-    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(x.device)
     optimizer = adamw_without_decay_on_norms(model, recipe.lr, recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: cosine_factor(epoch, recipe.epochs, recipe.final_lr_fraction)
@@ -124,19 +222,19 @@ def train_kd(
     loss = float("nan")
     for epoch in range(recipe.epochs):
         plan = plans(epoch)
-        total = 0.0
-        batches = num_batches(len(x), recipe.batch_size)
-        for batch in range(batches):
+        total = torch.zeros((), dtype=torch.float64, device=x.device)  # no host round trip per batch
+        count = num_batches(len(x), recipe.batch_size)
+        for batch in range(count):
             inputs = plan_inputs(x, plan, batch, recipe.batch_size, recipe.augment.factor)
-            probs = targets(epoch, batch, inputs)
+            probs = targets(epoch, batch, inputs).to(inputs.device)
             model.train()
             step_loss = kd_loss(model(inputs), probs, recipe.temperature)
             optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
             optimizer.step()
-            total += float(step_loss.detach())
+            total += step_loss.detach().double()
         scheduler.step()
-        loss = total / batches
+        loss = float(total) / count
         progress.step(epoch + 1, recipe.epochs, f"kd loss {loss:.4f}")
     return model.eval(), loss
 

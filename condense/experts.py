@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from condense.config import DSAConfig, ExpertsConfig, ModelConfig
+from condense.devices import Compiled
 from condense.models import CONVNET, FlatParams, build_model
 from condense.prepare import PreparedDataset
 from condense.training import accuracy, train_epoch
@@ -39,7 +40,8 @@ def expert_seed(seed: int, index: int) -> int:
 
 def student_model(data: PreparedDataset, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """The distillation architecture (ConvNet) for this dataset."""
-    return build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    return model.to(data.train_x.device)
 
 
 def train_expert(
@@ -49,15 +51,18 @@ def train_expert(
     dsa_cfg: DSAConfig,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    compile_step: bool = False,
 ) -> Trajectory:
-    """Train one expert from a seeded initialisation; deterministic for a given seed on CPU."""
+    """Train one expert from a seeded initialisation; deterministic for a given seed on CPU.
+    ``compile_step``: run the forward pass through ``torch.compile`` (see :class:`Compiled`)."""
     model = student_model(data, model_cfg, seed)
+    forward = Compiled(model, compile_step, data.train_x.device)
     flat = FlatParams(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     generator = torch.Generator().manual_seed(seed)
-    snapshots = [flat.flatten().numpy().copy()]
+    snapshots = [flat.flatten().cpu().numpy()]
     losses = []
     for epoch in range(cfg.epochs):
         loss = train_epoch(
@@ -69,11 +74,12 @@ def train_expert(
             cfg.batch_size,
             generator,
             dsa_cfg if cfg.dsa else None,
+            forward,
         )
         if not np.isfinite(loss):
             raise FloatingPointError(f"expert {seed} diverged at epoch {epoch + 1}; lower experts.lr")
         losses.append(loss)
-        snapshots.append(flat.flatten().numpy().copy())
+        snapshots.append(flat.flatten().cpu().numpy())  # one copy to the host per epoch
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
     return Trajectory(

@@ -7,6 +7,7 @@ With ``zca: true`` inputs are ZCA-whitened instead (MTT's convention: no mean/st
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +46,17 @@ class PreparedDataset:
     def resolution(self) -> int:
         return self.card["resolution"]
 
+    def to(self, device: torch.device | str) -> PreparedDataset:
+        """The same data with its tensors on ``device`` (this object when they are there already)."""
+        if self.train_x.device == torch.device(device):
+            return self
+        moved = {name: getattr(self, name).to(device) for name in ("train_x", "train_y", "test_x", "test_y")}
+        return dataclasses.replace(self, **moved)
+
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """Back from network inputs to viewable [0, 1] pixels (inverse whitening/normalisation)."""
+        """Back from network inputs to viewable [0, 1] pixels (inverse whitening or normalisation), on
+        the CPU."""
+        x = x.detach().cpu()
         if self.whitening is not None:
             x = zca.invert_zca(x, self.whitening)
         else:

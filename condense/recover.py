@@ -131,9 +131,10 @@ class BNStatistics:
 
 
 def pixel_bounds(data: PreparedDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalised values of pixel 0 and pixel 1 per channel, shaped (1, C, 1, 1)."""
-    mean = torch.tensor(data.card["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(data.card["std"]).view(1, -1, 1, 1)
+    """The normalised values of pixel 0 and pixel 1 per channel, shaped (1, C, 1, 1), on the data's device."""
+    device = data.train_x.device
+    mean = torch.tensor(data.card["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.card["std"], device=device).view(1, -1, 1, 1)
     return (0 - mean) / std, (1 - mean) / std
 
 
@@ -247,7 +248,8 @@ def initial_batch(
 ) -> torch.Tensor:
     if init == "real":
         return random_real(data, labels, generator)
-    return torch.randn(len(labels), data.channels, data.resolution, data.resolution, generator=generator)
+    shape = (len(labels), data.channels, data.resolution, data.resolution)
+    return torch.randn(*shape, generator=generator).to(data.train_x.device)
 
 
 def summarize_recovery(
@@ -286,9 +288,10 @@ def with_batch(
     }
 
 
-def class_major(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Batches of one image per class -> class-major order (every image of class 0, then 1, ...)."""
-    stacked = torch.stack(batches, dim=1)
+def class_major(batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Batches of one image per class -> class-major order (every image of class 0, then 1, ...), on
+    ``device`` (batches restored from a checkpoint come back on the CPU)."""
+    stacked = torch.stack([batch.to(device) for batch in batches], dim=1)
     return stacked.reshape(-1, *stacked.shape[2:])
 
 
@@ -317,7 +320,7 @@ def recover_set(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progr
     cfg: RecoverConfig = inputs.method_cfg
     data = inputs.data
     teacher, guard = checked_teacher(inputs)
-    labels = torch.arange(data.num_classes)
+    labels = torch.arange(data.num_classes, device=data.train_x.device)
     state = checkpoints.load() or {"batches": [], "histories": [], "partial": None}
     if state["batches"] or state["partial"]:
         progress.note(f"resuming recovery at batch {len(state['batches']) + 1}/{inputs.ipc}")
@@ -338,7 +341,7 @@ def recover_set(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progr
         )
         state = with_batch(state, images, history)
         checkpoints.save(state)
-    images = class_major(state["batches"])
+    images = class_major(state["batches"], data.train_x.device)
     out_labels = labels.repeat_interleave(inputs.ipc)
     return SyntheticSet(
         images=images,

@@ -178,8 +178,8 @@ def relabel(
             "flips": plan.flips.numpy(),
             "mix_partner": plan.mix_partner.numpy().astype(np.int32),
             "mix_boxes": plan.mix_boxes.numpy().astype(float_type),
-            "top_k_index": torch.cat(indices).numpy().astype(np.int16),
-            "top_k_prob": torch.cat(values).numpy().astype(float_type),
+            "top_k_index": torch.cat(indices).cpu().numpy().astype(np.int16),
+            "top_k_prob": torch.cat(values).cpu().numpy().astype(float_type),
         }
         if plan.patch_perm is not None:
             row["patch_perm"] = plan.patch_perm.numpy().astype(np.int8)

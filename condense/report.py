@@ -48,6 +48,11 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"version: {summary['dataset']}/{summary['method']}/ipc{summary['ipc']} v{v['number']} ({state})"
         )
+    for name, device in summary.get("devices", {}).items():
+        detail = (
+            f"{device['memory_gib']} GiB" if "memory_gib" in device else f"{device.get('threads')} threads"
+        )
+        lines.append(f"device {name}: {device['name']} ({detail})")
     lines += [
         f"teacher: {teacher['arch']} ({teacher['source']}), test accuracy {teacher['test_accuracy']:.2f}%",
         f"evaluation recipe: {summary['evaluation_recipe']}, labels: {labels['kind']}",
@@ -73,16 +78,32 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def stage_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """stage, cached, seconds, device(s), peak device memory (GPUs only), key."""
+    gpu = any("peak_memory_bytes" in s for s in summary["stages"].values())
+    rows = [["stage", "cached", "seconds", "device", *(["peak memory"] if gpu else []), "key"]]
+    for name, stage in summary["stages"].items():
+        peak = stage.get("peak_memory_bytes")
+        rows.append(
+            [
+                name,
+                "yes" if stage["cached"] else "no",
+                f"{stage['seconds']:.1f}",
+                ",".join(stage.get("devices", [])) or "-",
+                *([human_bytes(peak) if peak is not None else "-"] if gpu else []),
+                stage["key"],
+            ]
+        )
+    return rows
+
+
 def text_table(summary: dict[str, Any]) -> str:
     lines = [
         f"condense: {summary['dataset']} / {summary['method']} / ipc {summary['ipc']}"
         f"  (run {summary['run_id']}, {summary['seconds']:.1f} s)",
         "",
     ]
-    stage_rows = [["stage", "cached", "seconds", "key"]]
-    for name, stage in summary["stages"].items():
-        stage_rows.append([name, "yes" if stage["cached"] else "no", f"{stage['seconds']:.1f}", stage["key"]])
-    lines += _table(stage_rows)
+    lines += _table(stage_rows(summary))
     runs = summary["evaluation_runs"]
     lines += ["", f"test accuracy (%), mean ± std over {runs} fresh networks each:"]
     acc_rows = [["model", "distilled", "random_real", "full_data"]]
@@ -95,6 +116,14 @@ def text_table(summary: dict[str, Any]) -> str:
         f"grid: {summary['artifacts']['grid_png']}",
     ]
     return "\n".join(lines)
+
+
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(rows[0]) + " |",
+        "|" + "---|" * len(rows[0]),
+        *["| " + " | ".join(row) + " |" for row in rows[1:]],
+    ]
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -116,12 +145,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         "## Stages",
         "",
-        "| stage | cached | seconds | key |",
-        "|---|---|---|---|",
-        *[
-            f"| {name} | {'yes' if s['cached'] else 'no'} | {s['seconds']:.1f} | `{s['key']}` |"
-            for name, s in summary["stages"].items()
-        ],
+        *_markdown_table(stage_rows(summary)),
         "",
         "## Synthetic images",
         "",

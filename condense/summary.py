@@ -21,7 +21,8 @@ from condense.store import Store, write_json
 
 
 def stage_table(plan: Plan, outcomes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per stage, in plan order: cached (every job was), wall seconds (first start to last end), key."""
+    """Per stage, in plan order: cached (every job was), wall seconds (first start to last end), key,
+    the devices its jobs ran on and (on GPUs) the peak device memory of any of its jobs."""
     table: dict[str, dict[str, Any]] = {}
     for stage in ["dataset", *plan.stages()]:
         mine = [o for o in outcomes if o["stage"] == stage]
@@ -31,8 +32,17 @@ def stage_table(plan: Plan, outcomes: list[dict[str, Any]]) -> dict[str, dict[st
             "cached": all(o["cached"] for o in mine),
             "seconds": round(end - begin, 3),
             "key": plan.summary_key(stage),
+            "devices": sorted({o["device"]["device"] for o in mine}),
         }
+        peaks = [o["peak_memory_bytes"] for o in mine if "peak_memory_bytes" in o]
+        if peaks:
+            table[stage]["peak_memory_bytes"] = max(peaks)
     return table
+
+
+def device_names(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What each device that ran a job is (name, memory or threads)."""
+    return {o["device"]["device"]: o["device"] for o in outcomes}
 
 
 def _label_summary(cfg: PipelineConfig, store: Store, plan: Plan) -> dict[str, Any]:
@@ -67,6 +77,7 @@ def build_summary(
         "store": store.location,
         "seconds": round(seconds, 2),
         "stages": stage_table(plan, outcomes),
+        "devices": device_names(outcomes),
         "accuracy": {arch: table[arch]["distilled"] for arch in models},
         "baselines": {s: {k: table[models[0]][s][k] for k in ("mean", "std")} for s in baselines},
         "baselines_by_arch": {arch: {s: table[arch][s] for s in baselines} for arch in models},

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condense.config import DSAConfig, ModelConfig, TeacherConfig
+from condense.devices import Compiled
 from condense.errors import ConfigError, DatasetError
 from condense.models import build_model
 from condense.prepare import PreparedDataset
@@ -33,7 +34,8 @@ def build_teacher(
     cfg: TeacherConfig, model_cfg: ModelConfig, data: PreparedDataset, seed: int = 0
 ) -> nn.Module:
     model_cfg = teacher_model_config(cfg, model_cfg)
-    return build_model(cfg.arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    model = build_model(cfg.arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    return model.to(data.train_x.device)
 
 
 @dataclass
@@ -51,9 +53,11 @@ def train_teacher(
     dsa_cfg: DSAConfig,
     seed: int,
     progress: Progress = SILENT,
+    compile_step: bool = False,
 ) -> TrainedTeacher:
     """Train ``cfg.arch`` on all real training images: SGD + momentum, cosine to 0, DSA per batch."""
     model = build_teacher(cfg, model_cfg, data, seed)
+    forward = Compiled(model, compile_step, data.train_x.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -70,6 +74,7 @@ def train_teacher(
             cfg.batch_size,
             generator,
             dsa_cfg if cfg.dsa else None,
+            forward,
         )
         scheduler.step()
         progress.step(epoch + 1, cfg.epochs, f"teacher loss {loss:.4f}")

@@ -33,36 +33,40 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator,
     augment: DSAConfig | None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over (x, targets) in random order, DSA on every batch when ``augment`` is given.
+    """One pass over (x, targets) in random order, DSA on every batch when ``augment`` is given;
+    ``forward`` (default: the model) computes the logits, e.g. a compiled version of the model.
 
     Returns the mean training loss.
     """
     model.train()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=x.device)  # no host round trip per batch
     for idx in batches(len(x), batch_size, generator):
+        idx = idx.to(x.device)
         inputs = x[idx]
         if augment is not None:
             inputs = dsa(inputs, augment, random_seed(generator))
-        loss = loss_fn(model(inputs), targets[idx])
+        loss = loss_fn((forward or model)(inputs), targets[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
-    return total / max(count, 1)
+        total += loss.detach().double() * len(idx)
+    return float(total) / max(len(x), 1)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits for x, in eval mode, batched."""
+    """Logits for x, in eval mode, batched, on the model's device (x may live elsewhere)."""
     model.eval()
-    return torch.cat([model(chunk) for chunk in torch.split(x, batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat([model(chunk.to(device)) for chunk in torch.split(x, batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
-    return float((predict(model, x).argmax(1) == y).float().mean() * 100)
+    logits = predict(model, x)
+    return float((logits.argmax(1) == y.to(logits.device)).float().mean() * 100)
 
 
 def sample_per_class(

@@ -230,16 +230,33 @@ def run(
     dask_address: Annotated[
         str | None, typer.Option(help="Scheduler of an existing Dask cluster (default: a local cluster).")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (a GPU when there is one), cpu, cuda or cuda:N: compute.device.")
+    ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="Spread experts and evaluation runs over these devices, one job per GPU at a time: "
+            "0,1 or cuda:0,cuda:1 (compute.devices; default: every visible GPU)."
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline; a rerun reuses every stage whose inputs did not change."""
     _configure_prefect(debug)
+    from condense import devices as compute
     from condense.configure import load_config
     from condense.errors import CondenseError
     from condense.store import open_store
 
     overrides = list(set_ or [])
+    if device:
+        overrides.append(f"compute.device={device}")
+    if devices:
+        names = [f"cuda:{d}" if d.strip().isdigit() else d.strip() for d in devices.split(",")]
+        overrides.append(f"compute.devices=[{','.join(names)}]")
     try:
-        load_config(preset, overrides)  # bad config fails here, before any Prefect or store work
+        cfg = load_config(preset, overrides)  # bad config fails here, before any Prefect or store work
+        compute.fan_out(cfg.compute.device, cfg.compute.devices)  # a device that is not here, too
         store_dir = open_store(store).location
     except CondenseError as err:
         _fail(str(err), 2)

@@ -119,11 +119,14 @@ def select_initial(
     initialisation: medium (teacher right, student wrong), then hard (both wrong), then simple
     (teacher right), then anything unused; never an image an earlier curriculum started from."""
     counts = {"simple": 0, "medium": 0, "hard": 0, "other": 0}
-    free = torch.ones(len(data.train_y), dtype=torch.bool)
+    # Bookkeeping on the CPU, wherever the data and the networks are.
+    train_y, teacher_right = data.train_y.cpu(), teacher_right.cpu()
+    student_right = None if student_right is None else student_right.cpu()
+    free = torch.ones(len(train_y), dtype=torch.bool)
     free[used] = False
     picks = []
     for c in range(data.num_classes):
-        member = (data.train_y == c) & free
+        member = (train_y == c) & free
         if student_right is None:
             tiers = [("simple", member & teacher_right)]
         else:
@@ -172,6 +175,7 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     data = inputs.data
     model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, inputs.model_cfg)
     model.load_state_dict(state_dict)
+    model.to(data.train_x.device)
     return frozen(model)
 
 
@@ -181,7 +185,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
     data = inputs.data
     teacher, guard = checked_teacher(inputs)
     teacher_right = predict(teacher, data.train_x).argmax(1) == data.train_y
-    labels = torch.arange(data.num_classes)
+    labels = torch.arange(data.num_classes, device=data.train_x.device)
     sizes = curriculum_sizes(cfg, inputs.ipc)
     state = checkpoints.load() or {
         "batches": [],
@@ -206,7 +210,11 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
             if index > 0:
                 progress.note(f"CUDD curriculum {index + 1}: training a student on {first} images per class")
                 student = train_student(
-                    inputs, class_major(state["batches"]), cfg, inputs.seed * 7919 + index, progress
+                    inputs,
+                    class_major(state["batches"], data.train_x.device),
+                    cfg,
+                    inputs.seed * 7919 + index,
+                    progress,
                 )
                 record["student_accuracy"] = round(accuracy(student, data.test_x, data.test_y), 2)
                 record["student"] = student.state_dict()
@@ -242,7 +250,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
             state = with_batch(state, images, history)
             checkpoints.save(state)
         first += size
-    images = class_major(state["batches"])
+    images = class_major(state["batches"], data.train_x.device)
     out_labels = labels.repeat_interleave(inputs.ipc)
     curricula = [
         {k: v for k, v in record.items() if k not in ("student", "picks")} for record in state["curricula"]

@@ -34,4 +34,4 @@ def initial_images(
         with torch.no_grad():
             return kmeans_init(data.train_x, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
     shape = (data.num_classes * ipc, data.channels, data.resolution, data.resolution)
-    return torch.randn(*shape, generator=generator)
+    return torch.randn(*shape, generator=generator).to(data.train_x.device)

@@ -154,7 +154,7 @@ def run_matching(
         model_cfg=inputs.model_cfg,
         dsa_cfg=inputs.dsa_cfg,
         images=images,
-        labels=class_labels(data.num_classes, inputs.ipc),
+        labels=class_labels(data.num_classes, inputs.ipc).to(images.device),
         optimizer=optimizer,
         generator=generator,
         sampler=new_sampler(data, cfg, generator, stats),

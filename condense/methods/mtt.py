@@ -108,9 +108,10 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
         return net.load_into(buffer.snapshot(0, buffer.num_snapshots - 1))
 
     images = initial_images(data, inputs.ipc, cfg.init, generator, trained_expert)
-    labels = torch.arange(data.num_classes).repeat_interleave(inputs.ipc)
+    device = images.device
+    labels = torch.arange(data.num_classes, device=device).repeat_interleave(inputs.ipc)
     images.requires_grad_(True)
-    syn_lr = torch.tensor(cfg.lr_init, requires_grad=True)
+    syn_lr = torch.tensor(cfg.lr_init, device=device, requires_grad=True)
     opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
     opt_lr = torch.optim.SGD([syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
     resumable = Resumable(
@@ -128,8 +129,8 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress)
     for it in range(start_it, cfg.iterations):
         expert = int(torch.randint(buffer.num_experts, (1,), generator=generator))
         t = int(torch.randint(cfg.max_start_epoch + 1, (1,), generator=generator))
-        start = buffer.snapshot(expert, t)
-        target = buffer.snapshot(expert, t + cfg.expert_epochs)
+        start = buffer.snapshot(expert, t).to(device)
+        target = buffer.snapshot(expert, t + cfg.expert_epochs).to(device)
         student = unroll(net, start, images, labels, syn_lr, cfg.syn_steps, batch, generator, inputs.dsa_cfg)
         loss = trajectory_loss(student, start, target)
         if not torch.isfinite(loss):

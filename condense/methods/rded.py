@@ -66,7 +66,7 @@ def score_crops(teacher: torch.nn.Module, patches: torch.Tensor, label: int, sid
     if pad:
         patches = F.pad(patches, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
     logits = predict(teacher, patches, batch_size=512)
-    return F.cross_entropy(logits, torch.full((len(patches),), label), reduction="none")
+    return F.cross_entropy(logits, torch.full((len(patches),), label, device=logits.device), reduction="none")
 
 
 def select_class(
@@ -126,7 +126,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
         progress.step(label + 1, data.num_classes, f"class {label}: selected CE {stats['selected_ce']:.3f}")
     history = state["history"]
     return SyntheticSet(
-        images=torch.cat(state["images"]),
+        images=torch.cat([images.cpu() for images in state["images"]]),  # restored ones come back on the CPU
         labels=torch.arange(data.num_classes).repeat_interleave(inputs.ipc),
         history=history,
         stats={

@@ -14,6 +14,7 @@ that does. The plan (:mod:`condense.stages.plan`) orders them by what they read.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from condense import devices
 from condense.codeversion import code_version
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, DamagedArtifactError
@@ -136,12 +138,18 @@ class Job:
     keys: dict[str, str | list[str]] = field(default_factory=dict)
     """Keys of the artifacts it reads."""
     part: int | None = None
+    device: str | None = None
+    """Where it runs, when the plan spreads a stage's jobs over devices; None: ``compute.device``."""
 
     @property
     def name(self) -> str:
         """Unique within a plan: stage, part or params, key."""
         detail = "" if self.part is None else f"[{self.part}]"
-        detail += "".join(f"-{v}" for v in self.params.values() if not isinstance(v, dict))
+        for value in self.params.values():
+            if isinstance(value, list):
+                detail += "-" + "+".join(map(str, value))
+            elif not isinstance(value, dict):
+                detail += f"-{value}"
         return f"{self.stage}{detail}-{self.key}"
 
 
@@ -161,7 +169,7 @@ class TorchCheckpoints:
         if not self.path.exists():
             return None
         try:
-            return torch.load(self.path, weights_only=True)
+            return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is only lost work
             aside = self.path.with_name(f"{self.path.name}.unreadable-{uuid.uuid4().hex[:8]}")
             os.replace(self.path, aside)
@@ -190,15 +198,21 @@ class Context:
     params: Params
     work: Path
     progress: Progress = SILENT
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     parts: list[dict[str, Any]] = field(default_factory=list)
     """The records of every part (in a stage with parts, when ``run`` seals them)."""
     _data: PreparedDataset | None = None
 
     def data(self) -> PreparedDataset:
-        """The prepared real data, loaded once per job."""
+        """The prepared real data on the job's device, loaded and moved once per job."""
         if self._data is None:
-            self._data = load(self.store, str(self.keys["dataset"]))
+            self._data = load(self.store, str(self.keys["dataset"])).to(self.device)
         return self._data
+
+    @property
+    def compile_step(self) -> bool:
+        """Whether training steps go through ``torch.compile`` on this job's device."""
+        return devices.compile_wanted(self.cfg.compute.compile, self.device)
 
     def meta(self, stage: str) -> dict[str, Any]:
         """The metadata of the input artifact of ``stage``."""
@@ -264,9 +278,15 @@ def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
 
 
 def _context(
-    stage: Stage, job: Job, cfg: PipelineConfig, store: Store, progress: Progress, work: Path
+    stage: Stage,
+    job: Job,
+    cfg: PipelineConfig,
+    store: Store,
+    progress: Progress,
+    work: Path,
+    device: torch.device,
 ) -> Context:
-    return Context(stage.name, cfg, store, job.key, job.keys, job.params, work, progress)
+    return Context(stage.name, cfg, store, job.key, job.keys, job.params, work, progress, device)
 
 
 def _intact(store: Store, stage: str, key: str, progress: Progress) -> bool:
@@ -292,21 +312,14 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
         job = replace(job, params=params, key=stage.key(cfg, job.keys, params))
     _check_key(stage, job, cfg)
     started = time.time()
+    device = devices.resolve(job.device or cfg.compute.device)
+    devices.configure(device, cfg.compute.deterministic)
     meta: dict[str, Any] | None = None  # set when this job computed (or found its part's record)
+    memory: dict[str, Any] = {}
     cached = _intact(store, stage.name, job.key, progress)
-    if not cached and (stage.resumable or stage.parts is not None):
-        # One work folder per key: a second run on the same store waits, then finds it done.
-        with store.lock(stage.name, job.key if job.part is None else f"{job.key}-{job.part}"):
-            cached = _intact(store, stage.name, job.key, progress)
-            if not cached:
-                ctx = _context(stage, job, cfg, store, progress, store.partial(stage.name, job.key))
-                if job.part is not None:
-                    meta, cached = _run_part(stage, ctx, job.part)
-                else:
-                    meta = _seal(stage, ctx)
-    elif not cached:
-        with store.writing(stage.name, job.key) as tmp:
-            meta = _seal(stage, _context(stage, job, cfg, store, progress, tmp))
+    if not cached:
+        with devices.exclusive(device), devices.measured(device, stage.name) as memory:
+            meta, cached = _compute(stage, job, cfg, store, progress, device)
     if meta is None:  # committed, by an earlier run or by another one while this job waited
         meta = store.meta(stage.name, job.key)
         if job.part is not None:
@@ -321,4 +334,31 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
         "started": started,
         "seconds": round(time.time() - started, 3),
         "meta": meta,
+        "device": devices.describe(device),
+        **memory,
     }
+
+
+def _compute(
+    stage: Stage, job: Job, cfg: PipelineConfig, store: Store, progress: Progress, device: torch.device
+) -> tuple[dict[str, Any] | None, bool]:
+    """(meta, cached) of a job whose artifact was not there: computed here, or found done by another
+    run (resumable artifacts are worked on by one run at a time: the second waits, then finds it)."""
+    if not (stage.resumable or stage.parts is not None):
+        with store.writing(stage.name, job.key) as tmp:
+            return _seal(stage, _context(stage, job, cfg, store, progress, tmp, device)), False
+    with contextlib.ExitStack() as held:
+        if job.part is not None:
+            held.enter_context(store.lock(stage.name, f"{job.key}-{job.part}"))
+        else:
+            held.enter_context(store.lock(stage.name, job.key))
+            # Sealing clears the part records and moves the work folder: no part job of another run
+            # may be looking at it meanwhile (each waits, then finds the artifact committed).
+            for part in range(stage.parts(cfg) if stage.parts else 0):
+                held.enter_context(store.lock(stage.name, f"{job.key}-{part}"))
+        if _intact(store, stage.name, job.key, progress):
+            return None, True
+        ctx = _context(stage, job, cfg, store, progress, store.partial(stage.name, job.key), device)
+        if job.part is not None:
+            return _run_part(stage, ctx, job.part)
+        return _seal(stage, ctx), False

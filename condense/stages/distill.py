@@ -44,7 +44,9 @@ def run(ctx: Context) -> dict[str, Any]:
             model_cfg=cfg.model,
             dsa_cfg=cfg.dsa,
             experts=artifacts.load_buffer(ctx.store, str(keys["experts"])) if "experts" in keys else None,
-            teacher=artifacts.load_teacher(ctx.store, str(keys["teacher"])) if "teacher" in keys else None,
+            teacher=artifacts.load_teacher(ctx.store, str(keys["teacher"])).to(ctx.device)
+            if "teacher" in keys
+            else None,
         ),
         ctx.checkpoints(),
         ctx.progress,

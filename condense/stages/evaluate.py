@@ -28,12 +28,19 @@ def subjects(cfg: PipelineConfig) -> list[str]:
     return [s for s, on in zip(SUBJECTS, (True, ev.random_real, ev.full_data), strict=True) if on]
 
 
+def seed_groups(cfg: PipelineConfig) -> list[list[int]]:
+    """The seed indices each job trains together."""
+    size = cfg.evaluate.seeds_per_job or cfg.evaluate.seeds
+    indices = list(range(cfg.evaluate.seeds))
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
 def instances(cfg: PipelineConfig) -> list[dict[str, Any]]:
     return [
-        {"subject": subject, "arch": arch, "index": index}
+        {"subject": subject, "arch": arch, "indices": group}
         for subject in subjects(cfg)
         for arch in cfg.evaluate.models
-        for index in range(cfg.evaluate.seeds)
+        for group in seed_groups(cfg)
     ]
 
 
@@ -105,7 +112,7 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     return {
         "subject": subject,
         "arch": arch,
-        "seed": eval_seed(cfg, params["index"]),
+        "seeds": [eval_seed(cfg, index) for index in params["indices"]],
         "recipe": fields,
         "model": cfg.model.model_dump() if arch == models.CONVNET else None,
         "ipc": cfg.ipc if subject == "random_real" else None,
@@ -131,10 +138,10 @@ def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
 def _subject_set(
     ctx: Context, subject: str, data: PreparedDataset, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """(inputs, hard labels, learned lr) of the set a run trains on."""
+    """(inputs, hard labels, learned lr) of the set a run trains on, on the job's device."""
     if subject == "distilled":
         synthetic = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"]))
-        return synthetic.images, synthetic.labels, synthetic.lr
+        return synthetic.images.to(ctx.device), synthetic.labels.to(ctx.device), synthetic.lr
     if subject == "random_real":
         x, y = evaluate.random_real_subset(data, ctx.cfg.ipc, seed)
         return x, y, None
@@ -156,7 +163,7 @@ def _train_kd(
         )
         plans, targets = stored.plan, stored.targets
     else:
-        model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"]))
+        model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)
         plans = relabel.online_plans(len(x), kd.batch_size, kd.augment, seed, cfg.relabel.fp16)
         targets = relabel.online_labels(model, kd.temperature, cfg.relabel.top_k, cfg.relabel.fp16)
     arch = ctx.params["arch"]
@@ -165,20 +172,29 @@ def _train_kd(
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg, data = ctx.cfg, ctx.data()
-    subject, arch, index = ctx.params["subject"], ctx.params["arch"], ctx.params["index"]
-    seed = eval_seed(cfg, index)
-    x, targets, learned_lr = _subject_set(ctx, subject, data, seed)
+    subject, arch, indices = ctx.params["subject"], ctx.params["arch"], ctx.params["indices"]
+    seeds = [eval_seed(cfg, index) for index in indices]
+    sets = [_subject_set(ctx, subject, data, seed) for seed in seeds]
     if cfg.evaluate.recipe == "kd":
-        result = _train_kd(ctx, subject, data, x, seed)
+        results = [
+            _train_kd(ctx, subject, data, x, seed) for (x, _, _), seed in zip(sets, seeds, strict=True)
+        ]
     else:
+        targets = [y for _, y, _ in sets]
         if "soft_labels" in ctx.keys:
-            targets = artifacts.load_soft_labels(ctx.store, str(ctx.keys["soft_labels"]))
+            targets = [
+                artifacts.load_soft_labels(ctx.store, str(ctx.keys["soft_labels"])).to(ctx.device)
+            ] * len(seeds)
         elif cfg.evaluate.labels == "soft":  # random real images, labelled by the teacher
-            model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"]))
-            targets = labels.soft_labels(model, x, cfg.soft_labels.temperature)
-        run_recipe = recipe(cfg, subject, learned_lr)
-        result = evaluate.train_and_test(arch, data, x, targets, run_recipe, seed, cfg.model, ctx.progress)
-    return {"subject": subject, "arch": arch, "index": index, **result}
+            model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)
+            targets = [labels.soft_labels(model, x, cfg.soft_labels.temperature) for x, _, _ in sets]
+        run_recipe = recipe(cfg, subject, sets[0][2])
+        xs = [x for x, _, _ in sets]
+        results = evaluate.train_and_test_seeds(
+            arch, data, xs, targets, run_recipe, seeds, cfg.model, ctx.progress, ctx.compile_step
+        )
+    runs = [{"index": i, "seed": s, **r} for i, s, r in zip(indices, seeds, results, strict=True)]
+    return {"subject": subject, "arch": arch, "runs": runs}
 
 
 STAGE = Stage(
@@ -187,5 +203,5 @@ STAGE = Stage(
     config=config,
     reads=reads,
     instances=instances,
-    label=lambda cfg, p: f"eval {p['subject']} {p['arch']} #{p['index']}",
+    label=lambda cfg, p: f"eval {p['subject']} {p['arch']} seeds {','.join(map(str, p['indices']))}",
 )

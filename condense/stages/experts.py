@@ -61,6 +61,7 @@ def record_expert(ctx: Context, index: int) -> dict[str, Any]:
         cfg.dsa,
         expert_seed(cfg.seed, index),
         on_epoch=lambda e, loss: ctx.progress.step(e, cfg.experts.epochs, f"expert {index} loss {loss:.4f}"),
+        compile_step=ctx.compile_step,
     )
     buffer[index] = trajectory.params
     ctx.share(expert_chunks(index))

@@ -17,7 +17,8 @@ def accuracy_table(store: Store, evaluation_keys: list[str]) -> dict[str, dict[s
     runs: dict[str, dict[str, list[float]]] = {}
     for key in evaluation_keys:
         meta = store.meta("evaluate", key)
-        runs.setdefault(meta["arch"], {}).setdefault(meta["subject"], []).append(meta["accuracy"])
+        accuracies = runs.setdefault(meta["arch"], {}).setdefault(meta["subject"], [])
+        accuracies += [run["accuracy"] for run in meta["runs"]]
     return {arch: {s: summarize(accs) for s, accs in by_subject.items()} for arch, by_subject in runs.items()}
 
 
@@ -34,7 +35,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "classes": card["classes"],
         "preprocessing": {"mean": card["mean"], "std": card["std"], "zca": card["zca"]},
         "learned_lr": ctx.meta("distill")["lr"],
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude={"compute"}),
         "accuracy": accuracy_table(store, list(keys["evaluate"])),
         "keys": {name: key for name, key in keys.items() if isinstance(key, str)},
     }
@@ -47,7 +48,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")  # the manifest records the whole config
+    return cfg.model_dump(mode="json", exclude={"compute"})  # the manifest records the config
 
 
 STAGE = Stage(

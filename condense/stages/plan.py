@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from condense import devices
 from condense.config import PipelineConfig
 from condense.errors import CondenseError
 from condense.prepare import STAGE as DATASET
@@ -57,6 +58,7 @@ def dataset_job() -> Job:
 def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
     """Every job after the dataset stage, for ``cfg``, given the prepared dataset's key."""
     check_ipc(store.meta(DATASET, dataset_key)["card"], cfg.ipc)
+    spread = devices.fan_out(cfg.compute.device, cfg.compute.devices)
     stages = all_stages()
     plan = Plan(keys={DATASET: dataset_key})
     jobs_of: dict[str, list[str]] = {DATASET: []}
@@ -73,7 +75,10 @@ def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
         for params in instances:
             for upstream in stage.reads(cfg, params):
                 add(upstream)
-        keys = [_add_instance(plan, jobs_of, stage, cfg, params) for params in instances]
+        fans_out = spread if stage.instances else None
+        keys = [
+            _add_instance(plan, jobs_of, stage, cfg, p, fans_out, spread, i) for i, p in enumerate(instances)
+        ]
         plan.keys[name] = keys if stage.instances else keys[0]
         visiting.discard(name)
 
@@ -82,19 +87,27 @@ def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
 
 
 def _add_instance(
-    plan: Plan, jobs_of: dict[str, list[str]], stage: Stage, cfg: PipelineConfig, params: dict[str, Any]
+    plan: Plan,
+    jobs_of: dict[str, list[str]],
+    stage: Stage,
+    cfg: PipelineConfig,
+    params: dict[str, Any],
+    fans_out: list[str] | None,
+    spread: list[str],
+    index: int,
 ) -> str:
+    """Add an instance's jobs: its parts, spread over the devices in turn, then the instance itself
+    (on device ``index`` in turn when the stage fans out over instances, else on ``compute.device``)."""
     reads = stage.reads(cfg, params)
     keys = {name: plan.keys[name] for name in reads}
     key = stage.key(cfg, keys, params)
     waits = [job for name in reads for job in jobs_of[name]]
-    parts = (
-        [Job(stage.name, key, params, keys, part=i) for i in range(stage.parts(cfg))] if stage.parts else []
-    )
+    count = stage.parts(cfg) if stage.parts else 0
+    parts = [Job(stage.name, key, params, keys, part=i, device=spread[i % len(spread)]) for i in range(count)]
     for part in parts:
         plan.jobs.append(part)
         plan.after[part.name] = waits
-    job = Job(stage.name, key, params, keys)
+    job = Job(stage.name, key, params, keys, device=fans_out[index % len(fans_out)] if fans_out else None)
     plan.jobs.append(job)
     plan.after[job.name] = waits + [p.name for p in parts]
     jobs_of.setdefault(stage.name, []).append(job.name)

@@ -35,8 +35,8 @@ def run(ctx: Context) -> dict[str, Any]:
     distill_key = str(ctx.keys["distill"])
     synthetic = artifacts.load_synthetic(ctx.store, distill_key)
     arrays = relabel.relabel(
-        artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])),
-        synthetic.images,
+        artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device),
+        synthetic.images.to(ctx.device),
         relabel.KDAugment.from_config(cfg.evaluate.kd, artifacts.stitch_factor(ctx.store, distill_key)),
         cfg.evaluate.epochs,
         cfg.evaluate.batch_size,

@@ -11,9 +11,9 @@ from condense.stages.base import Context, Params, Stage
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"]))
+    model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)
     synthetic = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"]))
-    probs = labels.soft_labels(model, synthetic.images, ctx.cfg.soft_labels.temperature)
+    probs = labels.soft_labels(model, synthetic.images, ctx.cfg.soft_labels.temperature).cpu()
     artifacts.save_soft_labels(ctx.work, probs)
     # The teacher's agreement with the hard labels is a sanity check of the set.
     return {"teacher_agreement": float((probs.argmax(1) == synthetic.labels).float().mean() * 100)}

@@ -55,13 +55,16 @@ def run(ctx: Context) -> dict[str, Any]:
         best = ctx.meta("experts")["teacher"]
         final = artifacts.load_buffer(ctx.store, str(ctx.keys["experts"])).snapshot(best, cfg.experts.epochs)
         net = models.build_model(models.CONVNET, data.channels, data.num_classes, data.resolution, cfg.model)
-        model = models.FlatParams(net).load_into(final)
+        model = models.FlatParams(net).load_into(final).to(ctx.device)
         meta["expert"] = best
     elif cfg.teacher.source == "train":
-        model = teacher.train_teacher(data, cfg.teacher, cfg.model, cfg.dsa, cfg.seed, ctx.progress).model
+        trained = teacher.train_teacher(
+            data, cfg.teacher, cfg.model, cfg.dsa, cfg.seed, ctx.progress, ctx.compile_step
+        )
+        model = trained.model
     else:
         built = models.build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg)
-        model = teacher.load_teacher_file(cfg.teacher.path or "", built)
+        model = teacher.load_teacher_file(cfg.teacher.path or "", built).to(ctx.device)
     meta["network"] = artifacts.teacher_description(arch, model_cfg, data.card)
     meta["train_accuracy"] = training.accuracy(model, data.train_x, data.train_y)
     meta["test_accuracy"] = training.accuracy(model, data.test_x, data.test_y)
