@@ -97,8 +97,47 @@ class ModelConfig(Strict):
     norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
 
 
+class ExpertScheduleConfig(Strict):
+    """PAD's difficulty-ordered expert data (Li et al. 2024, ``buffer_CL.py``).
+
+    Each class's training images are sorted from easy to hard by their EL2N score (the ``difficulty``
+    stage: ``el2n_models`` ConvNets trained ``el2n_epochs`` epochs with the experts' SGD recipe).
+    Expert epoch ``e`` (0-based) trains on, per class of ``n`` images in that order:
+
+    - ``e <= add_end_epoch``: the easiest ``int(p * n)``, ``p = min(1, init_ratio + (1 - init_ratio)
+      * e / add_end_epoch)`` (hard images are added linearly);
+    - ``add_end_epoch < e <= rm_epoch_first``: all of them;
+    - ``rm_epoch_first < e <= rm_epoch_second``: all but the easiest ``int(rm_easy_ratio_first * n)``;
+    - later: all but the easiest ``int(rm_easy_ratio_second * n)``.
+
+    Defaults: PAD's README command for CIFAR-10.
+    """
+
+    init_ratio: float = Field(default=0.75, ge=0, le=1)
+    add_end_epoch: int = Field(default=20, gt=0)
+    """> 0: PAD's formula divides by it."""
+    rm_epoch_first: int = Field(default=40, ge=0)
+    rm_epoch_second: int = Field(default=60, ge=0)
+    rm_easy_ratio_first: float = Field(default=0.1, ge=0, le=1)
+    rm_easy_ratio_second: float = Field(default=0.2, ge=0, le=1)
+    el2n_models: int = Field(default=2, gt=0)
+    """Networks (different seeds) whose EL2N scores are averaged (Paul et al. 2021)."""
+    el2n_epochs: int = Field(default=2, gt=0)
+    """Epochs each scoring network trains before it scores (EL2N is an early-training score)."""
+
+    @model_validator(mode="after")
+    def _phases_in_order(self) -> ExpertScheduleConfig:
+        if not self.add_end_epoch <= self.rm_epoch_first <= self.rm_epoch_second:
+            raise ValueError(
+                "need add_end_epoch <= rm_epoch_first <= rm_epoch_second, got "
+                f"{self.add_end_epoch}, {self.rm_epoch_first}, {self.rm_epoch_second}"
+            )
+        return self
+
+
 class ExpertsConfig(Strict):
-    """Expert trajectories, MTT's buffer.py recipe: plain SGD, constant LR, DSA, a snapshot per epoch."""
+    """Expert trajectories, MTT's buffer.py recipe: plain SGD, constant LR, DSA, a snapshot per epoch;
+    optionally FTD's GSAM experts and PAD's difficulty-ordered data."""
 
     num_experts: int = Field(default=5, gt=0)
     epochs: int = Field(default=20, gt=0)
@@ -107,6 +146,26 @@ class ExpertsConfig(Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=256, gt=0)
     dsa: bool = True
+    optimizer: Literal["sgd", "gsam"] = "sgd"
+    """``gsam``: FTD's flat experts (Du et al. 2023), GSAM (:mod:`condense.gsam`) around the SGD above."""
+    rho: float = Field(default=0.01, ge=0)
+    """GSAM's perturbation radius, constant (FTD's and PAD's scripts: rho_max = rho_min = 0.01)."""
+    gsam_alpha: float = Field(default=0.4, ge=0)
+    """GSAM's weight of the gradient component orthogonal to the perturbed one (FTD 0.4; PAD 0.3)."""
+    adaptive: bool = True
+    """Adaptive (ASAM-scaled) perturbation, as FTD's buffer_FTD.py always runs it (its flag is
+    ``type=bool, default=True``, so no command-line value turns it off)."""
+    schedule: ExpertScheduleConfig | None = None
+    """PAD's easy-to-hard expert data; None: every epoch on all images. ``true`` (or ``{}``) turns it
+    on with PAD's defaults, setting any of its keys turns it on too."""
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # `--set experts.schedule=true` reads as "on, with the defaults"; `false` as off.
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class TeacherConfig(Strict):
@@ -209,8 +268,11 @@ class EvaluateConfig(Strict):
     momentum: float = Field(default=0.9, ge=0)
     weight_decay: float = Field(default=5e-4, ge=0)
     dsa: bool = True
-    labels: Literal["hard", "soft"] = "hard"
-    """MTT recipe only. ``soft``: KD loss (KL at ``temperature``) against the per-image soft labels."""
+    labels: Literal["hard", "soft", "learned"] = "hard"
+    """MTT recipe only. ``soft``: KD loss (KL at ``soft_labels.temperature``) against the teacher's
+    per-image soft labels; ``learned``: soft cross-entropy against softmax of the label logits the
+    method learned (DATM, PAD), random real images labelled by the experts' logits the way DATM
+    initialises its labels. The full-data baseline keeps hard labels."""
     temperature: float = Field(default=4.0, gt=0)
     random_real: bool = True
     """Baseline: the same number of randomly chosen real images, same recipe, lr ``baseline_lr``."""
@@ -228,7 +290,7 @@ class EvaluateConfig(Strict):
 
     @model_validator(mode="after")
     def _labels_belong_to_mtt(self) -> EvaluateConfig:
-        if self.recipe == "kd" and self.labels == "soft":
+        if self.recipe == "kd" and self.labels != "hard":
             raise ValueError("evaluate.labels applies to the mtt recipe; kd recipe labels come from relabel")
         return self
 

@@ -3,7 +3,9 @@ parameters at initialisation and after every epoch.
 
 The recipe is MTT's on purpose: plain SGD, constant learning rate, no momentum or weight decay,
 DSA on every batch. Synthetic data imitates such trajectories more easily (MTT issue #8); changing
-the expert recipe shifts everything downstream.
+the expert recipe shifts everything downstream. Two published variants are options:
+``experts.optimizer: gsam`` (FTD's flat trajectories, :mod:`condense.gsam`) and ``experts.schedule``
+(PAD's easy-to-hard data per epoch, :mod:`condense.difficulty`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import torch.nn.functional as F
 
 from condense.config import DSAConfig, ExpertsConfig, ModelConfig
 from condense.devices import Compiled
+from condense.difficulty import DifficultyOrder, epoch_indices
+from condense.gsam import GSAM, BatchReplay
 from condense.models import CONVNET, FlatParams, build_model
 from condense.prepare import PreparedDataset
-from condense.training import accuracy, train_epoch
+from condense.training import LossFn, accuracy, train_epoch
 
 EpochCallback = Callable[[int, float], None]
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -30,6 +35,8 @@ class Trajectory:
 
     params: np.ndarray
     train_loss: list[float] = field(default_factory=list)
+    epoch_sizes: list[int] = field(default_factory=list)
+    """Training images each epoch saw (fewer than all under a difficulty schedule)."""
     train_accuracy: float = 0.0
     test_accuracy: float = 0.0
 
@@ -44,6 +51,19 @@ def student_model(data: PreparedDataset, model_cfg: ModelConfig, seed: int = 0) 
     return model.to(data.train_x.device)
 
 
+def expert_optimizer(
+    model: torch.nn.Module, cfg: ExpertsConfig, forward: Forward
+) -> tuple[torch.optim.Optimizer, Forward, LossFn]:
+    """(optimizer, forward, loss) for :func:`condense.training.train_epoch`: SGD, or GSAM around it,
+    whose second gradient replays the batch (and its DSA draw) the loop just evaluated."""
+    sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return sgd, forward, F.cross_entropy
+    replay = BatchReplay(model, forward, F.cross_entropy)
+    gsam = GSAM(sgd, cfg.rho, cfg.gsam_alpha, cfg.adaptive, closure=replay.closure)
+    return gsam, replay.forward, replay.loss
+
+
 def train_expert(
     data: PreparedDataset,
     model_cfg: ModelConfig,
@@ -52,24 +72,32 @@ def train_expert(
     seed: int,
     on_epoch: EpochCallback | None = None,
     compile_step: bool = False,
+    order: DifficultyOrder | None = None,
 ) -> Trajectory:
     """Train one expert from a seeded initialisation; deterministic for a given seed on CPU.
-    ``compile_step``: run the forward pass through ``torch.compile`` (see :class:`Compiled`)."""
+    ``compile_step``: run the forward pass through ``torch.compile`` (see :class:`Compiled`).
+    ``order``: the easy-to-hard order of the training images, needed when ``cfg.schedule`` is set
+    (each epoch then trains on the slice :func:`condense.difficulty.epoch_indices` picks)."""
+    if cfg.schedule is not None and order is None:
+        raise ValueError("experts.schedule needs the difficulty order of the training images")
     model = student_model(data, model_cfg, seed)
-    forward = Compiled(model, compile_step, data.train_x.device)
-    flat = FlatParams(model)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    optimizer, forward, loss_fn = expert_optimizer(
+        model, cfg, Compiled(model, compile_step, data.train_x.device)
     )
+    flat = FlatParams(model)
     generator = torch.Generator().manual_seed(seed)
     snapshots = [flat.flatten().cpu().numpy()]
-    losses = []
+    losses, sizes = [], []
     for epoch in range(cfg.epochs):
+        x, y = data.train_x, data.train_y
+        if cfg.schedule is not None and order is not None:
+            picked = epoch_indices(order, cfg.schedule, epoch)
+            x, y = x[picked], y[picked]
         loss = train_epoch(
             model,
-            data.train_x,
-            data.train_y,
-            F.cross_entropy,
+            x,
+            y,
+            loss_fn,
             optimizer,
             cfg.batch_size,
             generator,
@@ -79,12 +107,14 @@ def train_expert(
         if not np.isfinite(loss):
             raise FloatingPointError(f"expert {seed} diverged at epoch {epoch + 1}; lower experts.lr")
         losses.append(loss)
+        sizes.append(len(x))
         snapshots.append(flat.flatten().cpu().numpy())  # one copy to the host per epoch
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
     return Trajectory(
         params=np.stack(snapshots).astype(np.float32),
         train_loss=losses,
+        epoch_sizes=sizes,
         train_accuracy=accuracy(model, data.train_x, data.train_y),
         test_accuracy=accuracy(model, data.test_x, data.test_y),
     )

@@ -3,6 +3,7 @@
 Each part trains one expert and writes its trajectory into the shared buffer (a zarr array chunked
 per snapshot), so experts can train in parallel, on several machines, and a killed run keeps every
 expert it finished. Sealing names the teacher candidate: the expert that fits the train set best.
+With ``experts.schedule`` on the stage also reads the difficulty stage (PAD's easy-to-hard order).
 """
 
 from __future__ import annotations
@@ -14,20 +15,28 @@ from typing import Any
 
 import zarr
 
-from condense import models
+from condense import difficulty, models
 from condense.artifacts import BUFFER, create_buffer, expert_chunks
 from condense.config import PipelineConfig
 from condense.experts import expert_seed, train_expert
 from condense.stages.base import Context, Params, Stage
 
 BUFFER_META = f"{BUFFER}/zarr.json"
+GSAM_FIELDS = {"rho", "gsam_alpha", "adaptive"}
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
-    section = {"experts": cfg.experts.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed}
+    # GSAM's settings shape plain-SGD experts not at all: they stay out of an SGD expert's key.
+    unused = GSAM_FIELDS if cfg.experts.optimizer == "sgd" else set()
+    experts = cfg.experts.model_dump(exclude=unused)
+    section = {"experts": experts, "model": cfg.model.model_dump(), "seed": cfg.seed}
     if cfg.experts.dsa:
         section["dsa"] = cfg.dsa.model_dump()
     return section
+
+
+def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
+    return ("dataset", difficulty.STAGE) if cfg.experts.schedule is not None else ("dataset",)
 
 
 def _open_buffer(ctx: Context) -> zarr.Array:
@@ -54,6 +63,9 @@ def record_expert(ctx: Context, index: int) -> dict[str, Any]:
     """Train expert ``index`` and write its trajectory into the buffer."""
     cfg = ctx.cfg
     buffer = _open_buffer(ctx)
+    order = None
+    if cfg.experts.schedule is not None:
+        order = difficulty.load_order(ctx.store, str(ctx.keys[difficulty.STAGE]), ctx.device)
     trajectory = train_expert(
         ctx.data(),
         cfg.model,
@@ -62,6 +74,7 @@ def record_expert(ctx: Context, index: int) -> dict[str, Any]:
         expert_seed(cfg.seed, index),
         on_epoch=lambda e, loss: ctx.progress.step(e, cfg.experts.epochs, f"expert {index} loss {loss:.4f}"),
         compile_step=ctx.compile_step,
+        order=order,
     )
     buffer[index] = trajectory.params
     ctx.share(expert_chunks(index))
@@ -71,6 +84,7 @@ def record_expert(ctx: Context, index: int) -> dict[str, Any]:
     return {
         "index": index,
         "train_loss": trajectory.train_loss,
+        "epoch_sizes": trajectory.epoch_sizes,
         "train_accuracy": trajectory.train_accuracy,
         "test_accuracy": trajectory.test_accuracy,
     }
@@ -85,7 +99,7 @@ STAGE = Stage(
     name="experts",
     run=seal,
     config=config,
-    reads=lambda cfg, params: ("dataset",),
+    reads=reads,
     parts=lambda cfg: cfg.experts.num_experts,
     run_part=record_expert,
     resumable=True,
