@@ -105,23 +105,27 @@ def load_teacher(store: Store, key: str) -> torch.nn.Module:
 
 def save_synthetic(work: Path, result: SyntheticSet, pixels: torch.Tensor) -> None:
     arrays = {"images": result.images, "labels": result.labels, "pixels": pixels}
+    if result.label_logits is not None:
+        arrays["label_logits"] = result.label_logits
     save_arrays(work / SYNTHETIC, {name: t.detach().cpu().numpy() for name, t in arrays.items()})
     write_json(work / HISTORY, result.history)
 
 
 def load_synthetic(store: Store, key: str) -> SyntheticSet:
     folder = store.path("distill", key)
-    arrays = load_arrays(folder / SYNTHETIC, ["images", "labels"])
+    arrays = load_arrays(folder / SYNTHETIC)
     return SyntheticSet(
         images=torch.from_numpy(arrays["images"]),
         labels=torch.from_numpy(arrays["labels"]).long(),
+        label_logits=torch.from_numpy(arrays["label_logits"]) if "label_logits" in arrays else None,
         lr=store.meta("distill", key)["lr"],
         history=read_json(folder / HISTORY),
     )
 
 
 def load_synthetic_arrays(store: Store, key: str) -> dict[str, np.ndarray]:
-    """images (network inputs), labels and pixels (viewable [0, 1]) as numpy arrays."""
+    """images (network inputs), labels, pixels (viewable [0, 1]) and, for methods that learn them,
+    label_logits, as numpy arrays."""
     return load_arrays(store.path("distill", key) / SYNTHETIC)
 
 

@@ -5,7 +5,10 @@ Each sample holds:
 - ``input.npy``: the image as the network sees it (float32 C x H x W, normalised or ZCA-whitened as
   the manifest's ``preprocessing`` says); train on this;
 - ``png``: the same image as viewable pixels (inverse normalisation), for eyes and image tools;
-- ``cls``: the hard label; ``soft.npy``: the teacher's probabilities, when soft labels exist.
+- ``cls``: the hard label; ``soft.npy``: the teacher's probabilities, when soft labels exist;
+- ``logits.npy``: the label logits the method learned (DATM, PAD), when it learned labels; train
+  with soft cross-entropy against their softmax, as the method's own evaluation does (the
+  manifest's ``labels`` says ``learned``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def write_distilled(
     soft: np.ndarray | None,
     manifest: dict[str, Any],
     max_per_shard: int = 10_000,
+    label_logits: np.ndarray | None = None,
 ) -> list[Path]:
     """Write the shards and ``manifest.json`` into ``out_dir``; returns the shard paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +96,8 @@ def write_distilled(
             }
             if soft is not None:
                 sample["soft.npy"] = _npy(soft[i].astype(np.float32))
+            if label_logits is not None:
+                sample["logits.npy"] = _npy(label_logits[i].astype(np.float32))
             sink.write(sample)
     shards = sorted(out_dir.glob("distilled-*.tar"))
     manifest = {
@@ -99,16 +105,26 @@ def write_distilled(
         "shards": [p.name for p in shards],
         "shard_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
         "num_samples": len(images),
+        "labels": "hard" if label_logits is None else "learned",
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return shards
 
 
 class DistilledDataset(Dataset):
-    """(image tensor, hard label, soft label tensor or None) per sample, plus the manifest."""
+    """(image tensor, hard label, soft label tensor or None) per sample, plus the manifest;
+    ``label_logits``: the labels the method learned (DATM, PAD), None when it learned none."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, manifest: dict):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        soft: torch.Tensor | None,
+        manifest: dict,
+        label_logits: torch.Tensor | None = None,
+    ):
         self.images, self.labels, self.soft, self.manifest = images, labels, soft, manifest
+        self.label_logits = label_logits
 
     def __len__(self) -> int:
         return len(self.images)
@@ -227,10 +243,12 @@ def _to_dataset(samples: list[dict[str, Any]], manifest: dict[str, Any]) -> Dist
     """Raw shard samples (bytes per field) -> tensors."""
     images = torch.from_numpy(np.stack([_array(s["input.npy"]) for s in samples]))
     labels = torch.tensor([int(s["cls"]) for s in samples])
-    soft = None
+    soft = logits = None
     if "soft.npy" in samples[0]:
         soft = torch.from_numpy(np.stack([_array(s["soft.npy"]) for s in samples]))
-    return DistilledDataset(images, labels, soft, manifest)
+    if "logits.npy" in samples[0]:
+        logits = torch.from_numpy(np.stack([_array(s["logits.npy"]) for s in samples]))
+    return DistilledDataset(images, labels, soft, manifest, logits)
 
 
 def _array(blob: bytes) -> np.ndarray:
@@ -291,7 +309,10 @@ def write_image_folder(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(sample["png"])
             soft = _array(sample["soft.npy"]).tolist() if "soft.npy" in sample else None
-            entries.append({"file": relative.as_posix(), "label": label, "soft": soft})
+            entry = {"file": relative.as_posix(), "label": label, "soft": soft}
+            if "logits.npy" in sample:
+                entry["logits"] = _array(sample["logits.npy"]).tolist()
+            entries.append(entry)
         labels = {
             "classes": classes,
             "method": manifest["method"],

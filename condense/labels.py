@@ -1,10 +1,14 @@
-"""Teacher soft labels: temperature-scaled class probabilities for the synthetic images."""
+"""Soft labels: a teacher's temperature-scaled class probabilities, and DATM's expert logits."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from condense.artifacts import ExpertBuffer
+from condense.config import ModelConfig
+from condense.models import CONVNET, FlatParams, build_model
+from condense.prepare import PreparedDataset
 from condense.training import predict
 
 
@@ -17,3 +21,24 @@ def kd_loss(logits: torch.Tensor, target_probs: torch.Tensor, temperature: float
     """Hinton's KD loss: KL(target || student at T), scaled by T^2 so gradients keep their size."""
     log_p = torch.log_softmax(logits / temperature, dim=1)
     return nn.functional.kl_div(log_p, target_probs, reduction="batchmean") * temperature**2
+
+
+@torch.no_grad()
+def expert_logits(experts: list[nn.Module], images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DATM's label initialisation: each image's logits averaged over the experts that classify it
+    correctly (over all of them where none does)."""
+    logits = torch.stack([predict(net, images) for net in experts])  # (experts, images, classes)
+    correct = (logits.argmax(-1) == labels.to(logits.device)).float()
+    weights = torch.where(correct.sum(0, keepdim=True) > 0, correct, torch.ones_like(correct))
+    return (logits * weights[..., None]).sum(0) / weights.sum(0)[:, None]
+
+
+def final_experts(buffer: ExpertBuffer, data: PreparedDataset, model_cfg: ModelConfig) -> list[nn.Module]:
+    """Every expert at its last snapshot, as networks on the data's device."""
+    device, last = data.train_x.device, buffer.num_snapshots - 1
+
+    def network() -> nn.Module:
+        return build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg).to(device)
+
+    flat = FlatParams(network())
+    return [flat.load_into(buffer.snapshot(e, last).to(device), network()) for e in range(buffer.num_experts)]

@@ -1,4 +1,5 @@
-"""MTT on a real (tiny) digits subset: the loss, the unroll, resume and divergence handling."""
+"""MTT on a real (tiny) digits subset: resume and divergence handling (the loss and the unroll:
+tests/test_trajectory.py)."""
 
 from pathlib import Path
 
@@ -8,40 +9,9 @@ import torch
 
 from condense.configure import load_config
 from condense.errors import DivergenceError
-from condense.methods.mtt import trajectory_loss, unroll
-from condense.models import ConvNet, FlatParams
 from condense.stages import base
 from condense.store import Store, load_arrays
 from tests.conftest import TINY, KillAfter, Notes, plan_for, run_jobs
-
-
-def test_trajectory_loss_is_normalised_by_the_expert_segment():
-    start, target = torch.zeros(5), torch.ones(5)
-    assert trajectory_loss(target, start, target) == 0
-    assert trajectory_loss(start, start, target) == 1
-    assert trajectory_loss(2 * target, start, target) == 1
-
-
-def test_unroll_reaches_images_and_learning_rate():
-    cfg = load_config("digits-mtt")
-    net = FlatParams(ConvNet(1, 3, 8))
-    images = torch.randn(6, 1, 8, 8, requires_grad=True)
-    lr = torch.tensor(0.01, requires_grad=True)
-    start = net.flatten()
-    end = unroll(
-        net,
-        start,
-        images,
-        torch.tensor([0, 0, 1, 1, 2, 2]),
-        lr,
-        3,
-        4,
-        torch.Generator().manual_seed(0),
-        cfg.dsa,
-    )
-    end.pow(2).sum().backward()
-    assert images.grad is not None and images.grad.abs().sum() > 0
-    assert lr.grad is not None and torch.isfinite(lr.grad)
 
 
 def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch):

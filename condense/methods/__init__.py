@@ -121,6 +121,11 @@ def configure(cfg: PipelineConfig) -> PipelineConfig:
     except ValidationError as err:
         raise ConfigError(explain(err, method.config_cls, "distill.")) from None
     typed = cfg.model_copy(update={"distill": section})
+    if cfg.evaluate.labels == "learned" and getattr(section, "labels", "hard") != "learned":
+        raise ConfigError(
+            f"evaluate.labels 'learned' trains on labels the method learned, and {cfg.method} learns none"
+            f" here: use datm or pad, or set distill.labels=learned where the method has it"
+        )
     try:
         method.check(typed)
     except ValueError as err:

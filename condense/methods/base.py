@@ -32,6 +32,8 @@ class SyntheticSet:
     """(n, C, H, W) network inputs (normalised or whitened like the real data)."""
     labels: torch.Tensor
     """(n,) hard labels, class-major: ipc images of class 0, then class 1, ..."""
+    label_logits: torch.Tensor | None = None
+    """(n, classes) learned label logits (DATM), trained on with soft cross-entropy; None: hard labels."""
     lr: float | None = None
     """A learned training step size (MTT's alpha), used by evaluation when ``evaluate.lr: learned``."""
     history: list[dict[str, float]] = field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Where a synthetic set starts: random real images, noise, or DREAM's k-means picks."""
+"""Where a synthetic set starts: random real images, noise, DREAM's k-means picks, or DATM's real
+images an expert classifies correctly."""
 
 from __future__ import annotations
 
@@ -9,12 +10,27 @@ import torch
 from condense.models import ConvNet
 from condense.prepare import PreparedDataset
 from condense.sampling import kmeans_init
-from condense.training import random_seed, sample_per_class
+from condense.training import predict, random_seed, sample_per_class
 
 
 def init_real(data: PreparedDataset, ipc: int, generator: torch.Generator) -> torch.Tensor:
     """``ipc`` randomly chosen real training images per class, class-major order."""
     return data.train_x[sample_per_class(data.train_y, data.num_classes, ipc, generator)].clone()
+
+
+def init_correct(
+    data: PreparedDataset, ipc: int, generator: torch.Generator, classifier: torch.nn.Module
+) -> torch.Tensor:
+    """DATM's ``samples_predicted_correctly``: per class, random real images ``classifier`` gets right
+    (a class with fewer than ``ipc`` of them is topped up with its other images), class-major."""
+    predicted = predict(classifier, data.train_x).argmax(1)
+    picks = []
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.train_y == c).flatten()
+        shuffled = members[torch.randperm(len(members), generator=generator).to(members.device)]
+        right = predicted[shuffled] == c
+        picks.append(torch.cat([shuffled[right], shuffled[~right]])[:ipc])
+    return data.train_x[torch.cat(picks)].clone()
 
 
 def initial_images(
@@ -25,10 +41,13 @@ def initial_images(
     network: Callable[[int], ConvNet],
 ) -> torch.Tensor:
     """The synthetic set's starting point, class-major: random real images (``real``), Gaussian noise
-    (``noise``), or DREAM's ``kmeans``: per class, the real images nearest the k-means centroids of
-    ``network(seed)``'s features (each method says which network it embeds with)."""
+    (``noise``), DREAM's ``kmeans``: per class, the real images nearest the k-means centroids of
+    ``network(seed)``'s features (each method says which network it embeds with), or DATM's
+    ``correct``: real images ``network(seed)`` classifies correctly."""
     if init == "real":
         return init_real(data, ipc, generator)
+    if init == "correct":
+        return init_correct(data, ipc, generator, network(random_seed(generator)))
     if init == "kmeans":
         seed = random_seed(generator)
         with torch.no_grad():

@@ -1,17 +1,27 @@
-"""MTT: Dataset Distillation by Matching Training Trajectories (Cazenavette et al., CVPR 2022).
+"""MTT: Dataset Distillation by Matching Training Trajectories (Cazenavette et al., CVPR 2022), and
+the one trajectory-matching loop its successors (FTD, DATM, PAD: see their files) run with options.
 
 Each outer iteration:
 
-1. draw an expert and a start epoch ``t <= max_start_epoch``;
+1. draw an expert and a start epoch t from the window [min_start_epoch, upper]; upper is
+   ``max_start_epoch`` (MTT) or grows from ``initial_max_start_epoch`` to it (DATM);
 2. start a student at the expert's parameters theta*_t;
-3. take ``syn_steps`` differentiable SGD steps on DSA-augmented synthetic batches, with the learnable
-   step size alpha: theta_{i+1} = theta_i - alpha * grad CE(theta_i; syn batch);
-4. loss = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2, with M = ``expert_epochs``;
-5. backpropagate through the whole unroll into the pixels and alpha (SGD, momentum 0.5 on both).
+3. take ``syn_steps`` SGD steps on DSA-augmented synthetic batches with the learnable step size
+   alpha: theta_{i+1} = theta_i - alpha * grad loss(theta_i; syn batch), where loss is cross-entropy
+   on hard labels, or DATM's soft cross-entropy against softmax(learned label logits);
+4. loss = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2, with M = ``expert_epochs``,
+   over the parameters PAD keeps (all but the shallowest ``shallow_fraction``; all for MTT);
+5. its gradient reaches the pixels, alpha and the learned labels, through the whole unroll
+   (``memory: unrolled``) or by TESLA's constant-memory walk (``memory: constant``, the same
+   gradient: :mod:`condense.trajectory`);
+6. unless the loss exceeds ``skip_above`` (DATM's threshold), step the pixels and alpha (SGD,
+   momentum 0.5) and the labels (SGD, ``lr_labels``, ``momentum_labels``); with ``ema_decay``
+   (FTD), update the exponential moving average of the images, which is what is stored.
 
 Deviation from the reference code, on purpose: alpha is clamped to ``min_lr`` > 0 after each step
 (the official code lets it go negative or explode, MTT issues #6/#16/#20), and a non-finite loss
-stops the run with the last good checkpoint kept instead of writing NaN images.
+stops the run with the last good checkpoint kept instead of writing NaN images. Start epochs are
+drawn with both ends inclusive (the official ``randint(low, high)`` excludes ``high``).
 """
 
 from __future__ import annotations
@@ -19,19 +29,24 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from condense.artifacts import ExpertBuffer
-from condense.augment import dsa
 from condense.config import Strict
 from condense.errors import DivergenceError
 from condense.experts import student_model
+from condense.labels import expert_logits, final_experts
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.models import ConvNet, FlatParams
-from condense.training import random_seed
+from condense.trajectory import (
+    Segment,
+    draw_steps,
+    matched_gradient,
+    shallow_cut,
+    start_window,
+)
 
 
 class MTTConfig(Strict):
@@ -41,7 +56,12 @@ class MTTConfig(Strict):
     expert_epochs: int = Field(default=2, gt=0)
     """M: how many expert epochs the N student steps must cover."""
     max_start_epoch: int = Field(default=5, ge=0)
-    """Start epochs are drawn uniformly from 0..max_start_epoch."""
+    """Start epochs are drawn uniformly from min_start_epoch..max_start_epoch."""
+    min_start_epoch: int = Field(default=0, ge=0)
+    initial_max_start_epoch: int | None = Field(default=None, ge=0)
+    """DATM's growing window: the upper end starts here and reaches ``max_start_epoch`` after
+    ``window_growth_iterations``; None keeps it at ``max_start_epoch`` (MTT)."""
+    window_growth_iterations: int = Field(default=1000, gt=0)
     lr_img: float = Field(default=100.0, gt=0)
     lr_lr: float = Field(default=1e-5, gt=0)
     lr_init: float = Field(default=0.01, gt=0)
@@ -50,9 +70,33 @@ class MTTConfig(Strict):
     momentum: float = Field(default=0.5, ge=0)
     batch_syn: int | None = Field(default=None, gt=0)
     """Synthetic images per student step; None = the whole set (the paper's default)."""
-    init: Literal["real", "noise", "kmeans"] = "real"
-    """Random real images, noise, or the real images nearest k-means centroids of an expert's features."""
+    init: Literal["real", "noise", "kmeans", "correct"] = "real"
+    """Random real images, noise, the real images nearest k-means centroids of an expert's features,
+    or (DATM) random real images the first expert's final weights classify correctly."""
+    labels: Literal["hard", "learned"] = "hard"
+    """``learned`` (DATM): one logit vector per image, initialised from the experts' logits and
+    optimised with the images; stored with them and trained on by ``evaluate.labels: learned``."""
+    lr_labels: float = Field(default=2.0, gt=0)
+    momentum_labels: float = Field(default=0.9, ge=0)
+    skip_above: float | None = Field(default=None, gt=0)
+    """DATM's threshold: an iteration whose loss exceeds it updates nothing."""
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    """FTD: keep an exponential moving average of the images; the average is what is stored."""
+    shallow_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """PAD: this leading fraction of the parameters (shallow layers first) is left out of the loss."""
+    memory: Literal["unrolled", "constant"] = "unrolled"
+    """How the gradient through the unroll is computed; ``constant`` (TESLA) gives the same gradient
+    in memory that does not grow with ``syn_steps`` (about twice the compute)."""
     checkpoint_every: int = Field(default=50, gt=0)
+
+    @model_validator(mode="after")
+    def _window_in_order(self) -> MTTConfig:
+        top = self.initial_max_start_epoch
+        if self.min_start_epoch > (self.max_start_epoch if top is None else top):
+            raise ValueError("min_start_epoch must not exceed initial_max_start_epoch or max_start_epoch")
+        if top is not None and top > self.max_start_epoch:
+            raise ValueError(f"initial_max_start_epoch ({top}) must not exceed max_start_epoch")
+        return self
 
 
 def check(cfg: Any) -> None:
@@ -65,91 +109,115 @@ def check(cfg: Any) -> None:
         )
 
 
-def trajectory_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MTT's normalised distance: the expert segment's own length is the unit."""
-    return (student - target).pow(2).sum() / (start - target).pow(2).sum()
-
-
-def unroll(
-    net: FlatParams,
-    start: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    lr: torch.Tensor,
-    steps: int,
-    batch: int,
-    generator: torch.Generator,
-    augment: Any,
-) -> torch.Tensor:
-    """``steps`` differentiable SGD steps from ``start`` on synthetic batches; returns the endpoint."""
-    theta = start.clone().requires_grad_(True)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) == 0:
-            order = torch.randperm(len(images), generator=generator)
-        idx, order = order[:batch], order[batch:]
-        x = dsa(images[idx], augment, random_seed(generator))
-        ce = F.cross_entropy(net(theta, x), labels[idx])
-        (grad,) = torch.autograd.grad(ce, theta, create_graph=True)
-        theta = theta - lr * grad
-    return theta
-
-
 @register_method("mtt", config=MTTConfig, needs=("experts",), check=check)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
+    return match_trajectories(inputs, checkpoints, progress, "MTT")
+
+
+def match_trajectories(
+    inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, name: str
+) -> SyntheticSet:
+    """The loop of the module docstring, configured by ``inputs.method_cfg`` (an :class:`MTTConfig`)."""
     cfg: MTTConfig = inputs.method_cfg
     buffer: ExpertBuffer = inputs.experts
     data = inputs.data
     generator = torch.Generator().manual_seed(inputs.seed)
 
     def trained_expert(seed: int) -> ConvNet:
-        # k-means needs meaningful features: embed with an expert's final weights, not a random net.
+        # k-means and DATM's init need a trained classifier: an expert's final weights.
         net = FlatParams(student_model(data, inputs.model_cfg, seed))
-        return net.load_into(buffer.snapshot(0, buffer.num_snapshots - 1))
+        return net.load_into(buffer.snapshot(0, buffer.num_snapshots - 1).to(data.train_x.device))
 
     images = initial_images(data, inputs.ipc, cfg.init, generator, trained_expert)
     device = images.device
     labels = torch.arange(data.num_classes, device=device).repeat_interleave(inputs.ipc)
     images.requires_grad_(True)
     syn_lr = torch.tensor(cfg.lr_init, device=device, requires_grad=True)
-    opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
-    opt_lr = torch.optim.SGD([syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
-    resumable = Resumable(
-        {"images": images, "syn_lr": syn_lr}, {"opt_img": opt_img, "opt_lr": opt_lr}, generator
-    )
+    tensors = {"images": images, "syn_lr": syn_lr}
+    optimizers = {
+        "opt_img": torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum),
+        "opt_lr": torch.optim.SGD([syn_lr], lr=cfg.lr_lr, momentum=cfg.momentum),
+    }
+    targets = labels
+    if cfg.labels == "learned":
+        targets = expert_logits(final_experts(buffer, data, inputs.model_cfg), images.detach(), labels)
+        tensors["label_logits"] = targets.requires_grad_(True)
+        optimizers["opt_labels"] = torch.optim.SGD([targets], lr=cfg.lr_labels, momentum=cfg.momentum_labels)
+    if cfg.ema_decay is not None:
+        tensors["ema"] = images.detach().clone()
+    resumable = Resumable(tensors, optimizers, generator)
     history: list[dict[str, float]] = []
     start_it = 0
     state = checkpoints.load()
     if state is not None:
         start_it, history = resumable.restore(state)
-        progress.note(f"resuming MTT from checkpoint at iteration {start_it}/{cfg.iterations}")
+        progress.note(f"resuming {name} from checkpoint at iteration {start_it}/{cfg.iterations}")
 
     net = FlatParams(student_model(data, inputs.model_cfg, inputs.seed))
+    matched_from = shallow_cut(net, cfg.shallow_fraction)
     batch = cfg.batch_syn or len(images)
     for it in range(start_it, cfg.iterations):
         expert = int(torch.randint(buffer.num_experts, (1,), generator=generator))
-        t = int(torch.randint(cfg.max_start_epoch + 1, (1,), generator=generator))
-        start = buffer.snapshot(expert, t).to(device)
-        target = buffer.snapshot(expert, t + cfg.expert_epochs).to(device)
-        student = unroll(net, start, images, labels, syn_lr, cfg.syn_steps, batch, generator, inputs.dsa_cfg)
-        loss = trajectory_loss(student, start, target)
+        low, high = start_window(
+            it,
+            cfg.min_start_epoch,
+            cfg.max_start_epoch,
+            cfg.initial_max_start_epoch,
+            cfg.window_growth_iterations,
+        )
+        t = low + int(torch.randint(high - low + 1, (1,), generator=generator))
+        segment = Segment(
+            net,
+            buffer.snapshot(expert, t).to(device),
+            buffer.snapshot(expert, t + cfg.expert_epochs).to(device),
+            draw_steps(len(images), cfg.syn_steps, batch, generator),
+            inputs.dsa_cfg,
+            matched_from,
+        )
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss = matched_gradient(segment, images, targets, syn_lr, cfg.memory)
         if not torch.isfinite(loss):
             last = checkpoints.load()
             kept = f"iteration {last['iteration']}" if last else "none yet"
             raise DivergenceError(
-                f"MTT diverged at iteration {it + 1} (loss={loss.item()}); last good checkpoint: {kept};"
+                f"{name} diverged at iteration {it + 1} (loss={loss.item()}); last good checkpoint: {kept};"
                 " lower distill.lr_img or distill.lr_lr"
             )
-        opt_img.zero_grad(set_to_none=True)
-        opt_lr.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_img.step()
-        opt_lr.step()
-        with torch.no_grad():
-            syn_lr.clamp_(min=cfg.min_lr)
-        history.append({"iteration": it + 1, "loss": loss.item(), "lr": syn_lr.item()})
-        progress.step(it + 1, cfg.iterations, f"loss {loss.item():.4f} lr {syn_lr.item():.4g}")
+        skipped = cfg.skip_above is not None and loss.item() > cfg.skip_above
+        if not skipped:
+            for optimizer in optimizers.values():
+                optimizer.step()
+            with torch.no_grad():
+                syn_lr.clamp_(min=cfg.min_lr)
+                if cfg.ema_decay is not None:
+                    tensors["ema"].mul_(cfg.ema_decay).add_(images.detach(), alpha=1 - cfg.ema_decay)
+        history.append(
+            {
+                "iteration": it + 1,
+                "loss": loss.item(),
+                "lr": syn_lr.item(),
+                "start_epoch": t,
+                "skipped": skipped,
+            }
+        )
+        progress.step(
+            it + 1,
+            cfg.iterations,
+            f"loss {loss.item():.4f} lr {syn_lr.item():.4g} start {t} of {low}..{high}",
+        )
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
             checkpoints.save(resumable.snapshot(it + 1, history))
 
-    return SyntheticSet(images=images.detach().clone(), labels=labels, lr=syn_lr.item(), history=history)
+    kept_images = tensors["ema"] if cfg.ema_decay is not None else images
+    return SyntheticSet(
+        images=kept_images.detach().clone(),
+        labels=labels,
+        lr=syn_lr.item(),
+        history=history,
+        label_logits=targets.detach().clone() if cfg.labels == "learned" else None,
+        stats={
+            "skipped_iterations": sum(h["skipped"] for h in history),
+            "matched_parameters": net.numel - matched_from,
+        },
+    )

@@ -2,9 +2,9 @@
 
 It fans out over subject x model x seed: the distilled set, the same number of random real images
 (``random_real``) and the whole training set (``full_data``), each under the same recipe and labels,
-so the comparison is fair. ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA, hard or stored soft
-labels); ``recipe: kd`` the RDED/SRe2L recipe (stored labels for the distilled set when relabel is
-stored, else the teacher online).
+so the comparison is fair. ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA; hard labels, the
+teacher's soft labels, or the labels the method learned); ``recipe: kd`` the RDED/SRe2L recipe
+(stored labels for the distilled set when relabel is stored, else the teacher online).
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def uses_stored_labels(cfg: PipelineConfig) -> bool:
 def _recipe_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
     """The MTT recipe of ``subject``; ``lr`` may still be ``"learned"``."""
     ev = cfg.evaluate
-    soft = ev.labels == "soft" and subject != "full_data"
+    soft = ev.labels != "hard" and subject != "full_data"
+    # Soft cross-entropy against softmax(logits) is the KD loss at temperature 1 (same gradient).
+    temperature = cfg.soft_labels.temperature if ev.labels == "soft" else 1.0
     return {
         "epochs": ev.full_data_epochs if subject == "full_data" else ev.epochs,
         "lr": ev.lr if subject == "distilled" else ev.baseline_lr,
@@ -63,7 +65,7 @@ def _recipe_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
         "momentum": ev.momentum,
         "weight_decay": ev.weight_decay,
         "dsa": cfg.dsa if ev.dsa else None,
-        "temperature": cfg.soft_labels.temperature if soft else None,
+        "temperature": temperature if soft else None,
     }
 
 
@@ -109,6 +111,7 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     else:
         fields = _recipe_fields(cfg, subject)
         fields["dsa"] = fields["dsa"].model_dump() if fields["dsa"] else None
+        fields["labels"] = "hard" if subject == "full_data" else cfg.evaluate.labels
     return {
         "subject": subject,
         "arch": arch,
@@ -132,6 +135,8 @@ def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
             inputs.append("soft_labels")
         elif subject == "random_real":
             inputs.append("teacher")
+    elif cfg.evaluate.labels == "learned" and subject == "random_real":
+        inputs.append("experts")
     return tuple(inputs)
 
 
@@ -170,6 +175,32 @@ def _train_kd(
     return evaluate.train_and_test_kd(arch, data, x, kd, seed, plans, targets, cfg.model, ctx.progress)
 
 
+def _targets(
+    ctx: Context,
+    subject: str,
+    data: PreparedDataset,
+    sets: list[tuple[torch.Tensor, torch.Tensor, float | None]],
+) -> list[torch.Tensor]:
+    """What each seed's set trains on under the MTT recipe: hard labels, or probability rows."""
+    cfg, hard = ctx.cfg, [y for _, y, _ in sets]
+    if cfg.evaluate.labels == "hard" or subject == "full_data":
+        return hard
+    if cfg.evaluate.labels == "soft":
+        if subject == "distilled":
+            probs = artifacts.load_soft_labels(ctx.store, str(ctx.keys["soft_labels"])).to(ctx.device)
+            return [probs] * len(sets)
+        model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)
+        return [labels.soft_labels(model, x, cfg.soft_labels.temperature) for x, _, _ in sets]
+    if subject == "distilled":
+        logits = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"])).label_logits
+        return [torch.softmax(logits.to(ctx.device), dim=1)] * len(sets)
+    # Random real images get the labels DATM would start them with: the experts' averaged logits.
+    experts = labels.final_experts(
+        artifacts.load_buffer(ctx.store, str(ctx.keys["experts"])), data, cfg.model
+    )
+    return [torch.softmax(labels.expert_logits(experts, x, y), dim=1) for x, y, _ in sets]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     cfg, data = ctx.cfg, ctx.data()
     subject, arch, indices = ctx.params["subject"], ctx.params["arch"], ctx.params["indices"]
@@ -180,14 +211,7 @@ def run(ctx: Context) -> dict[str, Any]:
             _train_kd(ctx, subject, data, x, seed) for (x, _, _), seed in zip(sets, seeds, strict=True)
         ]
     else:
-        targets = [y for _, y, _ in sets]
-        if "soft_labels" in ctx.keys:
-            targets = [
-                artifacts.load_soft_labels(ctx.store, str(ctx.keys["soft_labels"])).to(ctx.device)
-            ] * len(seeds)
-        elif cfg.evaluate.labels == "soft":  # random real images, labelled by the teacher
-            model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)
-            targets = [labels.soft_labels(model, x, cfg.soft_labels.temperature) for x, _, _ in sets]
+        targets = _targets(ctx, subject, data, sets)
         run_recipe = recipe(cfg, subject, sets[0][2])
         xs = [x for x, _, _ in sets]
         results = evaluate.train_and_test_seeds(

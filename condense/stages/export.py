@@ -40,7 +40,13 @@ def run(ctx: Context) -> dict[str, Any]:
         "keys": {name: key for name, key in keys.items() if isinstance(key, str)},
     }
     shards = export.write_distilled(
-        ctx.work, arrays["images"], arrays["pixels"], arrays["labels"], soft, manifest
+        ctx.work,
+        arrays["images"],
+        arrays["pixels"],
+        arrays["labels"],
+        soft,
+        manifest,
+        label_logits=arrays.get("label_logits"),
     )
     per_row = cfg.ipc if cfg.ipc > 1 else len(card["classes"])  # one row per class; IPC 1 as one row
     export.image_grid(arrays["pixels"], per_row=per_row).save(ctx.work / export.GRID)
