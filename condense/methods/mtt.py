@@ -141,6 +141,7 @@ def match_trajectories(
     targets = labels
     if cfg.labels == "learned":
         targets = expert_logits(final_experts(buffer, data, inputs.model_cfg), images.detach(), labels)
+        initial_logits = targets.clone()  # recomputed identically on resume, before the restore
         tensors["label_logits"] = targets.requires_grad_(True)
         optimizers["opt_labels"] = torch.optim.SGD([targets], lr=cfg.lr_labels, momentum=cfg.momentum_labels)
     if cfg.ema_decay is not None:
@@ -210,14 +211,20 @@ def match_trajectories(
             checkpoints.save(resumable.snapshot(it + 1, history))
 
     kept_images = tensors["ema"] if cfg.ema_decay is not None else images
+    # What each option did, measurably: how far the labels moved, how far the average trails.
+    stats = {
+        "skipped_iterations": sum(h["skipped"] for h in history),
+        "matched_parameters": net.numel - matched_from,
+    }
+    if cfg.labels == "learned":
+        stats["label_logits_moved"] = (targets.detach() - initial_logits).abs().mean().item()
+    if cfg.ema_decay is not None:
+        stats["ema_gap"] = (images.detach() - kept_images).abs().mean().item()
     return SyntheticSet(
         images=kept_images.detach().clone(),
         labels=labels,
         lr=syn_lr.item(),
         history=history,
         label_logits=targets.detach().clone() if cfg.labels == "learned" else None,
-        stats={
-            "skipped_iterations": sum(h["skipped"] for h in history),
-            "matched_parameters": net.numel - matched_from,
-        },
+        stats=stats,
     )
