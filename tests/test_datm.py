@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
 from condense import artifacts
 from condense import evaluate as evaluate_lib
@@ -99,6 +100,10 @@ def test_exported_sets_carry_the_learned_labels(datm_run):
     learned = artifacts.load_synthetic(store, plan.keys["distill"]).label_logits
     assert exported.manifest["labels"] == "learned"
     assert torch.equal(exported.label_logits, learned)
+    # A plain webdataset reader sees them too, one logits.npy per sample.
+    shards = sorted(str(p) for p in store.path("export", plan.keys["export"]).glob("distilled-*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode())
+    assert torch.equal(torch.from_numpy(np.stack([s["logits.npy"] for s in samples])), learned)
 
 
 def test_ftd_stores_the_moving_average_of_its_images(tmp_path):
