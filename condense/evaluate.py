@@ -8,6 +8,10 @@ Two recipes, each measured once at the end of training (no picking of a best tes
 - ``train_and_test_kd``, the RDED/SRe2L recipe: AdamW, cosine schedule, crops + flips + CutMix
   (+ patch shuffling for stitched images), KL divergence to the teacher's probabilities on every
   augmented batch (online or replayed from storage, see ``condense.relabel``).
+
+Every run reports the final network's test accuracy and its calibration (:mod:`condense.scores`):
+the ECE of its test predictions, and the ECE after temperature scaling fitted on ``held_out``
+training images it did not train on (:func:`calibration_indices`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ from condense.models import build_model
 from condense.prepare import PreparedDataset
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
-from condense.training import accuracy, batches, cosine_factor, random_seed, sample_per_class, train_epoch
+from condense.scores import calibration
+from condense.training import batches, cosine_factor, predict, random_seed, sample_per_class, train_epoch
+
+HeldOut = tuple[torch.Tensor, torch.Tensor] | None
+"""Training images (and labels) a student did not train on: where its temperature is fitted."""
+
+CALIBRATION_FRACTION = 10
+"""The calibration split is 1/10 of the smallest class per class (at least 1, at most 100)."""
+CALIBRATION_MAX_PER_CLASS = 100
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,10 @@ def train_and_test(
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
     compile_step: bool = False,
-) -> dict[str, float]:
-    """Train ``arch`` from a seeded initialisation on (x, targets); returns test accuracy (%) and time.
+    held_out: HeldOut = None,
+) -> dict[str, float | None]:
+    """Train ``arch`` from a seeded initialisation on (x, targets); returns test accuracy (%), its
+    calibration (:func:`tested`) and time.
 
     ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set.
     """
@@ -83,11 +97,24 @@ def train_and_test(
         )
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
+    return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
+
+
+def _scored(test_logits: torch.Tensor, data: PreparedDataset, held_out: HeldOut) -> dict[str, float | None]:
+    """Test accuracy (%) and calibration of a network, from its logits on the test split and on
+    ``(held-out images' logits, labels)``."""
+    test_y = data.test_y.to(test_logits.device)
     return {
-        "accuracy": accuracy(model, data.test_x, data.test_y),
-        "train_loss": loss,
-        "seconds": time.perf_counter() - started,
+        "accuracy": float((test_logits.argmax(1) == test_y).float().mean() * 100),
+        **calibration(test_logits, test_y, held_out),
     }
+
+
+def tested(model: nn.Module, data: PreparedDataset, held_out: HeldOut = None) -> dict[str, float | None]:
+    """The final network's test accuracy (%), ECE and temperature-scaled ECE (temperature fitted on
+    ``held_out``, never on the test split)."""
+    held = None if held_out is None else (predict(model, held_out[0]), held_out[1])
+    return _scored(predict(model, data.test_x), data, held)
 
 
 def batchable(model: nn.Module) -> bool:
@@ -105,7 +132,8 @@ def train_and_test_seeds(
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
     compile_step: bool = False,
-) -> list[dict[str, float]]:
+    held_out: list[HeldOut] | None = None,
+) -> list[dict[str, float | None]]:
     """:func:`train_and_test` for several seeds at once: their networks are stacked
     (``torch.func.stack_module_state``) and every step is one vmapped forward and backward for all of
     them, so a GPU runs K small trainings as one instead of K launch-bound ones.
@@ -114,16 +142,18 @@ def train_and_test_seeds(
     seed per batch, drawn in the same order), its set (``xs[k]``, e.g. its random real images) and
     the recipe's SGD (momentum, weight decay, learning rate /10 halfway), which acts on each seed's
     slice of the stacked parameters exactly as on its own. The result equals the one-at-a-time
-    training up to floating-point rounding (batched convolutions sum in another order)."""
+    training up to floating-point rounding (batched convolutions sum in another order).
+    ``held_out[k]``: seed ``k``'s calibration images (see :func:`tested`)."""
     started = time.perf_counter()
+    held_out = held_out or [None] * len(seeds)
     device = xs[0].device
     models = [
         build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, s) for s in seeds
     ]
     if len(seeds) == 1 or not batchable(models[0]):
         return [
-            train_and_test(arch, data, x, t, recipe, seed, model_cfg, progress, compile_step)
-            for x, t, seed in zip(xs, targets, seeds, strict=True)
+            train_and_test(arch, data, x, t, recipe, seed, model_cfg, progress, compile_step, held)
+            for x, t, seed, held in zip(xs, targets, seeds, held_out, strict=True)
         ]
     params, buffers = stack_module_state([m.to(device) for m in models])
     shape = copy.deepcopy(models[0]).to("meta")
@@ -169,14 +199,34 @@ def train_and_test_seeds(
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"{k} seeds, loss {float(losses.mean()) / n:.4f}")
     with torch.no_grad():
-        correct = torch.zeros(k, device=device)
-        for chunk, labels in zip(torch.split(data.test_x, 1024), torch.split(data.test_y, 1024), strict=True):
-            predicted = vmap(forward, in_dims=(0, 0, None))(params, buffers, chunk.to(device)).argmax(-1)
-            correct += (predicted == labels.to(device)).sum(1)
+        test_logits = torch.cat(
+            [
+                vmap(forward, in_dims=(0, 0, None))(params, buffers, c.to(device))
+                for c in torch.split(data.test_x, 1024)
+            ],
+            dim=1,
+        )
+        held_logits = [
+            None
+            if held is None
+            else (
+                functional_call(
+                    shape,
+                    ({n: p[i] for n, p in params.items()}, {n: b[i] for n, b in buffers.items()}),
+                    (held[0],),
+                ),
+                held[1],
+            )
+            for i, held in enumerate(held_out)
+        ]
     seconds = (time.perf_counter() - started) / k
     return [
-        {"accuracy": float(c) / len(data.test_y) * 100, "train_loss": float(loss) / n, "seconds": seconds}
-        for c, loss in zip(correct, losses, strict=True)
+        {
+            **_scored(test_logits[i], data, held_logits[i]),
+            "train_loss": float(losses[i]) / n,
+            "seconds": seconds,
+        }
+        for i in range(k)
     ]
 
 
@@ -249,21 +299,43 @@ def train_and_test_kd(
     targets: Targets,
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
-) -> dict[str, float]:
-    """:func:`train_kd`, then the test accuracy (%) of the final model."""
+    held_out: HeldOut = None,
+) -> dict[str, float | None]:
+    """:func:`train_kd`, then the test accuracy (%) and calibration of the final model."""
     started = time.perf_counter()
     model, loss = train_kd(arch, data, x, recipe, seed, plans, targets, model_cfg, progress)
-    return {
-        "accuracy": accuracy(model, data.test_x, data.test_y),
-        "train_loss": loss,
-        "seconds": time.perf_counter() - started,
-    }
+    return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
+
+
+def random_real_indices(data: PreparedDataset, ipc: int, seed: int) -> torch.Tensor:
+    """Indices of ``ipc`` random real training images per class: the baseline every distilled set
+    must beat."""
+    generator = torch.Generator().manual_seed(seed)
+    return sample_per_class(data.train_y.cpu(), data.num_classes, ipc, generator).to(data.train_y.device)
 
 
 def random_real_subset(data: PreparedDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` random real training images per class: the baseline every distilled set must beat."""
+    """The images and labels of :func:`random_real_indices`."""
+    idx = random_real_indices(data, ipc, seed)
+    return data.train_x[idx], data.train_y[idx]
+
+
+def calibration_indices(data: PreparedDataset, seed: int) -> torch.Tensor:
+    """A fixed per-class sample of the training images on which students' temperatures are fitted:
+    1/10 of the smallest class per class (at least 1, at most 100), drawn from ``seed``."""
+    smallest = int(torch.bincount(data.train_y.cpu(), minlength=data.num_classes).min())
+    per_class = min(max(1, smallest // CALIBRATION_FRACTION), CALIBRATION_MAX_PER_CLASS)
     generator = torch.Generator().manual_seed(seed)
-    idx = sample_per_class(data.train_y, data.num_classes, ipc, generator)
+    return sample_per_class(data.train_y.cpu(), data.num_classes, per_class, generator).to(
+        data.train_y.device
+    )
+
+
+def held_out_split(data: PreparedDataset, seed: int, trained_on: torch.Tensor | None = None) -> HeldOut:
+    """The calibration split without the training images a student trained on (``trained_on``)."""
+    idx = calibration_indices(data, seed)
+    if trained_on is not None:
+        idx = idx[~torch.isin(idx, trained_on.to(idx.device))]
     return data.train_x[idx], data.train_y[idx]
 
 

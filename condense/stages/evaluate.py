@@ -2,7 +2,10 @@
 
 It fans out over subject x model x seed: the distilled set, the same number of random real images
 (``random_real``) and the whole training set (``full_data``), each under the same recipe and labels,
-so the comparison is fair. ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA; hard labels, the
+so the comparison is fair. Each run also reports its calibration (ECE, and ECE after temperature
+scaling fitted on training images held out of that student's training: the calibration split of
+:func:`condense.evaluate.calibration_indices`; the full-data students hold nothing out, so they
+report the plain ECE only). ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA; hard labels, the
 teacher's soft labels, or the labels the method learned); ``recipe: kd`` the RDED/SRe2L recipe
 (stored labels for the distilled set when relabel is stored, else the teacher online).
 """
@@ -153,9 +156,17 @@ def _subject_set(
     return data.train_x, data.train_y, None
 
 
+def _held_out(ctx: Context, subject: str, data: PreparedDataset, seed: int) -> evaluate.HeldOut:
+    """The calibration images a run's student never trained on (none for full data)."""
+    if subject == "full_data":
+        return None
+    picked = evaluate.random_real_indices(data, ctx.cfg.ipc, seed) if subject == "random_real" else None
+    return evaluate.held_out_split(data, ctx.cfg.seed, picked)
+
+
 def _train_kd(
     ctx: Context, subject: str, data: PreparedDataset, x: torch.Tensor, seed: int
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Replay stored labels for the distilled set when relabel is stored, else run the teacher online
     (baselines always: they are drawn per seed), quantised the same way."""
     cfg = ctx.cfg
@@ -172,7 +183,10 @@ def _train_kd(
         plans = relabel.online_plans(len(x), kd.batch_size, kd.augment, seed, cfg.relabel.fp16)
         targets = relabel.online_labels(model, kd.temperature, cfg.relabel.top_k, cfg.relabel.fp16)
     arch = ctx.params["arch"]
-    return evaluate.train_and_test_kd(arch, data, x, kd, seed, plans, targets, cfg.model, ctx.progress)
+    held_out = _held_out(ctx, subject, data, seed)
+    return evaluate.train_and_test_kd(
+        arch, data, x, kd, seed, plans, targets, cfg.model, ctx.progress, held_out
+    )
 
 
 def _targets(
@@ -214,8 +228,9 @@ def run(ctx: Context) -> dict[str, Any]:
         targets = _targets(ctx, subject, data, sets)
         run_recipe = recipe(cfg, subject, sets[0][2])
         xs = [x for x, _, _ in sets]
+        held_out = [_held_out(ctx, subject, data, seed) for seed in seeds]
         results = evaluate.train_and_test_seeds(
-            arch, data, xs, targets, run_recipe, seeds, cfg.model, ctx.progress, ctx.compile_step
+            arch, data, xs, targets, run_recipe, seeds, cfg.model, ctx.progress, ctx.compile_step, held_out
         )
     runs = [{"index": i, "seed": s, **r} for i, s, r in zip(indices, seeds, results, strict=True)]
     return {"subject": subject, "arch": arch, "runs": runs}
