@@ -5,6 +5,10 @@ export is the one the latest version already points at (same data, config and co
 cache hit) publishes nothing new; anything else becomes version n + 1. Versions are small JSON
 records, ``<store>/versions/<dataset>/<method>/ipc<N>/v<NNNN>.json``, that name every stage key the
 set was built from, so ``gc`` knows what to keep.
+
+Leaderboards of ``condense compare`` are versioned the same way, per (dataset, comparison name):
+``<store>/leaderboards/<dataset>/<name>/v<NNNN>.json`` names the folder of its files and every
+artifact its cells were computed from (``gc`` keeps those too).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import posixpath
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +34,7 @@ from condense.store.local import DAMAGED, LOCKS
 
 VERSIONS = "versions"
 RUNS = "runs"
+LEADERBOARDS = "leaderboards"
 
 
 def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
@@ -57,16 +63,26 @@ def _records(store: Store, folder: str) -> list[dict[str, Any]]:
 
 def publish(store: Store, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """Publish ``record`` (dataset, method, ipc, keys, ...) as the next version unless the latest
-    already points at the same export. Returns (the version record, whether it is new).
+    already points at the same export. Returns (the version record, whether it is new)."""
+    folder = _series(store, record["dataset"], record["method"], record["ipc"])
+    return publish_in(
+        store, folder, record, lambda latest: latest["keys"]["export"] == record["keys"]["export"]
+    )
+
+
+def publish_in(
+    store: Store, folder: str, record: dict[str, Any], unchanged: Callable[[dict[str, Any]], bool]
+) -> tuple[dict[str, Any], bool]:
+    """Publish ``record`` as the next version in the series ``folder`` unless ``unchanged(latest)``.
+    Returns (the version record, whether it is new).
 
     Concurrent publishers race on an exclusive create of the next file name (a conditional PUT on
     object storage); the loser retries with the number after.
     """
-    folder = _series(store, record["dataset"], record["method"], record["ipc"])
     store.fs.makedirs(folder, exist_ok=True)
     while True:
         existing = _records(store, folder)
-        if existing and existing[-1]["keys"]["export"] == record["keys"]["export"]:
+        if existing and unchanged(existing[-1]):
             return existing[-1], False
         number = existing[-1]["version"] + 1 if existing else 1
         entry = {
@@ -76,6 +92,18 @@ def publish(store: Store, record: dict[str, Any]) -> tuple[dict[str, Any], bool]
         }
         if create_exclusive(store.fs, f"{folder}/v{number:04d}.json", json_bytes(entry)):
             return entry, True
+
+
+def leaderboard_series(store: Store, dataset: str, name: str) -> str:
+    """Where the versions of the leaderboard ``name`` on ``dataset`` are published."""
+    return f"{store.base}/{LEADERBOARDS}/{dataset}/{name}"
+
+
+def list_leaderboards(store: Store) -> list[dict[str, Any]]:
+    """Every published leaderboard version in the store."""
+    root = f"{store.base}/{LEADERBOARDS}"
+    store.fs.invalidate_cache(root)
+    return _read(store, store.fs.glob(f"{root}/*/*/v*.json"))
 
 
 def list_versions(store: Store, latest_only: bool = False) -> list[dict[str, Any]]:
@@ -138,6 +166,8 @@ def _referenced(store: Store) -> set[tuple[str, str]]:
             if key:
                 keep.add((name, key))  # a version's keys are named by their stage
         keep.update(("evaluate", key) for key in record.get("evaluations", []))
+    for record in list_leaderboards(store):
+        keep.update((stage, key) for stage, key in record["artifacts"])
     return keep
 
 

@@ -263,34 +263,120 @@ def run(
 
     from condense_flows.pipeline import pipeline
 
-    servers: list[SubprocessASGIServer] = []
-    _stop_on_signals(servers)
-    try:
-        with one_line_errors(debug):
-            runs_on = task_runner(runner, dask_address)
-            flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
-            if os.environ.get("PREFECT_API_URL"):
-                summary = _in_thread(flow, preset, overrides, store_dir, quiet)
-            else:
-                # A local ephemeral API dies with this process, so its run heartbeats (a fixed ~1 s
-                # at exit) guard nothing.
-                from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-                servers.append(_start_local_api_quietly(debug))
-                server = servers[0]
-                # Dask workers are other processes: without an API URL each would start its own
-                # ephemeral server (and some outlive the run); point them at this one.
-                os.environ["PREFECT_API_URL"] = server.api_url
-                with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-                    summary = _in_thread(flow, preset, overrides, store_dir, quiet)
-    except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume from the last checkpoint", 130)
+    with one_line_errors(debug):
+        runs_on = task_runner(runner, dask_address)
+    flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
+    summary = _run_flow(flow, debug, preset, overrides, store_dir, quiet)
 
     from condense.report import text_table
 
     typer.echo(text_table(summary))
     if as_json:
         typer.echo(json.dumps(summary, separators=(",", ":")))
+
+
+def _run_flow(flow: Any, debug: bool, *args: Any) -> Any:
+    """Run ``flow(*args)`` in a thread against ``PREFECT_API_URL``, else a local API server started
+    here (quietly) that dies with this command; stop on signals; errors as one line. The progress
+    bars stop before this returns, so what the command prints next is not drawn over."""
+    from condense.progress import close_bars
+
+    servers: list[SubprocessASGIServer] = []
+    _stop_on_signals(servers)
+    try:
+        with one_line_errors(debug):
+            if os.environ.get("PREFECT_API_URL"):
+                return _in_thread(flow, *args)
+            # A local ephemeral API dies with this process, so its run heartbeats (a fixed ~1 s
+            # at exit) guard nothing.
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+            servers.append(_start_local_api_quietly(debug))
+            # Dask workers are other processes: without an API URL each would start its own
+            # ephemeral server (and some outlive the run); point them at this one.
+            os.environ["PREFECT_API_URL"] = servers[0].api_url
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                return _in_thread(flow, *args)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume from the last checkpoint", 130)
+    finally:
+        close_bars()
+
+
+def _list_option(text: str | None, name: str, convert: Any = str) -> list[Any] | None:
+    """``"a,b"`` -> ``["a", "b"]``; an empty list or a bad item is a one-line error (exit 2)."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        _fail(f"--{name} is empty: give a comma-separated list", 2)
+    try:
+        return [convert(item) for item in items]
+    except ValueError:
+        _fail(f"--{name} expects a comma-separated list of {convert.__name__}s, got {text!r}", 2)
+
+
+@app.command()
+def compare(
+    preset: Annotated[
+        str,
+        typer.Argument(
+            help="Comparison name (condense/presets/compare/, e.g. digits-compare) or a YAML path."
+        ),
+    ],
+    methods: Annotated[str | None, typer.Option(help="Methods, comma-separated: mtt,dm,rded.")] = None,
+    ipc: Annotated[str | None, typer.Option(help="Images per class, comma-separated: 1,10.")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Evaluation architectures, comma-separated: convnet,resnet18.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a field of every cell: --set evaluate.seeds=2, --set budget=paper."
+        ),
+    ] = None,
+    store: StoreOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the leaderboard as one JSON line at the end.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks and Prefect's logs.")] = False,
+) -> None:
+    """Run every method at every IPC on one dataset and recipe per label regime; print a leaderboard
+    with fair scores (random real, full data, DD-Ranking's LRS/ARS, calibration, cost)."""
+    _configure_prefect(debug)
+    from condense import compare as comparing
+    from condense.errors import CondenseError
+    from condense.stages import dataset_job, execute
+    from condense.store import open_store
+
+    method_list = _list_option(methods, "methods")
+    ipc_list = _list_option(ipc, "ipc", int)
+    model_list = _list_option(models, "models")
+    overrides = list(set_ or [])
+    try:  # every bad input fails here, in one line, before any distillation or evaluation
+        comparison = comparing.load_comparison(preset, method_list, ipc_list, model_list, overrides)
+        opened = open_store(store)
+        card = execute(dataset_job(), comparison.dataset_config, opened)["meta"]["card"]
+        comparing.check_ipcs(comparison, card)
+    except CondenseError as err:
+        _fail(str(err), 2)
+
+    from condense_flows.compare import compare as compare_flow
+
+    board = _run_flow(
+        compare_flow, debug, preset, method_list, ipc_list, model_list, overrides, opened.location, quiet
+    )
+    typer.echo(comparing.text_table(comparing.rows(board["cells"])))
+    version = board["version"]
+    state = "new" if version["new"] else f"unchanged since {version['created']}"
+    typer.echo(f"\nleaderboard {board['dataset']}/{board['name']} v{version['number']} ({state})")
+    for name, path in board["files"].items():
+        typer.echo(f"{name}: {path}")
+    for name, path in board["pictures"].items():
+        typer.echo(f"{name}: {path}")
+    if as_json:
+        typer.echo(json.dumps(board, separators=(",", ":")))
 
 
 @app.command()

@@ -16,6 +16,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
+from condense import compare as comparing
 from condense import summary as run_summary
 from condense.config import PipelineConfig
 from condense.progress import Progress
@@ -72,3 +73,15 @@ def finish_run(
 ) -> dict[str, Any]:
     """Summarise, publish the version and write the run folder."""
     return run_summary.finish_run(cfg, open_store(store), plan, outcomes, started, run_id)
+
+
+@task(name="finish-comparison", persist_result=False, cache_policy=NO_CACHE)
+def finish_comparison(
+    comparison: comparing.Comparison,
+    store: str,
+    outcomes: dict[str, comparing.Outcome],
+    run_id: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """Score every cell, write and publish the leaderboard."""
+    return comparing.finish(comparison, open_store(store), outcomes, run_id, seconds)
