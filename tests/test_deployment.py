@@ -3,12 +3,13 @@ from pathlib import Path
 import yaml
 from prefect import Flow
 
+from condense.compare import load_comparison
 from condense.configure import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_prefect_yaml_deploys_the_pipeline_flow_with_valid_presets():
+def test_prefect_yaml_deploys_the_flows_with_valid_presets():
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert spec["deployments"]
     for deployment in spec["deployments"]:
@@ -18,4 +19,7 @@ def test_prefect_yaml_deploys_the_pipeline_flow_with_valid_presets():
         assert isinstance(getattr(module, name), Flow)
         params = deployment["parameters"]
         overrides = [o for o in params["overrides"] if "{{" not in o]
-        assert load_config(params["preset"], overrides).method == "mtt"
+        if name == "compare":
+            assert len(load_comparison(params["preset"], overrides=overrides).cells) > 1
+        else:
+            assert load_config(params["preset"], overrides).method == "mtt"

@@ -1,0 +1,96 @@
+"""`condense compare` end to end on a tiny comparison: leaderboard, pictures, caching per cell,
+a failed cell beside completed ones, and one-line errors for bad input before any work."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import last_json, run_cli
+
+TINY_COMPARISON = {
+    "name": "tiny",
+    "presets": "digits-{method}",
+    "methods": ["dm", "rded"],
+    "ipc": [1],
+    "models": ["convnet"],
+    "dataset": {"source": "digits", "name": "digits", "train_per_class": 20},
+    "evaluate": {"seeds": 2, "full_data_epochs": 1},
+    "recipes": {"hard": {"epochs": 4}, "kd": {"epochs": 4, "batch_size": 50}},
+    "settings": {
+        "dm": {"distill": {"iterations": 2, "checkpoint_every": 2}},
+        "dsa": {"distill": {"iterations": 2, "checkpoint_every": 2}},
+        # RDED's guard refuses a teacher below this accuracy on real images: a cell that fails.
+        "rded": {"teacher": {"epochs": 1}, "distill": {"candidates": 5, "min_teacher_accuracy": 100}},
+    },
+}
+
+
+@pytest.fixture
+def comparison(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_COMPARISON))
+    return path
+
+
+def _compare(comparison: Path, store: Path, env: dict[str, str], *extra: str) -> dict:
+    proc = run_cli(["compare", str(comparison), "--store", str(store), "--json", "-q", *extra], env)
+    return last_json(proc.stdout)
+
+
+def _cells(board: dict) -> dict[str, dict]:
+    return {cell["method"]: cell for cell in board["cells"]}
+
+
+def test_compare_caches_per_cell_and_keeps_failed_cells_as_rows(comparison, tmp_path, prefect_env):
+    store = tmp_path / "store"
+    first = _compare(comparison, store, prefect_env)
+    cells = _cells(first)
+    assert set(cells) == {"dm", "rded"}
+    dm, rded = cells["dm"], cells["rded"]
+    assert dm["status"] == "ok" and dm["cached"] is False and dm["reason"] is None
+    assert rded["status"] == "failed" and "distill:" in rded["reason"] and "\n" not in rded["reason"]
+    assert 0 <= dm["accuracy"]["mean"] <= 100 and dm["random_real"] and dm["full_data"]
+    found = dm["scores"]
+    assert found["hlr"] == pytest.approx(
+        dm["hard_labels"]["full_data"]["mean"] - dm["hard_labels"]["distilled"]["mean"]
+    )
+    assert found["ior"] == pytest.approx(dm["accuracy"]["mean"] - dm["random_real"]["mean"])
+    assert 0 <= found["lrs"] <= 1 and 0 <= found["ars"] <= 1
+    assert dm["calibration"]["ece"] is not None and dm["calibration"]["ece_scaled"] is not None
+    assert dm["cost"]["image_bytes"] == 10 * 8 * 8 and dm["cost"]["label_bytes"] == 10
+    assert first["version"] == {"number": 1, "new": True, "created": first["version"]["created"]}
+    for path in [*first["files"].values(), *first["pictures"].values()]:
+        assert Path(path).is_file() and Path(path).stat().st_size > 0
+    assert Path(first["pictures"]["images_ipc1"]).read_bytes().startswith(b"\x89PNG")
+    assert "failed: distill:" in Path(first["files"]["markdown"]).read_text()
+
+    again = _compare(comparison, store, prefect_env)
+    assert _cells(again)["dm"]["cached"] is True
+    assert _cells(again)["dm"]["accuracy"] == dm["accuracy"]
+    assert _cells(again)["rded"]["status"] == "failed"
+    assert again["version"]["number"] == 1 and again["version"]["new"] is False
+
+    more = _compare(comparison, store, prefect_env, "--methods", "dm,rded,dsa")
+    cells = _cells(more)
+    assert cells["dm"]["cached"] is True  # its cells are not rerun
+    assert cells["dsa"]["status"] == "ok" and cells["dsa"]["cached"] is False
+    assert more["version"]["number"] == 2 and more["version"]["new"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "dm,nope"], "unknown method 'nope'"),
+        (["--models", "convnet,resnet999"], "unknown architecture 'resnet999'"),
+        (["--ipc", ","], "--ipc is empty"),
+        (["--methods", "dm", "--ipc", "1,21"], "ipc=21 is larger than the smallest class"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(comparison, tmp_path, ephemeral_env, args, message):
+    store = tmp_path / "store"
+    proc = run_cli(["compare", str(comparison), "--store", str(store), *args], ephemeral_env, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (store / "distill").exists() and not (store / "evaluate").exists()
