@@ -121,7 +121,9 @@ def test_the_distilled_set_loads_in_python_and_with_plain_webdataset(first_run):
 
 
 def test_sigkill_during_distillation_resumes_from_the_checkpoint(prefect_env, tmp_path):
-    args = tiny_args(tmp_path, "distill.iterations=400", "distill.checkpoint_every=5", quiet=False)
+    # Long enough that the kill lands after the first checkpoint and well before the end, short enough
+    # that the resumed run finishes within run_cli's timeout on a loaded 2-core machine.
+    args = tiny_args(tmp_path, "distill.iterations=60", "distill.checkpoint_every=5", quiet=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "condense_flows.cli", *args],
         cwd=ROOT,
