@@ -119,6 +119,18 @@ class KillAfter:
             raise KeyboardInterrupt
 
 
+def kill_distillation_at_first_checkpoint(store, cfg, plan, monkeypatch) -> None:
+    """Run the plan's distill job until it saves its first checkpoint, then stop it as a kill would
+    (the work folder keeps the checkpoint; nothing is committed)."""
+    from condense.stages import base
+
+    original = base.TorchCheckpoints
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), 1))
+        with pytest.raises(KeyboardInterrupt):
+            run_jobs(store, cfg, plan, {"distill"})
+
+
 class Notes:
     """A progress sink that keeps the notes a stage prints."""
 

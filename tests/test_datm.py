@@ -23,7 +23,7 @@ from condense.prepare import load
 from condense.stages import base
 from condense.store import Store
 from condense.trajectory import shallow_cut
-from tests.conftest import TINY, KillAfter, Notes, plan_for, run_jobs
+from tests.conftest import TINY, Notes, kill_distillation_at_first_checkpoint, plan_for, run_jobs
 
 # DATM on TINY's 4-epoch experts: the window starts at 0..0 and reaches 0..2 after 4 iterations.
 DATM_TINY = [*TINY, "ipc=2", "distill.initial_max_start_epoch=0", "distill.window_growth_iterations=4"]
@@ -143,13 +143,7 @@ def test_a_killed_datm_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Pa
     plan = plan_for(store, cfg)
     run_jobs(store, cfg, plan, {"experts"})
     key = plan.keys["distill"]
-    original = base.TorchCheckpoints
-    monkeypatch.setattr(
-        base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), saves=1)
-    )
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs(store, cfg, plan, {"distill"})
-    monkeypatch.setattr(base, "TorchCheckpoints", original)
+    kill_distillation_at_first_checkpoint(store, cfg, plan, monkeypatch)
     notes = Notes()
     run_jobs(store, cfg, plan, {"distill"}, notes)
     assert any("resuming DATM from checkpoint at iteration 2/6" in n for n in notes.lines)

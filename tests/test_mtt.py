@@ -11,7 +11,7 @@ from condense.configure import load_config
 from condense.errors import DivergenceError
 from condense.stages import base
 from condense.store import Store, load_arrays
-from tests.conftest import TINY, KillAfter, Notes, plan_for, run_jobs
+from tests.conftest import TINY, Notes, kill_distillation_at_first_checkpoint, plan_for, run_jobs
 
 
 def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch):
@@ -21,15 +21,9 @@ def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path
     run_jobs(store, cfg, plan, {"experts"})
     key = plan.keys["distill"]
 
-    original = base.TorchCheckpoints
-    monkeypatch.setattr(
-        base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), saves=1)
-    )
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs(store, cfg, plan, {"distill"})
+    kill_distillation_at_first_checkpoint(store, cfg, plan, monkeypatch)
     assert not store.has("distill", key)
-    assert original(store.partial("distill", key) / "checkpoint.pt").load()["iteration"] == 2
-    monkeypatch.setattr(base, "TorchCheckpoints", original)
+    assert base.TorchCheckpoints(store.partial("distill", key) / "checkpoint.pt").load()["iteration"] == 2
 
     notes = Notes()
     run_jobs(store, cfg, plan, {"distill"}, notes)

@@ -20,14 +20,14 @@ import torch
 import condense
 from condense import artifacts, versions
 from condense.configure import load_config
-from condense.stages import base, execute
+from condense.stages import execute
 from condense.store import Store, load_arrays, save_arrays
 from condense.store import remote as remote_store
 from condense.store.remote import RemoteStore
 from tests.conftest import (
     TINY,
-    KillAfter,
     Notes,
+    kill_distillation_at_first_checkpoint,
     last_json,
     plan_for,
     record_experts,
@@ -156,11 +156,7 @@ def test_a_distillation_killed_on_one_machine_resumes_on_another(shared, tmp_pat
     run_jobs(a, cfg, plan, {"experts"})
     key = plan.keys["distill"]
 
-    original = base.TorchCheckpoints
-    monkeypatch.setattr(base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), 1))
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs(a, cfg, plan, {"distill"})
-    monkeypatch.setattr(base, "TorchCheckpoints", original)
+    kill_distillation_at_first_checkpoint(a, cfg, plan, monkeypatch)
 
     notes = Notes()
     run_jobs(b, cfg, plan, {"distill"}, notes)
