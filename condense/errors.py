@@ -14,7 +14,7 @@ class DatasetError(CondenseError):
 
 
 class DivergenceError(CondenseError):
-    """Distillation produced NaN/inf; the last good checkpoint is kept."""
+    """Training produced NaN/inf (an expert, or a distillation: its last good checkpoint is kept)."""
 
 
 class DamagedArtifactError(CondenseError):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from condense.config import DSAConfig, ExpertsConfig, ModelConfig
 from condense.devices import Compiled
 from condense.difficulty import DifficultyOrder, epoch_indices
+from condense.errors import DivergenceError
 from condense.gsam import GSAM, BatchReplay
 from condense.models import CONVNET, FlatParams, build_model
 from condense.prepare import PreparedDataset
@@ -105,7 +106,7 @@ def train_expert(
             forward,
         )
         if not np.isfinite(loss):
-            raise FloatingPointError(f"expert {seed} diverged at epoch {epoch + 1}; lower experts.lr")
+            raise DivergenceError(f"expert {seed} diverged at epoch {epoch + 1}; lower experts.lr")
         losses.append(loss)
         sizes.append(len(x))
         snapshots.append(flat.flatten().cpu().numpy())  # one copy to the host per epoch

@@ -19,7 +19,7 @@ from condense import difficulty
 from condense import experts as experts_module
 from condense.config import DSAConfig, ExpertScheduleConfig, ExpertsConfig, ModelConfig
 from condense.configure import load_config
-from condense.errors import ConfigError
+from condense.errors import ConfigError, DivergenceError
 from condense.gsam import GSAM, BatchReplay
 from condense.stages import make_plan
 from condense.stages.dataset import prepare
@@ -125,6 +125,13 @@ def test_a_gsam_expert_differs_from_the_sgd_one_and_learns(digits30):
     np.testing.assert_array_equal(gsam.params, again.params)  # deterministic
     assert gsam.train_loss[-1] < gsam.train_loss[0]
     assert gsam.epoch_sizes == [len(digits30.train_y)] * 4
+
+
+def test_a_diverging_expert_is_a_divergence_error_naming_the_setting(digits30):
+    """A CondenseError: one line from the CLI, a failed cell (not a stopped table) in a comparison."""
+    cfg = ExpertsConfig(num_experts=1, epochs=2, batch_size=64, lr=1e12)
+    with pytest.raises(DivergenceError, match="expert 1 diverged at epoch 1; lower experts.lr"):
+        experts_module.train_expert(digits30, SMALL, cfg, DSAConfig(), seed=1)
 
 
 # ----------------------------------------------------------------------------- EL2N and the order
