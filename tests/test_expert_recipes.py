@@ -293,6 +293,7 @@ def test_difficulty_and_scheduled_experts_run_through_the_store(tmp_path: Path):
     for run in stored.by_class():  # easy to hard, scores in [0, sqrt(2)]
         assert torch.all(scores[run][1:] >= scores[run][:-1])
     assert float(scores.min()) >= 0 and float(scores.max()) <= 2**0.5
+    assert float(scores.max() - scores.min()) > 0.1  # real differences in difficulty, not one value
     meta = store.meta("experts", str(plan.keys["experts"]))
     # epochs 0, 1, 2: 10/20 -> 15/20 -> 20/20 per class; epoch 3: all but the easiest 5 of 20
     assert meta["parts"][0]["epoch_sizes"] == [100, 150, 200, 150]
