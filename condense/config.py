@@ -63,6 +63,34 @@ class DatasetConfig(Strict):
     """Keep only the first N training images of each class (CPU budgets); None keeps all."""
     zca: bool = False
     """ZCA-whiten train and test (fitted on train), as MTT does for some settings."""
+    load: Literal["auto", "memory", "stream"] = "auto"
+    """``memory``: decode both splits once into the store and load them whole (small data);
+    ``stream``: keep only an index of the shards (sample, byte range, label) and decode per batch,
+    with memory flat in the dataset's size (webdataset ``.tar`` shards); ``auto``: stream when the
+    encoded training shards exceed ``stream_above_mb``."""
+    stream_above_mb: float = Field(default=2048, gt=0)
+    transform: Literal["resize", "imagenet"] = "resize"
+    """``resize``: every image resized to ``resolution`` squared (CIFAR-style); ``imagenet``: the
+    short side resized to ``resolution / 0.875`` and centre-cropped (test, and every class-balanced
+    draw), RandomResizedCrop(0.08-1) plus flip when training epochs stream."""
+    normalize: Literal["dataset", "imagenet"] = "dataset"
+    """Input mean/std: the training split's (``dataset``) or ImageNet's fixed values."""
+    stats_images: int = Field(default=20_000, gt=0)
+    """Streaming: mean/std measured on a seeded class-balanced sample of this many training images
+    (all of them when the split is smaller)."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A sample without an image or integer ``cls``, or whose image does not decode: stop with the
+    sample's name (``error``), or leave it out and count it in the card (``skip``). Never a wrong label."""
+    workers: int = Field(default=2, ge=0)
+    """DataLoader worker processes that read and decode streamed batches (0: in the main process)."""
+    shuffle_buffer: int = Field(default=2048, gt=0)
+    """Streaming epochs are shuffled by shard order and then through a buffer of this many samples."""
+
+    @model_validator(mode="after")
+    def _whole_data_settings(self) -> DatasetConfig:
+        if self.load == "stream" and self.zca:
+            raise ValueError("dataset.zca fits a whitening on the whole training split: use load: memory")
+        return self
 
 
 class DSAConfig(Strict):

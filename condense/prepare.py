@@ -8,6 +8,7 @@ With ``zca: true`` inputs are ZCA-whitened instead (MTT's convention: no mean/st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +16,14 @@ import numpy as np
 import torch
 
 from condense import zca
+from condense.config import DatasetConfig
 from condense.errors import DatasetError
 from condense.store import Store, load_arrays
+from condense.streaming import StreamedDataset, open_streamed
 
 STAGE = "dataset"
 DATA = "data.zarr"
+INDEX = "index.zarr"
 WHITENING = "zca.zarr"
 
 
@@ -46,6 +50,29 @@ class PreparedDataset:
     def resolution(self) -> int:
         return self.card["resolution"]
 
+    streamed = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        """Network inputs of the training images at ``idx`` (the streamed dataset reads only these)."""
+        return self.train_x[idx.to(self.train_x.device)]
+
+    def batches(
+        self, split: str, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``split`` as (inputs, labels): in a random order drawn from ``generator``, in
+        order without one."""
+        x, y = (self.train_x, self.train_y) if split == "train" else (self.test_x, self.test_y)
+        if generator is None:
+            yield from zip(torch.split(x, batch_size), torch.split(y, batch_size), strict=True)
+            return
+        for idx in torch.split(torch.randperm(len(x), generator=generator), batch_size):
+            idx = idx.to(x.device)
+            yield x[idx], y[idx]
+
     def to(self, device: torch.device | str) -> PreparedDataset:
         """The same data with its tensors on ``device`` (this object when they are there already)."""
         if self.train_x.device == torch.device(device):
@@ -66,6 +93,11 @@ class PreparedDataset:
         return x.clamp(0, 1)
 
 
+RealData = PreparedDataset | StreamedDataset
+"""Real data in memory or streamed: ``train_y``/``test_y``, ``images(idx)``, ``batches(split, ...)``,
+the card's shape; only the in-memory kind has ``train_x``/``test_x``."""
+
+
 def _to_inputs(x: np.ndarray, card: dict[str, Any], whitening: zca.ZCA | None) -> torch.Tensor:
     pixels = torch.from_numpy(x).float() / 255.0
     if whitening is not None:
@@ -75,9 +107,13 @@ def _to_inputs(x: np.ndarray, card: dict[str, Any], whitening: zca.ZCA | None) -
     return (pixels - mean) / std
 
 
-def load(store: Store, key: str) -> PreparedDataset:
-    """The stored dataset as network inputs."""
-    card = store.meta(STAGE, key)["card"]
+def load(store: Store, key: str, cfg: DatasetConfig | None = None) -> RealData:
+    """The stored dataset as network inputs; a streamed one reads its shards where ``cfg`` says they
+    are now (where they were indexed without it)."""
+    meta = store.meta(STAGE, key)
+    card = meta["card"]
+    if card.get("load") == "stream":
+        return open_streamed(store.path(STAGE, key) / INDEX, meta, cfg)
     arrays = load_arrays(store.path(STAGE, key) / DATA)
     whitening = None
     if card["zca"]:

@@ -16,7 +16,7 @@ from PIL import Image
 from condense.config import DatasetConfig
 from condense.errors import DatasetError
 
-_GRAY_MODES = frozenset({"1", "L", "LA"})
+GRAY_MODES = frozenset({"1", "L", "LA"})
 _FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 
@@ -98,10 +98,33 @@ def open_image(src: bytes | Path | Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
 
 
+IMAGENET_CROP = 0.875
+"""ImageNet's evaluation transform resizes the short side to ``resolution / 0.875`` (256 for 224)."""
+
+
+def fit_image(img: Image.Image, resolution: int | None, transform: str = "resize") -> Image.Image:
+    """The image at the dataset's size: squashed to ``resolution`` squared (``resize``), or its short
+    side resized to ``resolution / 0.875`` and the centre cut out (``imagenet``); PIL bilinear."""
+    if resolution is None:
+        return img
+    if transform == "imagenet":
+        width, height = img.size
+        short = round(resolution / IMAGENET_CROP)
+        scale = short / min(width, height)
+        size = (max(short, round(width * scale)), max(short, round(height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        return img.crop((left, top, left + resolution, top + resolution))
+    if img.size != (resolution, resolution):
+        return img.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    return img
+
+
 def decode_images(
     sources: Sequence[bytes | Path | Image.Image],
     where: Callable[[int], str],
     resolution: int | None,
+    transform: str = "resize",
 ) -> np.ndarray:
     """Decode encoded images into one ``(N, C, H, W)`` uint8 array.
 
@@ -116,11 +139,10 @@ def decode_images(
     for i, src in enumerate(sources):
         try:
             with open_image(src) as im:
-                gray = im.mode in _GRAY_MODES
+                gray = im.mode in GRAY_MODES
                 target = "L" if gray else "RGB"
                 img = im if im.mode == target else im.convert(target)
-                if resolution is not None and img.size != (resolution, resolution):
-                    img = img.resize((resolution, resolution), Image.Resampling.BILINEAR)
+                img = fit_image(img, resolution, transform)
                 pixels = np.asarray(img)
         except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise DatasetError(f"cannot decode image {where(i)}: {err}") from None

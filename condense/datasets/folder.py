@@ -76,7 +76,7 @@ def load(cfg: DatasetConfig) -> RawDataset:
     train_y = np.asarray([label for _, label in layout.train], dtype=np.int64)
     keep = first_per_class(train_y, cfg.train_per_class)
     files = [layout.train[i][0] for i in keep] + [p for p, _ in layout.test]
-    x = decode_images(files, lambda i: str(files[i]), cfg.resolution)
+    x = decode_images(files, lambda i: str(files[i]), cfg.resolution, cfg.transform)
     n = len(keep)
     test_y = np.asarray([label for _, label in layout.test], dtype=np.int64)
     return finish(x[:n], train_y[keep], x[n:], test_y, layout.classes)

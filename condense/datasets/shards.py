@@ -46,7 +46,7 @@ def _dir_shards(root: Path, prefixes: Sequence[str]) -> list[str]:
     return []
 
 
-def _shard_urls(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
+def shard_urls(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
     """Expanded train and test shard URLs: explicit URL patterns first, else the shards in ``path``."""
     root = dataset_root(cfg) if cfg.path and not (cfg.train_urls and cfg.test_urls) else None
     splits = []
@@ -187,7 +187,7 @@ def _read_split(urls: list[str]) -> tuple[list[bytes], np.ndarray, list[tuple[st
 
 
 def load(cfg: DatasetConfig) -> RawDataset:
-    train_urls, test_urls = _shard_urls(cfg)
+    train_urls, test_urls = shard_urls(cfg)
     splits = []
     for urls in (train_urls, test_urls):
         blobs, labels, where = _read_split(urls)
@@ -223,7 +223,9 @@ def load(cfg: DatasetConfig) -> RawDataset:
         )
     # Decoded together so both splits get the same channel layout and size check.
     where = train_where + test_where
-    x = decode_images(train_blobs + test_blobs, lambda i: "sample {} in {}".format(*where[i]), cfg.resolution)
+    x = decode_images(
+        train_blobs + test_blobs, lambda i: "sample {} in {}".format(*where[i]), cfg.resolution, cfg.transform
+    )
     n = len(train_blobs)
     return finish(x[:n], train_y, x[n:], test_y, [str(i) for i in range(num_classes)])
 
@@ -231,7 +233,7 @@ def load(cfg: DatasetConfig) -> RawDataset:
 def fingerprint(cfg: DatasetConfig) -> str | None:
     """sha256 over (split/basename, bytes) of every local shard; None when a shard is remote."""
     h = settings_hash(cfg)
-    train_urls, test_urls = _shard_urls(cfg)
+    train_urls, test_urls = shard_urls(cfg)
     if not all(_local_path(u) is not None for u in train_urls + test_urls):
         return None
     for split, urls in (("train", train_urls), ("test", test_urls)):

@@ -32,7 +32,7 @@ from condense import devices
 from condense.codeversion import code_version
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, DamagedArtifactError
-from condense.prepare import PreparedDataset, load
+from condense.prepare import RealData, load
 from condense.progress import SILENT, Progress
 from condense.store import Store, read_json, stable_hash, write_json
 
@@ -201,12 +201,12 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     parts: list[dict[str, Any]] = field(default_factory=list)
     """The records of every part (in a stage with parts, when ``run`` seals them)."""
-    _data: PreparedDataset | None = None
+    _data: RealData | None = None
 
-    def data(self) -> PreparedDataset:
+    def data(self) -> RealData:
         """The prepared real data on the job's device, loaded and moved once per job."""
         if self._data is None:
-            self._data = load(self.store, str(self.keys["dataset"])).to(self.device)
+            self._data = load(self.store, str(self.keys["dataset"]), self.cfg.dataset).to(self.device)
         return self._data
 
     @property

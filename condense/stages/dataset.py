@@ -14,15 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from condense import datasets, zca
+from condense import datasets, streaming, zca
 from condense.config import DatasetConfig, PipelineConfig
+from condense.datasets import index, shards
+from condense.datasets.common import first_per_class
 from condense.errors import DatasetError
-from condense.prepare import DATA, STAGE, WHITENING, check_ipc
+from condense.prepare import DATA, INDEX, STAGE, WHITENING, check_ipc
 from condense.stages.base import Context, Job, Params, Stage, execute
 from condense.store import Store, save_arrays
+from condense.training import sample_per_class
 
-_decoded: dict[str, datasets.RawDataset] = {}
-"""A source decoded to fingerprint it, kept for the ``run`` of the same job (then dropped)."""
+_decoded: dict[str, datasets.RawDataset | dict[str, index.SplitIndex]] = {}
+"""A source decoded (or indexed) to fingerprint it, kept for the ``run`` of the same job (then dropped)."""
 _decoded_lock = threading.Lock()
 
 
@@ -36,46 +39,149 @@ def card(cfg: DatasetConfig, raw: datasets.RawDataset, fingerprint: str) -> dict
     height, width = raw.train_x.shape[2:]
     if height != width:
         raise DatasetError(f"images are {height}x{width}; set dataset.resolution to make them square")
-    counts = np.bincount(raw.train_y, minlength=len(raw.classes))
     mean, std = _channel_stats(raw.train_x)
+    return _card(
+        cfg, fingerprint, raw.classes, raw.train_y, len(raw.test_y), raw.train_x.shape[1:3], mean, std
+    )
+
+
+def _card(
+    cfg: DatasetConfig,
+    fingerprint: str,
+    classes: list[str],
+    train_y: np.ndarray,
+    test_count: int,
+    shape: tuple[int, int],
+    mean: list[float],
+    std: list[float],
+) -> dict[str, Any]:
+    channels, resolution = shape
+    if cfg.normalize == "imagenet":
+        mean = list(streaming.IMAGENET_MEAN[:channels])
+        std = list(streaming.IMAGENET_STD[:channels])
     return {
         "name": cfg.name,
         "source": cfg.source,
         "fingerprint": fingerprint,
-        "classes": list(raw.classes),
-        "class_counts": counts.tolist(),
-        "channels": int(raw.train_x.shape[1]),
-        "resolution": int(raw.train_x.shape[2]),
-        "train_count": int(len(raw.train_y)),
-        "test_count": int(len(raw.test_y)),
+        "classes": list(classes),
+        "class_counts": np.bincount(train_y, minlength=len(classes)).tolist(),
+        "channels": int(channels),
+        "resolution": int(resolution),
+        "train_count": int(len(train_y)),
+        "test_count": int(test_count),
         "mean": mean,
         "std": [max(s, 1e-6) for s in std],
         "zca": cfg.zca,
+        "load": "memory",
     }
 
 
+def load_mode(cfg: DatasetConfig) -> str:
+    """``memory`` or ``stream``: the setting, or for ``auto`` the size of the encoded training shards."""
+    if cfg.load == "stream" and cfg.source != "webdataset":
+        raise DatasetError(
+            f"dataset.load: stream reads WebDataset shards; source {cfg.source!r} is decoded into memory "
+            "(write it as shards, or use load: memory)"
+        )
+    if cfg.load != "auto":
+        return cfg.load
+    if cfg.source != "webdataset" or cfg.zca:
+        return "memory"
+    train_urls, _ = shards.shard_urls(cfg)
+    encoded = index.encoded_bytes(train_urls)
+    return "stream" if encoded is not None and encoded > cfg.stream_above_mb * 2**20 else "memory"
+
+
 def fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
-    """The source's content fingerprint (decoding it when only decoding tells)."""
+    """The source's content fingerprint (decoding it when only decoding tells) and how it loads."""
+    mode = load_mode(cfg.dataset)
     found = datasets.source_fingerprint(cfg.dataset)
-    if found is None:
+    if found is None and mode == "stream":
+        # Remote shards are not read twice: the index stands for them (names, byte layout, labels).
+        indexed = _index(cfg.dataset)
+        found = index.fingerprint(indexed.values())
+        with _decoded_lock:
+            _decoded[found] = indexed
+    elif found is None:
         raw = datasets.load_source(cfg.dataset)
         found = datasets.content_fingerprint(raw)
         with _decoded_lock:
             _decoded[found] = raw
-    return {"fingerprint": found}
+    return {"fingerprint": found, "load": mode}
+
+
+_STREAM_ONLY = {"workers", "shuffle_buffer", "stats_images", "on_corrupt"}
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
-    # The content, not its address: the fingerprint stands for the files.
-    section = cfg.dataset.model_dump(exclude={"path", "train_urls", "test_urls"})
-    return {**section, "fingerprint": params["fingerprint"]}
+    # The content, not its address: the fingerprint stands for the files. How the choice of ``load``
+    # was made does not matter, only its outcome; workers and the buffer decide a streamed epoch's
+    # order, so they are part of a streamed dataset's key.
+    unused = {"path", "train_urls", "test_urls", "stream_above_mb", "load"}
+    if params["load"] == "memory":
+        unused |= _STREAM_ONLY
+    section = cfg.dataset.model_dump(exclude=unused)
+    return {**section, "fingerprint": params["fingerprint"], "load": params["load"]}
+
+
+def _index(cfg: DatasetConfig) -> dict[str, index.SplitIndex]:
+    train_urls, test_urls = shards.shard_urls(cfg)
+    return {
+        "train": index.index_split(train_urls, cfg.on_corrupt),
+        "test": index.index_split(test_urls, cfg.on_corrupt),
+    }
+
+
+def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> dict[str, Any]:
+    """Index the shards, check the labels, measure mean/std on a sample; decode nothing else."""
+    cfg = ctx.cfg.dataset
+    indexed = indexed or _index(cfg)
+    urls = dict(zip(("train", "test"), shards.shard_urls(cfg), strict=True))
+    for split in ("train", "test"):
+        if not len(indexed[split]):
+            raise DatasetError(f"no {split} samples in shards {', '.join(urls[split][:3])}")
+        urls[split] = index.resolve_shards(indexed[split], urls[split], split)
+    train = indexed["train"].subset(first_per_class(indexed["train"].label, cfg.train_per_class))
+    test = indexed["test"]
+    classes = index.check_labels(train, test)
+    size = cfg.resolution or index.native_side(urls["train"], train)
+    decoding = streaming.Decoding(3, size, cfg.transform, "error")
+    rows = np.arange(len(train))
+    if len(train) > cfg.stats_images:
+        generator = torch.Generator().manual_seed(0)
+        per_class = max(1, cfg.stats_images // len(classes))
+        rows = sample_per_class(torch.from_numpy(train.label), len(classes), per_class, generator).numpy()
+        rows.sort()
+    channels, mean, std = streaming.channel_stats(urls["train"], train, rows, decoding)
+    described = _card(
+        cfg, ctx.params["fingerprint"], classes, train.label, len(test), (channels, size), mean, std
+    )
+    described.update(
+        load="stream",
+        transform=cfg.transform,
+        on_corrupt=cfg.on_corrupt,
+        workers=cfg.workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+        stats_images=int(len(rows)),
+        skipped={split: indexed[split].skipped_count for split in ("train", "test")},
+        skipped_examples=indexed["train"].skipped + indexed["test"].skipped,
+    )
+    check_ipc(described, ctx.cfg.ipc)
+    save_arrays(ctx.work / INDEX, {**train.arrays("train"), **test.arrays("test")})
+    return {
+        "card": described,
+        "shards": {"train": train.shards, "test": test.shards},
+        "urls": urls,
+    }
 
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg.dataset
     with _decoded_lock:
-        raw = _decoded.pop(ctx.params["fingerprint"], None)
-    raw = raw or datasets.load_source(cfg)
+        decoded = _decoded.pop(ctx.params["fingerprint"], None)
+    if ctx.params["load"] == "stream":
+        return _run_stream(ctx, decoded if isinstance(decoded, dict) else None)
+    raw = decoded if isinstance(decoded, datasets.RawDataset) else datasets.load_source(cfg)
     described = card(cfg, raw, ctx.params["fingerprint"])
     check_ipc(described, ctx.cfg.ipc)
     splits = {"train_x": raw.train_x, "train_y": raw.train_y, "test_x": raw.test_x, "test_y": raw.test_y}

@@ -1,0 +1,335 @@
+"""Real data streamed from WebDataset shards, for datasets that do not fit in memory.
+
+The dataset stage keeps only an index (:mod:`condense.datasets.index`): labels in memory (8 bytes an
+image; 10 MB for ImageNet-1K), images where they are. Two ways to read them:
+
+- **by index** (:meth:`StreamedDataset.images`): a class-balanced draw reads exactly its images,
+  each shard once, by byte range, decoded in threads. RDED's candidates, the random-real baseline,
+  real initialisation, the teacher's class-order check, calibration images.
+- **by epoch** (:meth:`StreamedDataset.batches`): shards in a seeded order, split among DataLoader
+  workers, each worker reading its shards sequentially through a seeded shuffle buffer and decoding
+  (and, for ``transform: imagenet``, random-resized-cropping and flipping) in the worker. Teacher
+  training, the full-data baseline, test accuracy.
+
+Memory is the shuffle buffer (encoded bytes), the prefetched batches and the labels: flat in the
+number of images. A decoded image is exactly what the in-memory path stores (same decoder, same
+resize), so a draw by index gives the same tensors on both paths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from condense.config import DatasetConfig
+from condense.datasets.common import open_image
+from condense.datasets.index import SplitIndex, open_shard, read_bytes, resolve_shards
+from condense.errors import DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TRAIN_SCALE = (0.08, 1.0)
+_TRAIN_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How an encoded image becomes pixels (picklable: DataLoader workers get a copy)."""
+
+    channels: int
+    resolution: int
+    transform: str
+    on_corrupt: str
+
+
+def decode(
+    blob: bytes, how: Decoding, where: str, rng: np.random.Generator | None = None
+) -> np.ndarray | None:
+    """uint8 ``(C, H, W)`` pixels of one image, or None when it does not decode and corrupt images are
+    skipped. ``rng`` given and ``transform: imagenet``: a RandomResizedCrop and flip (training)."""
+    from condense.datasets.common import fit_image
+
+    try:
+        with open_image(blob) as im:
+            img = im.convert("L" if how.channels == 1 else "RGB")
+            if rng is not None and how.transform == "imagenet":
+                img = _random_resized_crop(img, how.resolution, rng)
+            else:
+                img = fit_image(img, how.resolution, how.transform)
+            pixels = np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        if how.on_corrupt == "skip":
+            return None
+        raise DatasetError(
+            f"cannot decode image {where}: {err} (dataset.on_corrupt: skip leaves such images out of "
+            "streamed epochs)"
+        ) from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _random_resized_crop(img: Image.Image, side: int, rng: np.random.Generator) -> Image.Image:
+    """torchvision's RandomResizedCrop(side, scale=(0.08, 1), ratio=(3/4, 4/3)) and a coin-flip mirror,
+    drawn from ``rng`` (the clamped form of :func:`condense.crops.random_resized_boxes`)."""
+    width, height = img.size
+    area = rng.uniform(*_TRAIN_SCALE)
+    aspect = math.exp(rng.uniform(math.log(_TRAIN_RATIO[0]), math.log(_TRAIN_RATIO[1])))
+    w = min(1.0, math.sqrt(area * aspect))
+    h = min(1.0, math.sqrt(area / aspect))
+    top, left = rng.uniform() * (1 - h), rng.uniform() * (1 - w)
+    box = (left * width, top * height, (left + w) * width, (top + h) * height)
+    out = img.resize((side, side), Image.Resampling.BILINEAR, box=box)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.uniform() < 0.5 else out
+
+
+class ShardEpoch(torch.utils.data.IterableDataset):
+    """One pass over a split, batched in the worker: ``(uint8 images, labels, images skipped)``.
+
+    ``seed`` None reads in index order (the test split); otherwise shards are permuted by ``seed``,
+    dealt to workers round-robin, and each worker shuffles through a buffer seeded by (seed, worker).
+    The DataLoader takes batches from workers in turn, so the epoch is a function of the seed and the
+    number of workers.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        index: SplitIndex,
+        how: Decoding,
+        batch_size: int,
+        seed: int | None,
+        buffer: int,
+    ) -> None:
+        self.urls, self.index, self.how = urls, index, how
+        self.batch_size, self.seed, self.buffer = batch_size, seed, buffer
+
+    def _rows(self, shard: int) -> range:
+        # The index is in reading order, so a shard's rows are one contiguous run.
+        lo, hi = np.searchsorted(self.index.shard, [shard, shard + 1])
+        return range(int(lo), int(hi))
+
+    def _encoded(self, shards: list[int]) -> Iterator[tuple[bytes, int, str]]:
+        for shard in shards:
+            rows = self._rows(shard)
+            if not len(rows):
+                continue
+            with open_shard(self.urls[shard]) as f:
+                for row in rows:
+                    f.seek(int(self.index.offset[row]))
+                    where = f"#{row} in {self.urls[shard]}"
+                    yield f.read(int(self.index.size[row])), int(self.index.label[row]), where
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards = np.arange(len(self.urls))
+        rng = None
+        if self.seed is not None:
+            shards = np.random.default_rng(self.seed).permutation(shards)
+            rng = np.random.default_rng([self.seed, worker])
+        samples = self._encoded([int(s) for s in shards[worker::workers]])
+        if rng is not None:
+            samples = _buffer_shuffle(samples, self.buffer, rng)
+        xs: list[np.ndarray] = []
+        ys: list[int] = []
+        skipped = 0
+        for blob, label, where in samples:
+            pixels = decode(blob, self.how, where, rng)
+            if pixels is None:
+                skipped += 1
+                continue
+            xs.append(pixels)
+            ys.append(label)
+            if len(xs) == self.batch_size:
+                yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), skipped
+                xs, ys, skipped = [], [], 0
+        if xs or skipped:
+            x = torch.from_numpy(np.stack(xs)) if xs else torch.zeros(0, dtype=torch.uint8)
+            yield x, torch.tensor(ys, dtype=torch.int64), skipped
+
+
+def _buffer_shuffle(
+    samples: Iterator[tuple[bytes, int, str]], size: int, rng: np.random.Generator
+) -> Iterator[tuple[bytes, int, str]]:
+    """WebDataset's shuffle: fill a buffer, then emit a random element and put the next in its place."""
+    buffer: list[tuple[bytes, int, str]] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = sample
+    rng.shuffle(buffer)  # type: ignore[arg-type]
+    yield from buffer
+
+
+@dataclass
+class StreamedDataset:
+    """The real data of a streamed dataset: the same interface as
+    :class:`condense.prepare.PreparedDataset` except that it has no ``train_x``/``test_x``."""
+
+    card: dict[str, Any]
+    indexes: dict[str, SplitIndex]
+    urls: dict[str, list[str]]
+    workers: int
+    buffer: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    skipped: dict[str, int] = field(default_factory=lambda: {"train": 0, "test": 0})
+    """Images that did not decode in this object's epochs (``on_corrupt: skip``)."""
+    whitening: None = None
+    streamed: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card["classes"])
+
+    @property
+    def channels(self) -> int:
+        return self.card["channels"]
+
+    @property
+    def resolution(self) -> int:
+        return self.card["resolution"]
+
+    @property
+    def train_y(self) -> torch.Tensor:
+        return torch.from_numpy(self.indexes["train"].label).to(self.device)
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return torch.from_numpy(self.indexes["test"].label).to(self.device)
+
+    @property
+    def train_x(self) -> torch.Tensor:
+        raise DatasetError(
+            "this step reads the whole training split into memory, which a streamed dataset never "
+            "does; set dataset.load: memory (streaming serves the teacher, evaluation, RDED, SRe2L, "
+            "CDA and relabeling)"
+        )
+
+    test_x = train_x
+
+    def decoding(self, on_corrupt: str | None = None) -> Decoding:
+        return Decoding(
+            self.channels,
+            self.resolution,
+            self.card["transform"],
+            on_corrupt or self.card["on_corrupt"],
+        )
+
+    def to(self, device: torch.device | str) -> StreamedDataset:
+        self.device = torch.device(device)
+        return self
+
+    def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels to normalised network inputs on the device."""
+        x = pixels.to(self.device).float() / 255.0
+        mean = torch.tensor(self.card["mean"], device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.card["std"], device=self.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def pixels(self, idx: torch.Tensor | np.ndarray, split: str = "train") -> np.ndarray:
+        """uint8 ``(n, C, H, W)`` images at ``idx``, read by byte range and decoded in threads. A draw
+        must get what it asked for, so an image that does not decode is an error here."""
+        rows = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        index, urls = self.indexes[split], self.urls[split]
+        blobs = read_bytes(urls, index, rows)
+        how = self.decoding("error")
+
+        def one(i: int) -> np.ndarray:
+            shard = urls[int(index.shard[rows[i]])]
+            return decode(blobs[i], how, f"#{rows[i]} in {shard}")  # type: ignore[return-value]
+
+        shape = (0, self.channels, self.resolution, self.resolution)
+        if not len(rows):
+            return np.zeros(shape, dtype=np.uint8)
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
+            return np.stack(list(pool.map(one, range(len(rows)))))
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        """Network inputs of the training images at ``idx``, on the device."""
+        return self.inputs(torch.from_numpy(self.pixels(idx)))
+
+    def batches(
+        self, split: str, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``split`` as (inputs, labels) on the device: shuffled (shard order, then a
+        buffer) when ``generator`` is given, in index order otherwise."""
+        seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        urls = self.urls[split]
+        epoch = ShardEpoch(urls, self.indexes[split], self.decoding(), batch_size, seed, self.buffer)
+        workers = min(self.workers, len(urls))
+        loader = torch.utils.data.DataLoader(
+            epoch, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+        )
+        for pixels, labels, skipped in loader:
+            self.skipped[split] += skipped
+            if len(labels):
+                yield self.inputs(pixels), labels.to(self.device)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().cpu()
+        mean = torch.tensor(self.card["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(self.card["std"]).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+
+def channel_stats(
+    urls: list[str], index: SplitIndex, rows: np.ndarray, how: Decoding, chunk: int = 256
+) -> tuple[int, list[float], list[float]]:
+    """(channels, mean, std) on [0, 1] of the training images at ``rows``: one channel when every one
+    of them is grayscale by its mode (the in-memory path's rule), float64 sums over chunks."""
+    from condense.datasets.common import GRAY_MODES
+
+    total, squares = np.zeros(3), np.zeros(3)
+    pixels_seen = 0
+    gray = True
+    rgb = Decoding(3, how.resolution, how.transform, "error")
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        blobs = read_bytes(urls, index, part)
+        x = []
+        for row, blob in zip(part, blobs, strict=True):
+            where = f"#{row} in {urls[int(index.shard[row])]}"
+            try:
+                with open_image(blob) as im:
+                    gray = gray and im.mode in GRAY_MODES
+            except (OSError, ValueError, SyntaxError) as err:
+                raise DatasetError(f"cannot decode image {where}: {err}") from None
+            x.append(decode(blob, rgb, where))
+        pixels = np.stack(x).astype(np.float64) / 255.0
+        total += pixels.sum(axis=(0, 2, 3))
+        squares += (pixels * pixels).sum(axis=(0, 2, 3))
+        pixels_seen += pixels.shape[0] * pixels.shape[2] * pixels.shape[3]
+    mean = total / pixels_seen
+    std = np.sqrt(np.maximum(squares / pixels_seen - mean * mean, 0.0))
+    if gray:
+        return 1, mean[:1].tolist(), std[:1].tolist()
+    return 3, mean.tolist(), std.tolist()
+
+
+def open_streamed(path: Path, meta: dict[str, Any], cfg: DatasetConfig | None) -> StreamedDataset:
+    """The streamed dataset whose index the dataset stage wrote at ``path`` (``meta``: its metadata).
+
+    The shards are looked up by name among ``cfg``'s (so the data may move after indexing), or at the
+    URLs recorded when it was indexed.
+    """
+    from condense.datasets.shards import shard_urls
+    from condense.store import load_arrays
+
+    arrays = load_arrays(path)
+    card = meta["card"]
+    current = dict(zip(("train", "test"), shard_urls(cfg), strict=True)) if cfg else meta["urls"]
+    indexes, urls = {}, {}
+    for split in ("train", "test"):
+        indexes[split] = SplitIndex.from_arrays(arrays, split, meta["shards"][split])
+        urls[split] = resolve_shards(indexes[split], current[split], split)
+    return StreamedDataset(card, indexes, urls, card["workers"], card["shuffle_buffer"])
