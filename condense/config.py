@@ -203,10 +203,15 @@ class TeacherConfig(Strict):
     source: Literal["best_expert", "train", "file"] = "best_expert"
     """``best_expert``: the expert with the best final train accuracy (free when experts exist);
     ``train``: train ``arch`` on the full real data with the settings below; ``file``: a PyTorch
-    state_dict of ``arch`` at ``path`` (e.g. a published observer)."""
+    state_dict of ``arch`` at ``path`` (e.g. a published observer), or a checkpoint dict holding it
+    under ``state_dict`` or ``model``; read weights-only, a DataParallel ``module.`` prefix dropped."""
     path: str | None = None
     arch: str = "convnet"
-    """``convnet`` (ConvNet-D with ``norm``, width/depth from ``model``) or a timm name, e.g. ``resnet18``."""
+    """``convnet`` (ConvNet-D with ``norm``, width/depth from ``model``), a timm name (``resnet18``) or
+    ``torchvision:<name>`` for torchvision's classification models (``torchvision:resnet18``, built
+    by ``torchvision.models.get_model``; a file of ``torchvision.models.resnet18().state_dict()``
+    loads into it). Bare names are timm's. Images up to 64 px get ResNets' 3x3 stride-1 stem without
+    max-pool, as SRe2L's and RDED's small-image teachers."""
     norm: Literal["instancenorm", "batchnorm", "none"] = "batchnorm"
     """Norm of a trained ConvNet teacher; RDED's and SRe2L's teachers use batch norm."""
     epochs: int = Field(default=30, gt=0)

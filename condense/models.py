@@ -1,5 +1,10 @@
-"""Networks: the ConvNet family of the distillation literature, any timm architecture, and the
-flat-parameter view that unrolled training (MTT) differentiates through."""
+"""Networks: the ConvNet family of the distillation literature, any timm or torchvision classification
+architecture, and the flat-parameter view that unrolled training (MTT) differentiates through.
+
+Architecture names: ``convnet``; a bare name is timm's (``resnet18``, ``resnet18.a1_in1k``); the
+``torchvision:`` prefix names one of torchvision's classification models (``torchvision:resnet18``), so
+a name that both libraries define is never ambiguous.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,12 @@ from torch.func import functional_call
 from condense.config import ModelConfig
 
 CONVNET = "convnet"
+TORCHVISION = "torchvision:"
+"""Prefix of torchvision's classification models: ``torchvision:resnet18``."""
+NAMING = (
+    "use 'convnet', a timm model name (e.g. resnet18) or torchvision:<name> for torchvision's "
+    "classification models (e.g. torchvision:resnet18)"
+)
 
 
 def default_depth(resolution: int) -> int:
@@ -63,9 +74,11 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def _adapt_timm_to_small_images(model: nn.Module, channels: int) -> None:
+def _adapt_to_small_images(model: nn.Module, channels: int) -> None:
     """ResNet-style stems downsample 4x before the first block; for 8-64 px images the field uses a
-    3x3 stride-1 stem and no max-pool (the 'modified ResNet-18' of SRe2L/RDED/CUDD)."""
+    3x3 stride-1 stem and no max-pool (the 'modified ResNet-18' of SRe2L/RDED/CUDD). timm's and
+    torchvision's ResNets (and ResNeXts, Wide ResNets) share the ``conv1``/``maxpool`` names; other
+    architectures are left as they are."""
     conv1 = getattr(model, "conv1", None)
     if isinstance(conv1, nn.Conv2d):
         model.conv1 = nn.Conv2d(channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
@@ -73,16 +86,56 @@ def _adapt_timm_to_small_images(model: nn.Module, channels: int) -> None:
             model.maxpool = nn.Identity()
 
 
+def _set_input_channels(model: nn.Module, channels: int) -> None:
+    """Give the first convolution ``channels`` inputs (torchvision builds every model for RGB)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            if module.in_channels != channels:
+                parent, _, attr = name.rpartition(".")
+                conv = nn.Conv2d(
+                    channels,
+                    module.out_channels,
+                    module.kernel_size,  # type: ignore[arg-type]
+                    module.stride,  # type: ignore[arg-type]
+                    module.padding,  # type: ignore[arg-type]
+                    module.dilation,  # type: ignore[arg-type]
+                    bias=module.bias is not None,
+                    padding_mode=module.padding_mode,
+                )
+                setattr(model.get_submodule(parent) if parent else model, attr, conv)
+            return
+
+
+def torchvision_name(name: str) -> str | None:
+    """torchvision's name for ``torchvision:<name>``; None for any other architecture name."""
+    return name[len(TORCHVISION) :] if name.startswith(TORCHVISION) else None
+
+
+def torchvision_models() -> list[str]:
+    """torchvision's classification models (no detection, segmentation, video or quantized ones)."""
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
 def check_architecture(name: str) -> None:
-    """Raise ValueError (with the closest names) unless ``name`` is ``convnet`` or a timm model."""
+    """Raise ValueError (with the closest timm and torchvision names) unless ``name`` is ``convnet``,
+    a timm model or ``torchvision:<name>`` of a torchvision classification model."""
     if name == CONVNET:
         return
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, [CONVNET, *timm.list_models()], n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown architecture {name!r}{hint}: use 'convnet' or a timm model name")
+    bare = torchvision_name(name)
+    if bare is not None and bare in torchvision_models():
+        return
+    if bare is None and timm.is_model(name):
+        return
+    wanted = name if bare is None else bare
+    from_timm = difflib.get_close_matches(wanted, [CONVNET, *timm.list_models()], n=3)
+    from_torchvision = [TORCHVISION + n for n in difflib.get_close_matches(wanted, torchvision_models(), n=3)]
+    close = from_timm + from_torchvision if bare is None else from_torchvision + from_timm
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(f"unknown architecture {name!r}{hint}: {NAMING}")
 
 
 def build_model(
@@ -93,7 +146,8 @@ def build_model(
     cfg: ModelConfig | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """``convnet`` or any timm architecture name, initialised from ``seed`` (no hub weights).
+    """``convnet``, a timm name or ``torchvision:<name>``, initialised from ``seed`` (never downloads
+    weights). Images up to 64 px get the small-image stem (:func:`_adapt_to_small_images`).
 
     Always seeded: stages run in concurrent threads, and a module built from the global RNG would
     draw in the middle of another thread's seeded construction and change its result.
@@ -104,12 +158,31 @@ def build_model(
 def _build(name: str, channels: int, num_classes: int, resolution: int, cfg: ModelConfig | None) -> nn.Module:
     if name == CONVNET:
         return ConvNet(channels, num_classes, resolution, cfg)
+    check_architecture(name)
+    bare = torchvision_name(name)
+    if bare is not None:
+        return _build_torchvision(bare, channels, num_classes, resolution)
     import timm
 
-    check_architecture(name)
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels)
     if resolution <= 64:
-        _adapt_timm_to_small_images(model, channels)
+        _adapt_to_small_images(model, channels)
+    return model
+
+
+# Their auxiliary heads are training-time extras: without them the model returns one tensor, as every
+# other does, and its state_dict has the keys of torchvision's published weights.
+_AUX_HEADS = {"googlenet", "inception_v3"}
+
+
+def _build_torchvision(name: str, channels: int, num_classes: int, resolution: int) -> nn.Module:
+    import torchvision
+
+    extra: dict[str, bool] = {"aux_logits": False, "init_weights": True} if name in _AUX_HEADS else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
+    if resolution <= 64:
+        _adapt_to_small_images(model, channels)
+    _set_input_channels(model, channels)
     return model
 
 

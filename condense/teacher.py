@@ -2,13 +2,18 @@
 
 It labels synthetic images, scores RDED's candidate patches and supervises students under the KD
 recipe. Trained here (SGD with momentum, cosine to 0, DSA), taken from the best expert, or loaded
-from a state_dict. Whatever its origin, :func:`check_class_order` guards the classic failure of
-decoupled methods: a teacher whose class indices are not the dataset's (RDED issues #3, #4, #6).
+from a state_dict of any ConvNet, timm or torchvision architecture. Whatever its origin,
+:func:`check_class_order` guards the classic failure of decoupled methods: a teacher whose class
+indices are not the dataset's (RDED issues #3, #4, #6).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import pickle
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,24 +91,147 @@ def train_teacher(
     )
 
 
-def load_teacher_file(path: str | Path, model: nn.Module) -> nn.Module:
-    """Load a state_dict saved with ``torch.save(model.state_dict(), path)`` into ``model``."""
+def load_teacher_file(path: str | Path, model: nn.Module, arch: str | None = None) -> nn.Module:
+    """Load the weights saved at ``path`` into ``model`` (``arch`` names it in errors).
+
+    The file is read weights-only. It holds a state_dict (``torch.save(model.state_dict(), path)``),
+    or a training checkpoint that keeps one under ``"state_dict"`` or ``"model"`` (the PyTorch and
+    torchvision reference scripts, SRe2L's and RDED's observers); a ``module.`` (DataParallel) or
+    ``_orig_mod.`` (torch.compile) prefix on every name is dropped. A file that does not fit is one
+    ConfigError line: the head's class count, or the missing, unexpected or reshaped tensors.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"teacher file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"teacher file {path} is not a readable state_dict (loaded weights only): {first}"
-        ) from None
+    expected = model.state_dict()
+    state = _state_dict(_read_weights(path), path, list(expected))
+    problem = _mismatch(state, expected, path, arch)
+    if problem:
+        raise ConfigError(problem)
     try:
         model.load_state_dict(state)
     except (RuntimeError, OSError, ValueError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"teacher file {path} does not fit the teacher architecture: {first}") from None
+        raise ConfigError(f"teacher file {path} does not fit {_fits(arch)}: {first}") from None
     return model.eval()
+
+
+# Checkpoints of the torchvision reference scripts (and so SRe2L's) keep their argparse arguments.
+_CHECKPOINT_GLOBALS = [argparse.Namespace]
+_WRAPPERS = ("state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _read_weights(path: Path) -> object:
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    try:
+        with allow(_CHECKPOINT_GLOBALS) if allow else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as err:
+        text = str(err).strip()
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        if foreign:
+            first = f"it holds a {foreign.group(1)} object, which a weights-only load refuses"
+        elif refused:
+            first = f"a weights-only load refuses it ({refused.group(1).strip()})"
+        else:
+            first = text.splitlines()[0] if text else type(err).__name__
+        raise ConfigError(
+            f"teacher file {path} is not a readable state_dict (loaded weights only): {first}"
+        ) from None
+
+
+def _state_dict(loaded: object, path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The parameters in ``loaded``: a state_dict itself, or one wrapped in a checkpoint dict, with
+    a prefix that every name has but the model's ``names`` do not removed."""
+    if isinstance(loaded, Mapping):
+        for wrapper in _WRAPPERS:
+            if isinstance(loaded.get(wrapper), Mapping):
+                loaded = loaded[wrapper]
+                break
+    if not isinstance(loaded, Mapping) or not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        what = (
+            f"a dict with keys {', '.join(map(str, list(loaded)[:5]))}"
+            if isinstance(loaded, Mapping) and loaded
+            else f"a {type(loaded).__name__}"
+        )
+        raise ConfigError(
+            f"teacher file {path} holds {what}, not a state_dict (tensors by parameter name, "
+            f"at the top or under {' or '.join(map(repr, _WRAPPERS))})"
+        )
+    state = {str(k): v for k, v in loaded.items()}
+    for prefix in _PREFIXES:
+        if (
+            state
+            and all(k.startswith(prefix) for k in state)
+            and not all(n.startswith(prefix) for n in names)
+        ):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _fits(arch: str | None) -> str:
+    return f"the teacher architecture ({arch})" if arch else "the teacher architecture"
+
+
+def _names(keys: list[str], what: str) -> str:
+    shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    return f"{len(keys)} {what} ({shown})"
+
+
+def _count(keys: list[str], one: str, many: str) -> str:
+    return f"{len(keys)} {one if len(keys) == 1 else many}"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def _examples(keys: list[str], state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k} ({_shape(state[k])} in the file, {_shape(expected[k])} here)" for k in keys[:2])
+
+
+def _mismatch(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, arch: str | None
+) -> str | None:
+    """One line on why ``state`` does not fit a model with state_dict ``expected``; None if it does."""
+    # BatchNorm fills a missing step counter itself (files saved by older PyTorch versions lack it).
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = [_names(missing, "missing keys")] if missing else []
+        parts += [_names(unexpected, "unexpected keys")] if unexpected else []
+        return f"teacher file {path} does not fit {_fits(arch)}: {'; '.join(parts)}"
+    tensors = [
+        k for k in expected if isinstance(expected[k], torch.Tensor) and isinstance(state[k], torch.Tensor)
+    ]
+    reshaped = [k for k in tensors if state[k].shape != expected[k].shape]
+    if not reshaped:
+        return None
+    # The classifier: the model's last weight of two or more dimensions (one row per class).
+    head = next((k for k in reversed(tensors) if expected[k].dim() >= 2), "")
+    classes = head in reshaped and state[head].shape[1:] == expected[head].shape[1:]
+    others = [k for k in reshaped if k.rpartition(".")[0] != head.rpartition(".")[0]] if classes else reshaped
+    # A file of a 7x7 ImageNet stem read for small images, which get the 3x3 stride-1 stem.
+    stem = next((k for k in tensors if expected[k].dim() == 4), "")
+    small = stem in others and expected[stem].shape[2:] == (3, 3) and state[stem].shape[2:] != (3, 3)
+    hint = "; images up to 64 px get a 3x3 stride-1 stem without max-pool (SRe2L/RDED's ResNets)"
+    if classes:
+        line = (
+            f"teacher file {path} has a {state[head].shape[0]}-class head ({head} {_shape(state[head])}) "
+            f"but the dataset has {expected[head].shape[0]} classes"
+        )
+        if others:
+            line += f"; {_count(others, 'other tensor differs', 'other tensors differ')} too, e.g. "
+            line += _examples(others, state, expected)
+    else:
+        line = (
+            f"teacher file {path} does not fit {_fits(arch)}: "
+            f"{_count(others, 'tensor differs', 'tensors differ')} in shape, "
+            f"e.g. {_examples(others, state, expected)}"
+        )
+    return line + (hint if small else "")
 
 
 def class_order_accuracy(

@@ -1,4 +1,5 @@
-"""The teacher stage: train the teacher, take the best expert, or load a user's state_dict.
+"""The teacher stage: train the teacher, take the best expert, or load a user's state_dict (of a
+ConvNet, a timm model or a ``torchvision:`` model; the architecture's name is part of the key).
 
 The stored meta describes the network (architecture, shape, classes), so readers rebuild it without
 any of the code here (:func:`condense.artifacts.load_teacher`).
@@ -64,7 +65,7 @@ def run(ctx: Context) -> dict[str, Any]:
         model = trained.model
     else:
         built = models.build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg)
-        model = teacher.load_teacher_file(cfg.teacher.path or "", built).to(ctx.device)
+        model = teacher.load_teacher_file(cfg.teacher.path or "", built, arch).to(ctx.device)
     meta["network"] = artifacts.teacher_description(arch, model_cfg, data.card)
     meta["train_accuracy"] = training.accuracy(model, data.train_x, data.train_y)
     meta["test_accuracy"] = training.accuracy(model, data.test_x, data.test_y)
