@@ -49,14 +49,23 @@ class Strict(BaseModel):
 class DatasetConfig(Strict):
     """Where the real data comes from and how it is prepared."""
 
-    source: Literal["digits", "webdataset", "folder", "torchvision"] = "digits"
+    source: Literal["digits", "webdataset", "folder", "torchvision", "huggingface"] = "digits"
     name: str = "digits"
     """Display name; for ``source: torchvision`` the dataset class, e.g. ``CIFAR10``."""
     path: str | None = None
-    """Shard directory (webdataset), image-folder root (folder) or download root (torchvision)."""
+    """Shard directory (webdataset), image-folder root (folder), download root (torchvision) or
+    ``save_to_disk`` folder (huggingface; with ``hf_name``, its download cache)."""
     train_urls: str | None = None
     """WebDataset URL/brace pattern for the train split; overrides ``path`` (local or remote)."""
     test_urls: str | None = None
+    hf_name: str | None = None
+    """``source: huggingface``: a hub dataset id (``uoft-cs/cifar10``) for ``datasets.load_dataset``;
+    None reads the ``save_to_disk`` folder at ``path``."""
+    hf_image_column: str | None = None
+    """``source: huggingface``: the ``Image`` column; None: the only one, else the one named ``image``."""
+    hf_label_column: str | None = None
+    """``source: huggingface``: the ``ClassLabel`` column (its names are the class names); None: the only
+    one, else the one named ``label``."""
     resolution: int | None = Field(default=None, gt=0)
     """Resize images to this square side; None keeps the native size."""
     train_per_class: int | None = Field(default=None, gt=0)

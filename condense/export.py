@@ -284,11 +284,7 @@ def write_image_folder(
 
     The folder is written beside ``out_dir`` and renamed into place whole: a non-empty ``out_dir`` is
     refused unless ``overwrite`` (then replaced, never mixed with what was there)."""
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CondenseError(f"--to {out_dir} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CondenseError(f"--to {out_dir} is not empty; pass --overwrite to replace it")
+    out_dir = _target(out_dir, overwrite)
     manifest, samples = _raw_samples(path, dataset, method, ipc, version)
     classes = [str(c) for c in manifest["classes"]]
     folders = folder_names(classes)
@@ -297,11 +293,7 @@ def write_image_folder(
     try:
         entries = []
         for sample in samples:
-            label = int(sample["cls"])
-            if not 0 <= label < len(classes):
-                raise CondenseError(
-                    f"sample {sample['__key__']} has class {label}, outside 0..{len(classes) - 1}"
-                )
+            label = _label(sample, classes)
             relative = Path(folders[label]) / f"{sample['__key__']}.png"
             target = (staging / relative).resolve()
             if not target.is_relative_to(staging.resolve()):
@@ -323,6 +315,84 @@ def write_image_folder(
         (staging / "labels.json").write_text(json.dumps(labels, indent=2))
         _replace(staging, out_dir)
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _target(out_dir: str | Path, overwrite: bool) -> Path:
+    """``out_dir`` made absolute, refused when it is a file or (unless ``overwrite``) not empty."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CondenseError(f"--to {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CondenseError(f"--to {out_dir} is not empty; pass --overwrite to replace it")
+    return out_dir
+
+
+def _label(sample: dict[str, Any], classes: list[str]) -> int:
+    label = int(sample["cls"])
+    if not 0 <= label < len(classes):
+        raise CondenseError(f"sample {sample['__key__']} has class {label}, outside 0..{len(classes) - 1}")
+    return label
+
+
+HF_MISSING = "--format hf needs the 'datasets' package: pip install 'condense[hf]'"
+
+
+def write_hf_dataset(
+    path: str | Path,
+    out_dir: Path,
+    dataset: str | None = None,
+    method: str | None = None,
+    ipc: int | None = None,
+    version: int | str = "latest",
+    overwrite: bool = False,
+) -> Path:
+    """Export a distilled set as a Hugging Face ``datasets`` folder (``DatasetDict.save_to_disk``)
+    with one ``train`` split and the columns:
+
+    - ``image``: an ``Image`` feature, the viewable PNG (as the image-folder export writes it);
+    - ``label``: a ``ClassLabel`` whose names are the set's class names;
+    - ``soft_label``: float32 list, the teacher's probabilities, when the set has soft labels;
+    - ``logits``: float32 list, the label logits the method learned (DATM, PAD), when it learned them.
+
+    The dataset's description is JSON: method, IPC, source fingerprint. Read it with
+    ``datasets.load_from_disk(out)`` (or ``dataset.source: huggingface, dataset.path: out``, which
+    finds images and labels by their features); publish it with
+    ``datasets.DatasetDict.load_from_disk(out).push_to_hub("user/name")`` (after ``hf auth login``).
+    Written beside ``out_dir`` and renamed into place whole, like :func:`write_image_folder`.
+    """
+    try:
+        import datasets as hf
+    except ImportError:
+        raise CondenseError(HF_MISSING) from None
+    out_dir = _target(out_dir, overwrite)
+    manifest, samples = _raw_samples(path, dataset, method, ipc, version)
+    classes = [str(c) for c in manifest["classes"]]
+    columns: dict[str, list[Any]] = {
+        "image": [{"bytes": s["png"], "path": None} for s in samples],
+        "label": [_label(s, classes) for s in samples],
+    }
+    features = {"image": hf.Image(), "label": hf.ClassLabel(names=classes)}
+    for column, field in (("soft_label", "soft.npy"), ("logits", "logits.npy")):
+        if field in samples[0]:
+            columns[column] = [_array(s[field]).astype(np.float32).reshape(-1) for s in samples]
+            features[column] = hf.Sequence(hf.Value("float32"))
+    about = {k: manifest.get(k) for k in ("method", "ipc", "source_fingerprint")}
+    schema = hf.Features(features)
+    info = hf.DatasetInfo(description=json.dumps(about, sort_keys=True, default=str), features=schema)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    quiet = not hf.are_progress_bars_disabled()
+    if quiet:
+        hf.disable_progress_bars()
+    try:
+        split = hf.Dataset.from_dict(columns, features=schema, info=info)
+        hf.DatasetDict({"train": split}).save_to_disk(str(staging))
+        _replace(staging, out_dir)
+    finally:
+        if quiet:
+            hf.enable_progress_bars()
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 

@@ -504,17 +504,38 @@ def export(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a non-empty --to (it is swapped whole, never mixed).")
     ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="folder: <to>/<class>/<n>.png + labels.json; hf: a Hugging Face datasets folder"
+            " (save_to_disk; columns image, label, soft_label); needs the hf extra.",
+        ),
+    ] = "folder",
 ) -> None:
-    """Write a distilled set as an image folder: <to>/<class>/<n>.png and labels.json (soft labels)."""
-    from condense.export import write_image_folder
+    """Write a distilled set as an image folder: <to>/<class>/<n>.png and labels.json (soft labels);
+    or, with --format hf, as a Hugging Face datasets folder with a train split: image (Image), label
+    (ClassLabel named by the classes), soft_label (float32 list, when the set has soft labels).
+
+    Publish an hf export with: python -c "import datasets;
+    datasets.DatasetDict.load_from_disk('<to>').push_to_hub('<user>/<name>')" (after hf auth login).
+    """
+    from condense.export import write_hf_dataset, write_image_folder
 
     if version != "latest" and not version.isdigit():
         _fail(f"--version must be 'latest' or a number, not {version!r}", 2)
+    if fmt not in ("folder", "hf"):
+        _fail(f"--format must be 'folder' or 'hf', not {fmt!r}", 2)
+    selected = version if version == "latest" else int(version)
     with one_line_errors():
-        out = write_image_folder(
-            source, to, dataset, method, ipc, version if version == "latest" else int(version), overwrite
-        )
-    typer.echo(f"wrote {out} ({len(list(out.glob('*/*.png')))} images, labels.json)")
+        if fmt == "hf":
+            out = write_hf_dataset(source, to, dataset, method, ipc, selected, overwrite)
+        else:
+            out = write_image_folder(source, to, dataset, method, ipc, selected, overwrite)
+    if fmt == "hf":
+        typer.echo(f"wrote {out} (Hugging Face datasets folder: datasets.load_from_disk({str(out)!r}))")
+    else:
+        typer.echo(f"wrote {out} ({len(list(out.glob('*/*.png')))} images, labels.json)")
 
 
 def main() -> None:

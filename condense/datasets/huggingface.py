@@ -1,0 +1,250 @@
+"""Hugging Face ``datasets``: a local ``save_to_disk`` folder (``dataset.path``) or a hub dataset id
+(``dataset.hf_name``), with an ``Image`` column and a ``ClassLabel`` column.
+
+The splits are ``train`` and the first of ``test``/``validation``/``valid``/``val``. Class names are
+the ``ClassLabel`` feature's names. The ``datasets`` package is an optional extra (``condense[hf]``):
+it is imported only here, inside the functions that need it.
+
+Besides :data:`SOURCE` (decode everything into arrays), :func:`hf_split`, :func:`labels` and
+:func:`read_images` give random access to a split without decoding it whole, for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from condense.config import DatasetConfig
+from condense.datasets.common import (
+    RawDataset,
+    Source,
+    decode_images,
+    finish,
+    first_per_class,
+    hash_file,
+    settings_hash,
+)
+from condense.errors import DatasetError
+
+if TYPE_CHECKING:
+    import datasets
+    from PIL import Image
+
+MISSING = "dataset.source huggingface needs the 'datasets' package: pip install 'condense[hf]'"
+TRAIN_SPLITS = ("train",)
+TEST_SPLITS = ("test", "validation", "valid", "val")
+IMAGE, LABEL = "image", "label"
+"""The column names :func:`hf_split` gives the chosen image and label columns."""
+_BATCH = 256
+_HASHED = (".arrow", ".json")
+_SKIPPED = frozenset({"state.json"})  # datasets' own bookkeeping (a fingerprint of its history)
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(MISSING) from None
+    return datasets
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _where(cfg: DatasetConfig) -> str:
+    return f"hub dataset {cfg.hf_name!r}" if cfg.hf_name else f"{cfg.path}"
+
+
+def _local_root(cfg: DatasetConfig) -> Path:
+    if not cfg.path:
+        raise DatasetError(
+            "source=huggingface needs dataset.path (a save_to_disk folder) or dataset.hf_name (a hub id)"
+        )
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise DatasetError(f"dataset path not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset path is not a directory: {root}")
+    return root
+
+
+def _open(cfg: DatasetConfig) -> datasets.DatasetDict:
+    """Every split, memory-mapped: ``load_dataset(hf_name)`` (downloaded into ``path`` when set) or
+    ``load_from_disk(path)``. Nothing is decoded."""
+    hf = _datasets()
+    try:
+        if cfg.hf_name:
+            cache = str(Path(cfg.path).expanduser()) if cfg.path else None
+            found = hf.load_dataset(cfg.hf_name, cache_dir=cache)
+        else:
+            found = hf.load_from_disk(str(_local_root(cfg)))
+    except DatasetError:
+        raise
+    except Exception as err:  # hub, network, arrow or JSON errors: one line naming the dataset
+        raise DatasetError(f"cannot open {_where(cfg)}: {_one_line(err)}") from None
+    if not isinstance(found, hf.DatasetDict):
+        raise DatasetError(
+            f"{_where(cfg)} is a single split; save a DatasetDict with train and test splits"
+            " (DatasetDict({'train': ..., 'test': ...}).save_to_disk(path))"
+        )
+    return found
+
+
+def _pick_split(found: datasets.DatasetDict, split: str, cfg: DatasetConfig) -> datasets.Dataset:
+    names = TRAIN_SPLITS if split == "train" else TEST_SPLITS
+    for name in names:
+        if name in found:
+            return found[name]
+    raise DatasetError(
+        f"{_where(cfg)} has no {split} split ({'/'.join(names)}); its splits are {', '.join(found) or 'none'}"
+    )
+
+
+def _describe(features: Any) -> str:
+    return ", ".join(f"{name} ({type(f).__name__})" for name, f in features.items())
+
+
+def _column(ds: datasets.Dataset, kind: type, wanted: str | None, default: str, setting: str) -> str:
+    """The column of feature type ``kind``: the one named by the setting, else the only one, else
+    the one called ``default``; an error listing the columns otherwise."""
+    features = ds.features
+    if wanted is not None:
+        if wanted not in features:
+            raise DatasetError(
+                f"dataset.{setting} {wanted!r} is not a column; columns: {_describe(features)}"
+            )
+        if not isinstance(features[wanted], kind):
+            raise DatasetError(
+                f"dataset.{setting} {wanted!r} is a {type(features[wanted]).__name__}, not a "
+                f"{kind.__name__} feature; columns: {_describe(features)}"
+            )
+        return wanted
+    found = [name for name, f in features.items() if isinstance(f, kind)]
+    if len(found) == 1:
+        return found[0]
+    if default in found:
+        return default
+    what = f"no {kind.__name__} column" if not found else f"{len(found)} {kind.__name__} columns"
+    hint = " (class names come from one: cast an int column to ClassLabel(names=[...]))"
+    raise DatasetError(
+        f"{what}{hint if kind.__name__ == 'ClassLabel' and not found else ''}; set dataset.{setting}; "
+        f"columns: {_describe(features)}"
+    )
+
+
+def _canonical(ds: datasets.Dataset, cfg: DatasetConfig) -> datasets.Dataset:
+    """Only the image and label columns, named :data:`IMAGE` and :data:`LABEL`, images decoded to PIL
+    when read (no data is copied)."""
+    hf = _datasets()
+    image = _column(ds, hf.Image, cfg.hf_image_column, IMAGE, "hf_image_column")
+    label = _column(ds, hf.ClassLabel, cfg.hf_label_column, LABEL, "hf_label_column")
+    ds = ds.select_columns([image, label])
+    if (image, label) != (IMAGE, LABEL):
+        ds = ds.rename_columns({image: IMAGE, label: LABEL})  # all at once: swapped names are fine
+    if not ds.features[IMAGE].decode:
+        ds = ds.cast_column(IMAGE, hf.Image())
+    return ds
+
+
+def hf_split(cfg: DatasetConfig, split: str) -> datasets.Dataset:
+    """The ``train`` or ``test`` split (``test`` is the first of test/validation/valid/val), opened
+    once and memory-mapped, nothing decoded; with exactly two columns, :data:`IMAGE` (a PIL image when
+    read) and :data:`LABEL` (a ``ClassLabel``: ``class_names(ds)``). ``train_per_class`` is not applied
+    (``first_per_class(labels(ds), n)`` gives those rows)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split is 'train' or 'test', not {split!r}")
+    return _canonical(_pick_split(_open(cfg), split, cfg), cfg)
+
+
+def class_names(ds: datasets.Dataset) -> list[str]:
+    """The class names of a :func:`hf_split` split: its ``ClassLabel`` names, index = label."""
+    return [str(n) for n in ds.features[LABEL].names]
+
+
+def labels(ds: datasets.Dataset) -> np.ndarray:
+    """int64 labels of every row of a :func:`hf_split` split, read from the label column alone (no
+    image is read or decoded)."""
+    column = ds.with_format("arrow", columns=[LABEL])[:].column(LABEL)
+    if column.null_count:
+        raise DatasetError(f"{column.null_count} of {len(column)} rows have no label")
+    return np.asarray(column.to_numpy(), dtype=np.int64)
+
+
+def read_images(ds: datasets.Dataset, indices: Sequence[int] | np.ndarray) -> list[Image.Image]:
+    """The images of rows ``indices`` of a :func:`hf_split` split, decoded to PIL, in that order."""
+    rows = [int(i) for i in indices]
+    if not rows:
+        return []
+    return list(ds.select_columns([IMAGE])[rows][IMAGE])
+
+
+class _LazyImages(Sequence):
+    """The images of some rows, read and decoded a batch at a time as :func:`decode_images` iterates
+    (so only the decoded uint8 array is ever whole in memory)."""
+
+    def __init__(self, ds: datasets.Dataset, rows: np.ndarray) -> None:
+        self.ds, self.rows = ds, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return read_images(self.ds, self.rows[i])
+        return read_images(self.ds, [self.rows[i]])[0]
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        for start in range(0, len(self.rows), _BATCH):
+            yield from read_images(self.ds, self.rows[start : start + _BATCH])
+
+
+def _decode(ds: datasets.Dataset, rows: np.ndarray, split: str, cfg: DatasetConfig) -> np.ndarray:
+    return decode_images(
+        _LazyImages(ds, rows), lambda i: f"{split} row {int(rows[i])}", cfg.resolution, cfg.transform
+    )
+
+
+def load(cfg: DatasetConfig) -> RawDataset:
+    found = _open(cfg)
+    train = _canonical(_pick_split(found, "train", cfg), cfg)
+    test = _canonical(_pick_split(found, "test", cfg), cfg)
+    classes = class_names(train)
+    if class_names(test) != classes:
+        raise DatasetError(
+            f"{_where(cfg)}: the test split's class names differ from the train split's "
+            f"({class_names(test)[:5]}... vs {classes[:5]}...)"
+        )
+    train_y, test_y = labels(train), labels(test)
+    keep = first_per_class(train_y, cfg.train_per_class)
+    train_x = _decode(train, keep, "train", cfg)
+    test_x = _decode(test, np.arange(len(test_y)), "test", cfg)
+    return finish(train_x, train_y[keep], test_x, test_y, classes)
+
+
+def fingerprint(cfg: DatasetConfig) -> str | None:
+    """A local folder: sha256 over (relative path, bytes) of its files (the arrow data, the features
+    and split lists; not datasets' ``state.json``), so a copy elsewhere has the same key. A hub
+    dataset: None (the decoded arrays are hashed)."""
+    if cfg.hf_name:
+        return None
+    root = _local_root(cfg)
+    h = settings_hash(cfg)
+    h.update(json.dumps([cfg.hf_image_column, cfg.hf_label_column, cfg.transform]).encode() + b"\0")
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix in _HASHED and p.name not in _SKIPPED and p.is_file()
+    )
+    if not any(p.suffix == ".arrow" for p in files):
+        raise DatasetError(f"{root} holds no .arrow files: not a folder written by save_to_disk")
+    for path in files:
+        hash_file(h, path.relative_to(root).as_posix(), path)
+    return h.hexdigest()
+
+
+SOURCE = Source("huggingface", load, fingerprint)
