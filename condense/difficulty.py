@@ -61,11 +61,11 @@ def el2n_scores(
 ) -> torch.Tensor:
     """Every training image's EL2N score, the mean over ``schedule.el2n_models`` ConvNets each trained
     ``schedule.el2n_epochs`` epochs with the experts' plain SGD recipe (deterministic per seed)."""
-    total = torch.zeros(len(data.train_y), device=data.train_x.device)
+    total = torch.zeros(len(data.train_y), device=data.device)
     for index in range(schedule.el2n_models):
         net_seed = scoring_seed(seed, index)
         model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, net_seed)
-        model = model.to(data.train_x.device)
+        model = model.to(data.device)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=experts.lr, momentum=experts.momentum, weight_decay=experts.weight_decay
         )

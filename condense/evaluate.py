@@ -30,11 +30,20 @@ from condense.config import DSAConfig, ModelConfig
 from condense.devices import Compiled
 from condense.labels import kd_loss
 from condense.models import build_model
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
 from condense.scores import calibration
-from condense.training import batches, cosine_factor, predict, random_seed, sample_per_class, train_epoch
+from condense.training import (
+    batches,
+    cosine_factor,
+    predict,
+    random_seed,
+    sample_per_class,
+    shuffled,
+    split_logits,
+    train_on,
+)
 
 HeldOut = tuple[torch.Tensor, torch.Tensor] | None
 """Training images (and labels) a student did not train on: where its temperature is fitted."""
@@ -58,9 +67,9 @@ class Recipe:
 
 def train_and_test(
     arch: str,
-    data: PreparedDataset,
-    x: torch.Tensor,
-    targets: torch.Tensor,
+    data: RealData,
+    x: torch.Tensor | None,
+    targets: torch.Tensor | None,
     recipe: Recipe,
     seed: int,
     model_cfg: ModelConfig | None = None,
@@ -71,11 +80,13 @@ def train_and_test(
     """Train ``arch`` from a seeded initialisation on (x, targets); returns test accuracy (%), its
     calibration (:func:`tested`) and time.
 
-    ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set.
+    ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set. ``x``
+    None: epochs over the data's whole training split (the full-data baseline of a streamed dataset).
     """
     started = time.perf_counter()
-    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(x.device)
-    forward = Compiled(model, compile_step, x.device)
+    device = data.device if x is None else x.device
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(device)
+    forward = Compiled(model, compile_step, device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -92,29 +103,31 @@ def train_and_test(
     generator = torch.Generator().manual_seed(seed)
     loss = float("nan")
     for epoch in range(recipe.epochs):
-        loss = train_epoch(
-            model, x, targets, loss_fn, optimizer, recipe.batch_size, generator, recipe.dsa, forward
-        )
+        if x is None:  # the whole training split, streamed
+            batches_of_epoch = data.batches("train", recipe.batch_size, generator)
+        else:
+            batches_of_epoch = shuffled(x, targets, recipe.batch_size, generator)
+        loss = train_on(model, batches_of_epoch, loss_fn, optimizer, generator, recipe.dsa, forward)
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 
-def _scored(test_logits: torch.Tensor, data: PreparedDataset, held_out: HeldOut) -> dict[str, float | None]:
-    """Test accuracy (%) and calibration of a network, from its logits on the test split and on
-    ``(held-out images' logits, labels)``."""
-    test_y = data.test_y.to(test_logits.device)
+def _scored(test_logits: torch.Tensor, test_y: torch.Tensor, held_out: HeldOut) -> dict[str, float | None]:
+    """Test accuracy (%) and calibration of a network, from its logits on the test split (labels
+    ``test_y``) and on ``(held-out images' logits, labels)``."""
+    test_y = test_y.to(test_logits.device)
     return {
         "accuracy": float((test_logits.argmax(1) == test_y).float().mean() * 100),
         **calibration(test_logits, test_y, held_out),
     }
 
 
-def tested(model: nn.Module, data: PreparedDataset, held_out: HeldOut = None) -> dict[str, float | None]:
+def tested(model: nn.Module, data: RealData, held_out: HeldOut = None) -> dict[str, float | None]:
     """The final network's test accuracy (%), ECE and temperature-scaled ECE (temperature fitted on
     ``held_out``, never on the test split)."""
     held = None if held_out is None else (predict(model, held_out[0]), held_out[1])
-    return _scored(predict(model, data.test_x), data, held)
+    return _scored(*split_logits(model, data, "test"), held)
 
 
 def batchable(model: nn.Module) -> bool:
@@ -124,9 +137,9 @@ def batchable(model: nn.Module) -> bool:
 
 def train_and_test_seeds(
     arch: str,
-    data: PreparedDataset,
-    xs: list[torch.Tensor],
-    targets: list[torch.Tensor],
+    data: RealData,
+    xs: list[torch.Tensor | None],
+    targets: list[torch.Tensor | None],
     recipe: Recipe,
     seeds: list[int],
     model_cfg: ModelConfig | None = None,
@@ -146,15 +159,15 @@ def train_and_test_seeds(
     ``held_out[k]``: seed ``k``'s calibration images (see :func:`tested`)."""
     started = time.perf_counter()
     held_out = held_out or [None] * len(seeds)
-    device = xs[0].device
     models = [
         build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, s) for s in seeds
     ]
-    if len(seeds) == 1 or not batchable(models[0]):
+    if len(seeds) == 1 or not batchable(models[0]) or xs[0] is None:
         return [
             train_and_test(arch, data, x, t, recipe, seed, model_cfg, progress, compile_step, held)
             for x, t, seed, held in zip(xs, targets, seeds, held_out, strict=True)
         ]
+    device = xs[0].device
     params, buffers = stack_module_state([m.to(device) for m in models])
     shape = copy.deepcopy(models[0]).to("meta")
 
@@ -199,13 +212,12 @@ def train_and_test_seeds(
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"{k} seeds, loss {float(losses.mean()) / n:.4f}")
     with torch.no_grad():
+        test_batches = list(data.batches("test", 1024))
         test_logits = torch.cat(
-            [
-                vmap(forward, in_dims=(0, 0, None))(params, buffers, c.to(device))
-                for c in torch.split(data.test_x, 1024)
-            ],
+            [vmap(forward, in_dims=(0, 0, None))(params, buffers, c.to(device)) for c, _ in test_batches],
             dim=1,
         )
+        test_y = torch.cat([y for _, y in test_batches])
         held_logits = [
             None
             if held is None
@@ -222,7 +234,7 @@ def train_and_test_seeds(
     seconds = (time.perf_counter() - started) / k
     return [
         {
-            **_scored(test_logits[i], data, held_logits[i]),
+            **_scored(test_logits[i], test_y, held_logits[i]),
             "train_loss": float(losses[i]) / n,
             "seconds": seconds,
         }
@@ -253,7 +265,7 @@ def adamw_without_decay_on_norms(model: nn.Module, lr: float, weight_decay: floa
 
 def train_kd(
     arch: str,
-    data: PreparedDataset,
+    data: RealData,
     x: torch.Tensor,
     recipe: KDRecipe,
     seed: int,
@@ -291,7 +303,7 @@ def train_kd(
 
 def train_and_test_kd(
     arch: str,
-    data: PreparedDataset,
+    data: RealData,
     x: torch.Tensor,
     recipe: KDRecipe,
     seed: int,
@@ -307,20 +319,20 @@ def train_and_test_kd(
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 
-def random_real_indices(data: PreparedDataset, ipc: int, seed: int) -> torch.Tensor:
+def random_real_indices(data: RealData, ipc: int, seed: int) -> torch.Tensor:
     """Indices of ``ipc`` random real training images per class: the baseline every distilled set
     must beat."""
     generator = torch.Generator().manual_seed(seed)
     return sample_per_class(data.train_y.cpu(), data.num_classes, ipc, generator).to(data.train_y.device)
 
 
-def random_real_subset(data: PreparedDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_real_subset(data: RealData, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels of :func:`random_real_indices`."""
     idx = random_real_indices(data, ipc, seed)
-    return data.train_x[idx], data.train_y[idx]
+    return data.images(idx), data.train_y[idx]
 
 
-def calibration_indices(data: PreparedDataset, seed: int) -> torch.Tensor:
+def calibration_indices(data: RealData, seed: int) -> torch.Tensor:
     """A fixed per-class sample of the training images on which students' temperatures are fitted:
     1/10 of the smallest class per class (at least 1, at most 100), drawn from ``seed``."""
     smallest = int(torch.bincount(data.train_y.cpu(), minlength=data.num_classes).min())
@@ -331,12 +343,12 @@ def calibration_indices(data: PreparedDataset, seed: int) -> torch.Tensor:
     )
 
 
-def held_out_split(data: PreparedDataset, seed: int, trained_on: torch.Tensor | None = None) -> HeldOut:
+def held_out_split(data: RealData, seed: int, trained_on: torch.Tensor | None = None) -> HeldOut:
     """The calibration split without the training images a student trained on (``trained_on``)."""
     idx = calibration_indices(data, seed)
     if trained_on is not None:
         idx = idx[~torch.isin(idx, trained_on.to(idx.device))]
-    return data.train_x[idx], data.train_y[idx]
+    return data.images(idx), data.train_y[idx]
 
 
 def summarize(accuracies: list[float]) -> dict[str, float | list[float]]:

@@ -49,7 +49,7 @@ def expert_seed(seed: int, index: int) -> int:
 def student_model(data: PreparedDataset, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """The distillation architecture (ConvNet) for this dataset."""
     model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
-    return model.to(data.train_x.device)
+    return model.to(data.device)
 
 
 def expert_optimizer(
@@ -82,9 +82,7 @@ def train_expert(
     if cfg.schedule is not None and order is None:
         raise ValueError("experts.schedule needs the difficulty order of the training images")
     model = student_model(data, model_cfg, seed)
-    optimizer, forward, loss_fn = expert_optimizer(
-        model, cfg, Compiled(model, compile_step, data.train_x.device)
-    )
+    optimizer, forward, loss_fn = expert_optimizer(model, cfg, Compiled(model, compile_step, data.device))
     flat = FlatParams(model)
     generator = torch.Generator().manual_seed(seed)
     snapshots = [flat.flatten().cpu().numpy()]

@@ -36,7 +36,7 @@ from condense import crops
 from condense.config import Strict
 from condense.errors import ConfigError, DivergenceError
 from condense.methods.base import Checkpoints, DistillInputs, Resumable, SyntheticSet
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.teacher import check_class_order
 from condense.training import cosine_factor, predict
@@ -130,9 +130,9 @@ class BNStatistics:
         return total  # type: ignore[return-value]
 
 
-def pixel_bounds(data: PreparedDataset) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_bounds(data: RealData) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised values of pixel 0 and pixel 1 per channel, shaped (1, C, 1, 1), on the data's device."""
-    device = data.train_x.device
+    device = data.device
     mean = torch.tensor(data.card["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(data.card["std"], device=device).view(1, -1, 1, 1)
     return (0 - mean) / std, (1 - mean) / std
@@ -234,22 +234,22 @@ def recover_batch(
     return images.detach(), history
 
 
-def random_real(data: PreparedDataset, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_real(data: RealData, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One random real training image per entry of ``labels``."""
     picks = []
     for c in labels.tolist():
         members = torch.nonzero(data.train_y == c).flatten()
         picks.append(members[int(torch.randint(len(members), (1,), generator=generator))])
-    return data.train_x[torch.stack(picks)].clone()
+    return data.images(torch.stack(picks)).clone()
 
 
 def initial_batch(
-    data: PreparedDataset, labels: torch.Tensor, init: str, generator: torch.Generator
+    data: RealData, labels: torch.Tensor, init: str, generator: torch.Generator
 ) -> torch.Tensor:
     if init == "real":
         return random_real(data, labels, generator)
     shape = (len(labels), data.channels, data.resolution, data.resolution)
-    return torch.randn(*shape, generator=generator).to(data.train_x.device)
+    return torch.randn(*shape, generator=generator).to(data.device)
 
 
 def summarize_recovery(
@@ -320,7 +320,7 @@ def recover_set(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progr
     cfg: RecoverConfig = inputs.method_cfg
     data = inputs.data
     teacher, guard = checked_teacher(inputs)
-    labels = torch.arange(data.num_classes, device=data.train_x.device)
+    labels = torch.arange(data.num_classes, device=data.device)
     state = checkpoints.load() or {"batches": [], "histories": [], "partial": None}
     if state["batches"] or state["partial"]:
         progress.note(f"resuming recovery at batch {len(state['batches']) + 1}/{inputs.ipc}")
@@ -341,7 +341,7 @@ def recover_set(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progr
         )
         state = with_batch(state, images, history)
         checkpoints.save(state)
-    images = class_major(state["batches"], data.train_x.device)
+    images = class_major(state["batches"], data.device)
     out_labels = labels.repeat_interleave(inputs.ipc)
     return SyntheticSet(
         images=images,

@@ -25,9 +25,9 @@ from condense.config import DSAConfig, ModelConfig, TeacherConfig
 from condense.devices import Compiled
 from condense.errors import ConfigError, DatasetError
 from condense.models import build_model
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.progress import SILENT, Progress
-from condense.training import accuracy, cosine_factor, predict, sample_per_class, train_epoch
+from condense.training import cosine_factor, predict, sample_per_class, split_accuracy, train_on
 
 
 def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelConfig:
@@ -35,12 +35,10 @@ def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelCon
     return model_cfg.model_copy(update={"norm": cfg.norm})
 
 
-def build_teacher(
-    cfg: TeacherConfig, model_cfg: ModelConfig, data: PreparedDataset, seed: int = 0
-) -> nn.Module:
+def build_teacher(cfg: TeacherConfig, model_cfg: ModelConfig, data: RealData, seed: int = 0) -> nn.Module:
     model_cfg = teacher_model_config(cfg, model_cfg)
     model = build_model(cfg.arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
-    return model.to(data.train_x.device)
+    return model.to(data.device)
 
 
 @dataclass
@@ -52,7 +50,7 @@ class TrainedTeacher:
 
 
 def train_teacher(
-    data: PreparedDataset,
+    data: RealData,
     cfg: TeacherConfig,
     model_cfg: ModelConfig,
     dsa_cfg: DSAConfig,
@@ -62,7 +60,7 @@ def train_teacher(
 ) -> TrainedTeacher:
     """Train ``cfg.arch`` on all real training images: SGD + momentum, cosine to 0, DSA per batch."""
     model = build_teacher(cfg, model_cfg, data, seed)
-    forward = Compiled(model, compile_step, data.train_x.device)
+    forward = Compiled(model, compile_step, data.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -70,23 +68,16 @@ def train_teacher(
     generator = torch.Generator().manual_seed(seed)
     loss = float("nan")
     for epoch in range(cfg.epochs):
-        loss = train_epoch(
-            model,
-            data.train_x,
-            data.train_y,
-            F.cross_entropy,
-            optimizer,
-            cfg.batch_size,
-            generator,
-            dsa_cfg if cfg.dsa else None,
-            forward,
+        batches = data.batches("train", cfg.batch_size, generator)
+        loss = train_on(
+            model, batches, F.cross_entropy, optimizer, generator, dsa_cfg if cfg.dsa else None, forward
         )
         scheduler.step()
         progress.step(epoch + 1, cfg.epochs, f"teacher loss {loss:.4f}")
     return TrainedTeacher(
         model=model.eval(),
-        train_accuracy=accuracy(model, data.train_x, data.train_y),
-        test_accuracy=accuracy(model, data.test_x, data.test_y),
+        train_accuracy=split_accuracy(model, data, "train"),
+        test_accuracy=split_accuracy(model, data, "test"),
         train_loss=loss,
     )
 
@@ -235,11 +226,12 @@ def _mismatch(
 
 
 def class_order_accuracy(
-    teacher: nn.Module, data: PreparedDataset, images_per_class: int, generator: torch.Generator
+    teacher: nn.Module, data: RealData, images_per_class: int, generator: torch.Generator
 ) -> float:
     """The teacher's accuracy (%) on a class-balanced batch of real training images."""
     idx = sample_per_class(data.train_y, data.num_classes, images_per_class, generator)
-    return float((predict(teacher, data.train_x[idx]).argmax(1) == data.train_y[idx]).float().mean() * 100)
+    predicted = predict(teacher, data.images(idx)).argmax(1)
+    return float((predicted == data.train_y[idx.to(data.device)].to(predicted.device)).float().mean() * 100)
 
 
 def default_min_accuracy(num_classes: int) -> float:
@@ -249,7 +241,7 @@ def default_min_accuracy(num_classes: int) -> float:
 
 def check_class_order(
     teacher: nn.Module,
-    data: PreparedDataset,
+    data: RealData,
     minimum: float | None,
     images_per_class: int,
     generator: torch.Generator,

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from condense.augment import dsa
 from condense.config import DSAConfig
+
+if TYPE_CHECKING:
+    from condense.prepare import RealData
+
+_EVAL_BATCH = 1024
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,6 +30,44 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
     yield from torch.split(order, batch_size)
 
 
+def shuffled(
+    x: torch.Tensor, targets: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) batches of one epoch over in-memory tensors, in an order drawn from
+    ``generator``."""
+    for idx in batches(len(x), batch_size, generator):
+        idx = idx.to(x.device)
+        yield x[idx], targets[idx]
+
+
+def train_on(
+    model: nn.Module,
+    epoch: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    augment: DSAConfig | None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """One pass over ``epoch``'s (inputs, targets) batches, DSA on every batch when ``augment`` is
+    given (its seed drawn from ``generator``); ``forward`` (default: the model) computes the logits,
+    e.g. a compiled version of the model. Returns the mean training loss per sample."""
+    model.train()
+    total: torch.Tensor | None = None  # summed on the device: no host round trip per batch
+    count = 0
+    for inputs, targets in epoch:
+        if augment is not None:
+            inputs = dsa(inputs, augment, random_seed(generator))
+        loss = loss_fn((forward or model)(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step = loss.detach().double() * len(targets)
+        total = step if total is None else total + step
+        count += len(targets)
+    return float(total) / count if total is not None else float("nan")
+
+
 def train_epoch(
     model: nn.Module,
     x: torch.Tensor,
@@ -35,24 +79,10 @@ def train_epoch(
     augment: DSAConfig | None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over (x, targets) in random order, DSA on every batch when ``augment`` is given;
-    ``forward`` (default: the model) computes the logits, e.g. a compiled version of the model.
-
-    Returns the mean training loss.
-    """
-    model.train()
-    total = torch.zeros((), dtype=torch.float64, device=x.device)  # no host round trip per batch
-    for idx in batches(len(x), batch_size, generator):
-        idx = idx.to(x.device)
-        inputs = x[idx]
-        if augment is not None:
-            inputs = dsa(inputs, augment, random_seed(generator))
-        loss = loss_fn((forward or model)(inputs), targets[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach().double() * len(idx)
-    return float(total) / max(len(x), 1)
+    """:func:`train_on` one random-order pass over in-memory (x, targets)."""
+    return train_on(
+        model, shuffled(x, targets, batch_size, generator), loss_fn, optimizer, generator, augment, forward
+    )
 
 
 @torch.no_grad()
@@ -67,6 +97,25 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     logits = predict(model, x)
     return float((logits.argmax(1) == y.to(logits.device)).float().mean() * 100)
+
+
+def split_logits(model: nn.Module, data: RealData, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a whole split, read batch by batch (a streamed split never in memory)."""
+    logits, labels = [], []
+    for x, y in data.batches(split, _EVAL_BATCH):
+        logits.append(predict(model, x, _EVAL_BATCH))
+        labels.append(y.to(logits[-1].device))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def split_accuracy(model: nn.Module, data: RealData, split: str = "test") -> float:
+    """Top-1 accuracy (%) on a whole split of the real data."""
+    correct, total = 0, 0
+    for x, y in data.batches(split, _EVAL_BATCH):
+        logits = predict(model, x, _EVAL_BATCH)
+        correct += int((logits.argmax(1) == y.to(logits.device)).sum())
+        total += len(y)
+    return 100.0 * correct / total
 
 
 def sample_per_class(

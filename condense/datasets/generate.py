@@ -50,6 +50,8 @@ def write_shards(
                 image = np.roll(prototypes[label], tuple(shift), axis=(0, 1))
                 image = image * rng.uniform(0.7, 1.3) + rng.normal(0, 25, size=image.shape)
                 buffer = io.BytesIO()
-                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
+                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
+                    buffer, format="JPEG", quality=quality
+                )
                 sink.write({"__key__": f"{split}{i:08d}", "jpg": buffer.getvalue(), "cls": str(int(label))})
     return root

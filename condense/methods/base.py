@@ -8,13 +8,13 @@ from typing import Any, Protocol
 import torch
 
 from condense.config import DSAConfig, ModelConfig
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.progress import Progress
 
 
 @dataclass
 class DistillInputs:
-    data: PreparedDataset
+    data: RealData
     ipc: int
     seed: int
     method_cfg: Any

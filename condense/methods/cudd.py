@@ -175,7 +175,7 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     data = inputs.data
     model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, inputs.model_cfg)
     model.load_state_dict(state_dict)
-    model.to(data.train_x.device)
+    model.to(data.device)
     return frozen(model)
 
 
@@ -185,7 +185,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
     data = inputs.data
     teacher, guard = checked_teacher(inputs)
     teacher_right = predict(teacher, data.train_x).argmax(1) == data.train_y
-    labels = torch.arange(data.num_classes, device=data.train_x.device)
+    labels = torch.arange(data.num_classes, device=data.device)
     sizes = curriculum_sizes(cfg, inputs.ipc)
     state = checkpoints.load() or {
         "batches": [],
@@ -211,7 +211,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
                 progress.note(f"CUDD curriculum {index + 1}: training a student on {first} images per class")
                 student = train_student(
                     inputs,
-                    class_major(state["batches"], data.train_x.device),
+                    class_major(state["batches"], data.device),
                     cfg,
                     inputs.seed * 7919 + index,
                     progress,
@@ -250,7 +250,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
             state = with_batch(state, images, history)
             checkpoints.save(state)
         first += size
-    images = class_major(state["batches"], data.train_x.device)
+    images = class_major(state["batches"], data.device)
     out_labels = labels.repeat_interleave(inputs.ipc)
     curricula = [
         {k: v for k, v in record.items() if k not in ("student", "picks")} for record in state["curricula"]

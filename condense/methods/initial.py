@@ -8,18 +8,18 @@ from collections.abc import Callable
 import torch
 
 from condense.models import ConvNet
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.sampling import kmeans_init
 from condense.training import predict, random_seed, sample_per_class
 
 
-def init_real(data: PreparedDataset, ipc: int, generator: torch.Generator) -> torch.Tensor:
+def init_real(data: RealData, ipc: int, generator: torch.Generator) -> torch.Tensor:
     """``ipc`` randomly chosen real training images per class, class-major order."""
-    return data.train_x[sample_per_class(data.train_y, data.num_classes, ipc, generator)].clone()
+    return data.images(sample_per_class(data.train_y, data.num_classes, ipc, generator)).clone()
 
 
 def init_correct(
-    data: PreparedDataset, ipc: int, generator: torch.Generator, classifier: torch.nn.Module
+    data: RealData, ipc: int, generator: torch.Generator, classifier: torch.nn.Module
 ) -> torch.Tensor:
     """DATM's ``samples_predicted_correctly``: per class, random real images ``classifier`` gets right
     (a class with fewer than ``ipc`` of them is topped up with its other images), class-major."""
@@ -34,7 +34,7 @@ def init_correct(
 
 
 def initial_images(
-    data: PreparedDataset,
+    data: RealData,
     ipc: int,
     init: str,
     generator: torch.Generator,
@@ -53,4 +53,4 @@ def initial_images(
         with torch.no_grad():
             return kmeans_init(data.train_x, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
     shape = (data.num_classes * ipc, data.channels, data.resolution, data.resolution)
-    return torch.randn(*shape, generator=generator).to(data.train_x.device)
+    return torch.randn(*shape, generator=generator).to(data.device)

@@ -119,7 +119,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
                 f"class {label} has {len(picked)} training images; RDED needs ipc * factor^2 = "
                 f"{inputs.ipc * cfg.factor**2}"
             )
-        images, stats = select_class(teacher, data.train_x[picked], label, inputs.ipc, cfg, class_gen)
+        images, stats = select_class(teacher, data.images(picked), label, inputs.ipc, cfg, class_gen)
         state["images"].append(images)
         state["history"].append({"class": label, **stats})
         checkpoints.save(state)

@@ -18,8 +18,9 @@ import torch
 
 from condense import artifacts, evaluate, labels, models, relabel
 from condense.config import PipelineConfig
+from condense.errors import ConfigError
 from condense.evaluate import KDRecipe, Recipe
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.stages.base import Context, Params, Stage
 from condense.stages.relabel import check_top_k
 
@@ -144,8 +145,8 @@ def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
 
 
 def _subject_set(
-    ctx: Context, subject: str, data: PreparedDataset, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    ctx: Context, subject: str, data: RealData, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor, float | None]:
     """(inputs, hard labels, learned lr) of the set a run trains on, on the job's device."""
     if subject == "distilled":
         synthetic = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"]))
@@ -153,10 +154,11 @@ def _subject_set(
     if subject == "random_real":
         x, y = evaluate.random_real_subset(data, ctx.cfg.ipc, seed)
         return x, y, None
-    return data.train_x, data.train_y, None
+    # A streamed training split is read epoch by epoch by the recipe itself.
+    return None if data.streamed else data.train_x, data.train_y, None
 
 
-def _held_out(ctx: Context, subject: str, data: PreparedDataset, seed: int) -> evaluate.HeldOut:
+def _held_out(ctx: Context, subject: str, data: RealData, seed: int) -> evaluate.HeldOut:
     """The calibration images a run's student never trained on (none for full data)."""
     if subject == "full_data":
         return None
@@ -165,11 +167,16 @@ def _held_out(ctx: Context, subject: str, data: PreparedDataset, seed: int) -> e
 
 
 def _train_kd(
-    ctx: Context, subject: str, data: PreparedDataset, x: torch.Tensor, seed: int
+    ctx: Context, subject: str, data: RealData, x: torch.Tensor | None, seed: int
 ) -> dict[str, float | None]:
     """Replay stored labels for the distilled set when relabel is stored, else run the teacher online
     (baselines always: they are drawn per seed), quantised the same way."""
     cfg = ctx.cfg
+    if x is None:
+        raise ConfigError(
+            "the KD recipe's full-data baseline plans crops over the whole training split in memory; "
+            "with a streamed dataset set evaluate.full_data: false (or dataset.load: memory)"
+        )
     check_top_k(cfg, data.num_classes)
     factor = artifacts.stitch_factor(ctx.store, str(ctx.keys["distill"])) if subject == "distilled" else 1
     kd = kd_recipe(cfg, subject, factor)
@@ -192,7 +199,7 @@ def _train_kd(
 def _targets(
     ctx: Context,
     subject: str,
-    data: PreparedDataset,
+    data: RealData,
     sets: list[tuple[torch.Tensor, torch.Tensor, float | None]],
 ) -> list[torch.Tensor]:
     """What each seed's set trains on under the MTT recipe: hard labels, or probability rows."""

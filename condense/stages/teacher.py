@@ -67,8 +67,8 @@ def run(ctx: Context) -> dict[str, Any]:
         built = models.build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg)
         model = teacher.load_teacher_file(cfg.teacher.path or "", built, arch).to(ctx.device)
     meta["network"] = artifacts.teacher_description(arch, model_cfg, data.card)
-    meta["train_accuracy"] = training.accuracy(model, data.train_x, data.train_y)
-    meta["test_accuracy"] = training.accuracy(model, data.test_x, data.test_y)
+    meta["train_accuracy"] = training.split_accuracy(model, data, "train")
+    meta["test_accuracy"] = training.split_accuracy(model, data, "test")
     ctx.progress.note(f"teacher ({arch}, {meta['source']}): test {meta['test_accuracy']:.1f}%")
     artifacts.save_teacher(ctx.work, model)
     return meta
