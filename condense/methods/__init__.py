@@ -41,6 +41,8 @@ class Method:
     needs: frozenset[str]
     module: str
     """Where the method is defined: its import closure is the method's code version in cache keys."""
+    streams: bool = False
+    """Reads real data only through draws by index and epochs, so it runs on a streamed dataset."""
 
     @property
     def needs_experts(self) -> bool:
@@ -68,14 +70,17 @@ def register_method(
     config: type[BaseModel],
     needs: Iterable[str] = (),
     check: Callable[[PipelineConfig], None] = _no_check,
+    streams: bool = False,
 ) -> Callable[[Callable[..., SyntheticSet]], Callable[..., SyntheticSet]]:
-    """Register the decorated ``distill(inputs, checkpoints, progress)`` as method ``name``."""
+    """Register the decorated ``distill(inputs, checkpoints, progress)`` as method ``name``;
+    ``streams``: it reads the real data only by :meth:`images` draws and :meth:`batches` epochs
+    (:mod:`condense.streaming`), never the whole training split."""
     unknown = set(needs) - set(INPUTS)
     if unknown:
         raise ValueError(f"method {name!r} needs {sorted(unknown)}; a method may need {list(INPUTS)}")
 
     def decorate(distill: Callable[..., SyntheticSet]) -> Callable[..., SyntheticSet]:
-        method = Method(name, config, distill, check, frozenset(needs), distill.__module__)
+        method = Method(name, config, distill, check, frozenset(needs), distill.__module__, streams)
         known = _registry.get(name)
         if known is not None and known.module != method.module:
             raise ValueError(f"method {name!r} is registered twice: in {known.module} and {method.module}")

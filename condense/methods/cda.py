@@ -22,6 +22,6 @@ class CDAConfig(RecoverConfig):
     """CDA's README runs: cosine over the whole run (milestone 1)."""
 
 
-@register_method("cda", config=CDAConfig, needs=("teacher",), check=check_teacher_settings)
+@register_method("cda", config=CDAConfig, needs=("teacher",), check=check_teacher_settings, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     return recover_set(inputs, checkpoints, progress)

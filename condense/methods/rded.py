@@ -94,7 +94,7 @@ def select_class(
     return crops.stitch(chosen, cfg.factor), stats
 
 
-@register_method("rded", config=RDEDConfig, needs=("teacher",), check=check)
+@register_method("rded", config=RDEDConfig, needs=("teacher",), check=check, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     cfg: RDEDConfig = inputs.method_cfg
     data, teacher = inputs.data, inputs.teacher

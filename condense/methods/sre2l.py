@@ -21,6 +21,8 @@ from condense.progress import SILENT, Progress
 from condense.recover import RecoverConfig, check_teacher_settings, recover_set
 
 
-@register_method("sre2l", config=RecoverConfig, needs=("teacher",), check=check_teacher_settings)
+@register_method(
+    "sre2l", config=RecoverConfig, needs=("teacher",), check=check_teacher_settings, streams=True
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     return recover_set(inputs, checkpoints, progress)

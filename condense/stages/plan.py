@@ -14,7 +14,8 @@ from typing import Any
 
 from condense import devices
 from condense.config import PipelineConfig
-from condense.errors import CondenseError
+from condense.errors import CondenseError, ConfigError
+from condense.methods import get_method
 from condense.prepare import STAGE as DATASET
 from condense.prepare import check_ipc
 from condense.stages.base import Job, Stage, all_stages, input_key, stage_key
@@ -50,6 +51,23 @@ class Plan:
         return keys if isinstance(keys, str) else stage_key(stage, {}, "", {"runs": input_key(keys)})
 
 
+def check_streamable(cfg: PipelineConfig) -> None:
+    """Before any work: the steps that would read a streamed training split whole, in one line."""
+    whole = []
+    if not get_method(cfg.method).streams:
+        whole.append(f"method {cfg.method}")
+    if cfg.teacher.source == "best_expert" and get_method(cfg.method).needs_teacher:
+        whole.append("teacher.source best_expert (expert trajectories)")
+    if cfg.evaluate.recipe == "kd" and cfg.evaluate.full_data:
+        whole.append("the KD recipe's full-data baseline (evaluate.full_data)")
+    if whole:
+        raise ConfigError(
+            f"{' and '.join(whole)} read the whole training split into memory, which a streamed dataset "
+            "never does: set dataset.load: memory, or use rded/sre2l/cda with teacher.source train or "
+            "file and evaluate.full_data: false under the KD recipe"
+        )
+
+
 def dataset_job() -> Job:
     """The first job: its key depends on the source's content, computed where the job runs."""
     return Job(stage=DATASET, key="")
@@ -57,7 +75,10 @@ def dataset_job() -> Job:
 
 def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
     """Every job after the dataset stage, for ``cfg``, given the prepared dataset's key."""
-    check_ipc(store.meta(DATASET, dataset_key)["card"], cfg.ipc)
+    card = store.meta(DATASET, dataset_key)["card"]
+    check_ipc(card, cfg.ipc)
+    if card.get("load") == "stream":
+        check_streamable(cfg)
     spread = devices.fan_out(cfg.compute.device, cfg.compute.devices)
     stages = all_stages()
     plan = Plan(keys={DATASET: dataset_key})
