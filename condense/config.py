@@ -74,9 +74,10 @@ class DatasetConfig(Strict):
     """ZCA-whiten train and test (fitted on train), as MTT does for some settings."""
     load: Literal["auto", "memory", "stream"] = "auto"
     """``memory``: decode both splits once into the store and load them whole (small data);
-    ``stream``: keep only an index of the shards (sample, byte range, label) and decode per batch,
-    with memory flat in the dataset's size (webdataset ``.tar`` shards); ``auto``: stream when the
-    encoded training shards exceed ``stream_above_mb``."""
+    ``stream``: keep only an index (sample, byte range or row, label) and decode per batch, with
+    memory flat in the dataset's size (webdataset ``.tar`` shards, or a huggingface dataset's
+    memory-mapped Arrow rows); ``auto``: stream when the encoded training data (the shards, the
+    arrow files) exceed ``stream_above_mb``."""
     stream_above_mb: float = Field(default=2048, gt=0)
     transform: Literal["resize", "imagenet"] = "resize"
     """``resize``: every image resized to ``resolution`` squared (CIFAR-style); ``imagenet``: the

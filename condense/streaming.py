@@ -1,7 +1,10 @@
-"""Real data streamed from WebDataset shards, for datasets that do not fit in memory.
+"""Real data streamed from WebDataset shards or a Hugging Face dataset, for datasets that do not fit
+in memory.
 
 The dataset stage keeps only an index (:mod:`condense.datasets.index`): labels in memory (8 bytes an
-image; 10 MB for ImageNet-1K), images where they are. Two ways to read them:
+image; 10 MB for ImageNet-1K), images where they are, read by the source's
+:class:`~condense.datasets.index.Reader` (tar byte ranges, or rows of memory-mapped Arrow files whose
+blocks of rows are the "shards" below). Two ways to read them:
 
 - **by index** (:meth:`StreamedDataset.images`): a class-balanced draw reads exactly its images,
   each shard once, by byte range, decoded in threads. RDED's candidates, the random-real baseline,
@@ -19,7 +22,7 @@ resize), so a draw by index gives the same tensors on both paths.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +34,14 @@ from PIL import Image
 
 from condense.config import DatasetConfig
 from condense.datasets.common import open_image
-from condense.datasets.index import SplitIndex, open_shard, read_bytes, resolve_shards
+from condense.datasets.index import Reader, SplitIndex, TarReader, resolve_shards
 from condense.errors import DatasetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TRAIN_SCALE = (0.08, 1.0)
 _TRAIN_RATIO = (3 / 4, 4 / 3)
+SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -51,14 +55,19 @@ class Decoding:
 
 
 def decode(
-    blob: bytes, how: Decoding, where: str, rng: np.random.Generator | None = None
+    blob: Any,
+    how: Decoding,
+    where: str,
+    rng: np.random.Generator | None = None,
+    opener: Callable[[Any], Image.Image] = open_image,
 ) -> np.ndarray | None:
-    """uint8 ``(C, H, W)`` pixels of one image, or None when it does not decode and corrupt images are
-    skipped. ``rng`` given and ``transform: imagenet``: a RandomResizedCrop and flip (training)."""
+    """uint8 ``(C, H, W)`` pixels of one image (``blob``, opened by ``opener``: a reader's ``open``),
+    or None when it does not decode and corrupt images are skipped. ``rng`` given and ``transform:
+    imagenet``: a RandomResizedCrop and flip (training)."""
     from condense.datasets.common import fit_image
 
     try:
-        with open_image(blob) as im:
+        with opener(blob) as im:
             img = im.convert("L" if how.channels == 1 else "RGB")
             if rng is not None and how.transform == "imagenet":
                 img = _random_resized_crop(img, how.resolution, rng)
@@ -100,14 +109,14 @@ class ShardEpoch(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        reader: Reader,
         index: SplitIndex,
         how: Decoding,
         batch_size: int,
         seed: int | None,
         buffer: int,
     ) -> None:
-        self.urls, self.index, self.how = urls, index, how
+        self.reader, self.index, self.how = reader, index, how
         self.batch_size, self.seed, self.buffer = batch_size, seed, buffer
 
     def _rows(self, shard: int) -> range:
@@ -115,21 +124,16 @@ class ShardEpoch(torch.utils.data.IterableDataset):
         lo, hi = np.searchsorted(self.index.shard, [shard, shard + 1])
         return range(int(lo), int(hi))
 
-    def _encoded(self, shards: list[int]) -> Iterator[tuple[bytes, int, str]]:
+    def _encoded(self, shards: list[int]) -> Iterator[tuple[Any, int, str]]:
         for shard in shards:
             rows = self._rows(shard)
-            if not len(rows):
-                continue
-            with open_shard(self.urls[shard]) as f:
-                for row in rows:
-                    f.seek(int(self.index.offset[row]))
-                    where = f"#{row} in {self.urls[shard]}"
-                    yield f.read(int(self.index.size[row])), int(self.index.label[row]), where
+            for row, encoded in zip(rows, self.reader.scan(self.index, rows), strict=True):
+                yield encoded, int(self.index.label[row]), self.reader.where(self.index, row)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards = np.arange(len(self.urls))
+        shards = np.arange(len(self.index.shards))
         rng = None
         if self.seed is not None:
             shards = np.random.default_rng(self.seed).permutation(shards)
@@ -141,7 +145,7 @@ class ShardEpoch(torch.utils.data.IterableDataset):
         ys: list[int] = []
         skipped = 0
         for blob, label, where in samples:
-            pixels = decode(blob, self.how, where, rng)
+            pixels = decode(blob, self.how, where, rng, self.reader.open)
             if pixels is None:
                 skipped += 1
                 continue
@@ -156,10 +160,10 @@ class ShardEpoch(torch.utils.data.IterableDataset):
 
 
 def _buffer_shuffle(
-    samples: Iterator[tuple[bytes, int, str]], size: int, rng: np.random.Generator
-) -> Iterator[tuple[bytes, int, str]]:
+    samples: Iterator[tuple[Any, int, str]], size: int, rng: np.random.Generator
+) -> Iterator[tuple[Any, int, str]]:
     """WebDataset's shuffle: fill a buffer, then emit a random element and put the next in its place."""
-    buffer: list[tuple[bytes, int, str]] = []
+    buffer: list[tuple[Any, int, str]] = []
     for sample in samples:
         if len(buffer) < size:
             buffer.append(sample)
@@ -178,7 +182,7 @@ class StreamedDataset:
 
     card: dict[str, Any]
     indexes: dict[str, SplitIndex]
-    urls: dict[str, list[str]]
+    readers: dict[str, Reader]
     workers: int
     buffer: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -237,16 +241,16 @@ class StreamedDataset:
         return (x - mean) / std
 
     def pixels(self, idx: torch.Tensor | np.ndarray, split: str = "train") -> np.ndarray:
-        """uint8 ``(n, C, H, W)`` images at ``idx``, read by byte range and decoded in threads. A draw
-        must get what it asked for, so an image that does not decode is an error here."""
+        """uint8 ``(n, C, H, W)`` images at ``idx``, read by byte range (or row) and decoded in
+        threads. A draw must get what it asked for, so an image that does not decode is an error here."""
         rows = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
-        index, urls = self.indexes[split], self.urls[split]
-        blobs = read_bytes(urls, index, rows)
+        index, reader = self.indexes[split], self.readers[split]
+        blobs = reader.read(index, rows)
         how = self.decoding("error")
 
         def one(i: int) -> np.ndarray:
-            shard = urls[int(index.shard[rows[i]])]
-            return decode(blobs[i], how, f"#{rows[i]} in {shard}")  # type: ignore[return-value]
+            where = reader.where(index, int(rows[i]))
+            return decode(blobs[i], how, where, opener=reader.open)  # type: ignore[return-value]
 
         shape = (0, self.channels, self.resolution, self.resolution)
         if not len(rows):
@@ -264,9 +268,9 @@ class StreamedDataset:
         """One epoch of ``split`` as (inputs, labels) on the device: shuffled (shard order, then a
         buffer) when ``generator`` is given, in index order otherwise."""
         seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        urls = self.urls[split]
-        epoch = ShardEpoch(urls, self.indexes[split], self.decoding(), batch_size, seed, self.buffer)
-        workers = min(self.workers, len(urls))
+        index = self.indexes[split]
+        epoch = ShardEpoch(self.readers[split], index, self.decoding(), batch_size, seed, self.buffer)
+        workers = min(self.workers, len(index.shards))
         loader = torch.utils.data.DataLoader(
             epoch, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
         )
@@ -283,7 +287,7 @@ class StreamedDataset:
 
 
 def channel_stats(
-    urls: list[str], index: SplitIndex, rows: np.ndarray, how: Decoding, chunk: int = 256
+    reader: Reader, index: SplitIndex, rows: np.ndarray, how: Decoding, chunk: int = 256
 ) -> tuple[int, list[float], list[float]]:
     """(channels, mean, std) on [0, 1] of the training images at ``rows``: one channel when every one
     of them is grayscale by its mode (the in-memory path's rule), float64 sums over chunks."""
@@ -295,16 +299,16 @@ def channel_stats(
     rgb = Decoding(3, how.resolution, how.transform, "error")
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
-        blobs = read_bytes(urls, index, part)
+        blobs = reader.read(index, part)
         x = []
         for row, blob in zip(part, blobs, strict=True):
-            where = f"#{row} in {urls[int(index.shard[row])]}"
+            where = reader.where(index, int(row))
             try:
-                with open_image(blob) as im:
+                with reader.open(blob) as im:
                     gray = gray and im.mode in GRAY_MODES
             except (OSError, ValueError, SyntaxError) as err:
                 raise DatasetError(f"cannot decode image {where}: {err}") from None
-            x.append(decode(blob, rgb, where))
+            x.append(decode(blob, rgb, where, opener=reader.open))
         pixels = np.stack(x).astype(np.float64) / 255.0
         total += pixels.sum(axis=(0, 2, 3))
         squares += (pixels * pixels).sum(axis=(0, 2, 3))
@@ -316,20 +320,41 @@ def channel_stats(
     return 3, mean.tolist(), std.tolist()
 
 
+def locate(cfg: DatasetConfig) -> dict[str, Any]:
+    """Where ``cfg``'s data is, as the dataset stage records it: ``urls`` (each split's shards) or
+    ``hf`` (the settings that open a Hugging Face dataset)."""
+    if cfg.source == "huggingface":
+        from condense.datasets.huggingface import LOCATION
+
+        return {"hf": cfg.model_dump(include=set(LOCATION))}
+    from condense.datasets.shards import shard_urls
+
+    return {"urls": dict(zip(SPLITS, shard_urls(cfg), strict=True))}
+
+
+def readers(source: str, indexes: dict[str, SplitIndex], located: dict[str, Any]) -> dict[str, Reader]:
+    """Each split's reader of the data ``located`` (:func:`locate`): shards are matched to the index by
+    name, a Hugging Face split is opened by its settings."""
+    if source == "huggingface":
+        from condense.datasets.huggingface import RowReader
+
+        cfg = DatasetConfig(source="huggingface", **located["hf"])
+        return {split: RowReader(cfg, split) for split in SPLITS}
+    return {
+        split: TarReader(resolve_shards(indexes[split], located["urls"][split], split)) for split in SPLITS
+    }
+
+
 def open_streamed(path: Path, meta: dict[str, Any], cfg: DatasetConfig | None) -> StreamedDataset:
     """The streamed dataset whose index the dataset stage wrote at ``path`` (``meta``: its metadata).
 
-    The shards are looked up by name among ``cfg``'s (so the data may move after indexing), or at the
-    URLs recorded when it was indexed.
+    The data is read where ``cfg`` says it is now (shards are looked up by name, so they may move
+    after indexing), or where it was when indexed.
     """
-    from condense.datasets.shards import shard_urls
     from condense.store import load_arrays
 
     arrays = load_arrays(path)
     card = meta["card"]
-    current = dict(zip(("train", "test"), shard_urls(cfg), strict=True)) if cfg else meta["urls"]
-    indexes, urls = {}, {}
-    for split in ("train", "test"):
-        indexes[split] = SplitIndex.from_arrays(arrays, split, meta["shards"][split])
-        urls[split] = resolve_shards(indexes[split], current[split], split)
-    return StreamedDataset(card, indexes, urls, card["workers"], card["shuffle_buffer"])
+    indexes = {split: SplitIndex.from_arrays(arrays, split, meta["shards"][split]) for split in SPLITS}
+    found = readers(card["source"], indexes, locate(cfg) if cfg else meta)
+    return StreamedDataset(card, indexes, found, card["workers"], card["shuffle_buffer"])

@@ -1,5 +1,6 @@
-"""The Hugging Face ``datasets`` source and the ``--format hf`` export, on tiny DatasetDicts saved in
-tmp_path (scikit-learn digits). No network: hub ids (``dataset.hf_name``) are not loaded here."""
+"""The Hugging Face ``datasets`` source (decoded into memory, or streamed by row) and the ``--format hf``
+export, on tiny DatasetDicts saved in tmp_path (scikit-learn digits, small generated RGB images). No
+network: hub ids (``dataset.hf_name``) are not loaded here."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
@@ -19,6 +21,9 @@ from condense.config import DatasetConfig
 from condense.datasets import huggingface
 from condense.errors import DatasetError
 from condense.export import write_distilled
+from condense.prepare import load
+from condense.stages.dataset import prepare
+from condense.store import Store
 
 hf = pytest.importorskip("datasets")
 
@@ -227,6 +232,168 @@ def test_importing_condense_does_not_import_datasets():
     code = "import sys, condense, condense.datasets, condense.export; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -------------------------------------------------------------------------------------- streaming
+
+
+def _png(img: Image.Image, orientation: int | None = None) -> dict:
+    """An ``Image`` value holding PNG bytes as stored (an EXIF orientation kept, unlike PIL input)."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif)
+    return {"bytes": buf.getvalue(), "path": None}
+
+
+def _stream_images(kind: str, per_class: int, seed: int) -> tuple[list[dict], np.ndarray]:
+    """``gray``: 8 px digits (the data's own order). ``rgb``: RGB images of different non-square sizes
+    with a few gray, palette and EXIF-rotated ones (resolution must be set), classes interleaved."""
+    if kind == "gray":
+        x, y = load_digits(return_X_y=True)
+        rows = np.sort(np.concatenate([np.flatnonzero(y == c)[seed : seed + per_class] for c in range(4)]))
+        images = [Image.fromarray((x[r].reshape(8, 8) * 15).astype(np.uint8)) for r in rows]
+        return [_png(img) for img in images], y[rows].astype(np.int64)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(len(NAMES)), per_class))
+    values = []
+    for i in range(len(labels)):
+        h, w = int(rng.integers(6, 14)), int(rng.integers(6, 14))
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if i % 7 == 1:
+            img = img.convert("L")
+        elif i % 7 == 3:
+            img = img.convert("P")
+        values.append(_png(img, orientation=6 if i % 5 == 2 else None))
+    return values, labels
+
+
+def _save_stream(root, kind: str):
+    splits = {}
+    for split, per_class, seed in (("train", 20, 0), ("test", 5, 100)):
+        values, y = _stream_images(kind, per_class, seed)
+        features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(names=NAMES)})
+        splits[split] = hf.Dataset.from_dict({"image": values, "label": y.tolist()}, features=features)
+    hf.DatasetDict(splits).save_to_disk(str(root))
+    return root
+
+
+def _memory_and_stream(root, tmp_path, **settings):
+    out = {}
+    for mode in ("memory", "stream"):
+        cfg = _cfg(root, load=mode, workers=0, **settings)
+        store = Store(tmp_path / f"store-{mode}")
+        key, _ = prepare(cfg, store)
+        out[mode] = load(store, key, cfg)
+    return out["memory"], out["stream"]
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    """Counts images decoded by the ``Image`` feature (every path that reads an image goes through it)."""
+    calls = [0]
+    decode = hf.Image.decode_example
+
+    def counted(self, value, *args, **kwargs):
+        calls[0] += 1
+        return decode(self, value, *args, **kwargs)
+
+    monkeypatch.setattr(hf.Image, "decode_example", counted)
+    return calls
+
+
+STREAM_CASES = {
+    "gray": {},
+    "rgb": {"resolution": 6, "transform": "imagenet", "train_per_class": 15},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STREAM_CASES))
+def test_stream_and_memory_give_the_same_images_labels_and_test_batches(tmp_path, kind, monkeypatch):
+    root = _save_stream(tmp_path / "hf", kind)
+    settings = STREAM_CASES[kind]
+    memory, stream = _memory_and_stream(root, tmp_path, **settings)
+    assert stream.streamed and not memory.streamed
+    assert stream.card["load"] == "stream" and stream.card["source"] == "huggingface"
+    assert stream.card["classes"] == memory.card["classes"] == NAMES
+    assert stream.channels == memory.channels == (1 if kind == "gray" else 3)
+    assert stream.card["class_counts"] == memory.card["class_counts"]
+    assert torch.equal(stream.train_y, memory.train_y) and torch.equal(stream.test_y, memory.test_y)
+    np.testing.assert_allclose(stream.card["mean"], memory.card["mean"], rtol=1e-9)
+    np.testing.assert_allclose(stream.card["std"], memory.card["std"], rtol=1e-9)
+
+    raw = sources.load_source(_cfg(root, **settings))  # the in-memory path's uint8 pixels
+    idx = torch.tensor([len(raw.train_y) - 1, 0, 17, 2, 2, 9])
+    calls = _count_decodes(monkeypatch)
+    np.testing.assert_array_equal(stream.pixels(idx), raw.train_x[idx.numpy()])
+    assert calls[0] == len(idx)  # a draw reads the rows asked, not the split
+    assert torch.equal(stream.images(idx), memory.images(idx))
+    batches = list(zip(stream.batches("test", 3), memory.batches("test", 3), strict=True))
+    assert len(batches) == -(-len(raw.test_y) // 3)
+    for (xs, ys), (xm, ym) in batches:
+        assert torch.equal(xs, xm) and torch.equal(ys, ym)
+
+    stored = next((tmp_path / "store-stream" / "dataset").iterdir())
+    assert (stored / "index.zarr").is_dir() and not (stored / "data.zarr").exists()
+
+
+def test_streaming_decodes_only_the_statistics_sample_and_what_is_drawn(tmp_path, monkeypatch):
+    root = _save_stream(tmp_path / "hf", "gray")
+    cfg = _cfg(root, load="stream", workers=0, stats_images=8)
+    store = Store(tmp_path / "store")
+    calls = _count_decodes(monkeypatch)
+    key, _ = prepare(cfg, store)
+    prepared = calls[0]
+    # Mean/std on 8 training images (each opened for its mode, then decoded) and the first one's
+    # size: never all 80 training or 20 test images.
+    assert 0 < prepared <= 2 * 8 + 1
+    stream = load(store, key, cfg)
+    assert len(stream.train_y) == 80 and len(stream.test_y) == 20 and calls[0] == prepared
+    drawn = stream.images(torch.tensor([3, 70]))
+    assert calls[0] == prepared + 2
+    # Without the config, the dataset is opened where it was when indexed.
+    assert torch.equal(load(store, key).images(torch.tensor([3, 70])), drawn)
+
+
+def test_a_seeded_stream_epoch_reads_every_training_row_once_in_a_shuffled_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface, "ROW_BLOCK", 8)  # 80 rows: 10 blocks, read in a seeded order
+    root = _save_stream(tmp_path / "hf", "gray")
+    memory, stream = _memory_and_stream(root, tmp_path, shuffle_buffer=8)
+    assert len(stream.indexes["train"].shards) == 10
+    in_order = [
+        (tuple(x.flatten().tolist()), int(y)) for x, y in zip(memory.train_x, memory.train_y, strict=True)
+    ]
+
+    def epoch(seed: int) -> list[tuple[tuple, int]]:
+        out = []
+        for x, y in stream.batches("train", 16, torch.Generator().manual_seed(seed)):
+            assert len(y) <= 16
+            out += [(tuple(xi.flatten().tolist()), int(yi)) for xi, yi in zip(x, y, strict=True)]
+        return out
+
+    first = epoch(0)
+    assert sorted(first) == sorted(in_order)  # every row once, with its own label
+    assert first == epoch(0)
+    assert first != epoch(1)
+    assert first != in_order
+    # Read in row order through a buffer of 8, the k-th sample out would be one of rows 0..k+7; the
+    # blocks are read in a shuffled order, so some sample comes out earlier than that.
+    rows = [in_order.index(sample) for sample in first]
+    assert any(row > k + 7 for k, row in enumerate(rows))
+    stream.workers = 2  # DataLoader workers, each opening the split itself: the same rows again
+    assert sorted(epoch(0)) == sorted(in_order)
+
+
+def test_auto_streams_a_huggingface_dataset_above_the_size_threshold(tmp_path):
+    root = _save_stream(tmp_path / "hf", "gray")
+    arrow = sum(p.stat().st_size for p in (root / "train").glob("*.arrow"))
+    assert huggingface.encoded_bytes(_cfg(root)) == arrow > 0
+    for threshold, expected in ((arrow / 2**20 / 2, "stream"), (arrow / 2**20 * 2, "memory")):
+        cfg = _cfg(root, stream_above_mb=threshold, workers=0)
+        store = Store(tmp_path / expected)
+        key, _ = prepare(cfg, store)
+        assert store.meta("dataset", key)["card"]["load"] == expected
+        assert load(store, key, cfg).streamed == (expected == "stream")
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -6,12 +6,15 @@ the ``ClassLabel`` feature's names. The ``datasets`` package is an optional extr
 it is imported only here, inside the functions that need it.
 
 Besides :data:`SOURCE` (decode everything into arrays), :func:`hf_split`, :func:`labels` and
-:func:`read_images` give random access to a split without decoding it whole, for streaming.
+:func:`read_images` give random access to a split without decoding it whole; :func:`index_splits` and
+:class:`RowReader` stream it (``dataset.load: stream``): memory-mapped Arrow is read by row, epochs
+go through blocks of :data:`ROW_BLOCK` rows as a tar stream goes through its shards.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,7 @@ from condense.datasets.common import (
     hash_file,
     settings_hash,
 )
+from condense.datasets.index import SplitIndex
 from condense.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -42,6 +46,11 @@ IMAGE, LABEL = "image", "label"
 _BATCH = 256
 _HASHED = (".arrow", ".json")
 _SKIPPED = frozenset({"state.json"})  # datasets' own bookkeeping (a fingerprint of its history)
+ROW_BLOCK = 256
+"""Streamed epochs read a split in blocks of this many consecutive rows (its "shards"), in a seeded
+block order and then through the shuffle buffer."""
+LOCATION = ("path", "hf_name", "hf_image_column", "hf_label_column")
+"""The settings that say where a split's images are: a streamed dataset records them."""
 
 
 def _datasets() -> Any:
@@ -177,12 +186,24 @@ def labels(ds: datasets.Dataset) -> np.ndarray:
     return np.asarray(column.to_numpy(), dtype=np.int64)
 
 
-def read_images(ds: datasets.Dataset, indices: Sequence[int] | np.ndarray) -> list[Image.Image]:
-    """The images of rows ``indices`` of a :func:`hf_split` split, decoded to PIL, in that order."""
+def read_encoded(ds: datasets.Dataset, indices: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+    """The stored image values (``{"bytes", "path"}``) of rows ``indices`` of a :func:`hf_split`
+    split, in that order, not decoded."""
     rows = [int(i) for i in indices]
     if not rows:
         return []
-    return list(ds.select_columns([IMAGE])[rows][IMAGE])
+    return ds.with_format("arrow", columns=[IMAGE])[rows].column(IMAGE).to_pylist()
+
+
+def open_encoded(ds: datasets.Dataset, value: dict[str, Any]) -> Image.Image:
+    """One :func:`read_encoded` value as PIL, decoded as reading the row decodes it (the ``Image``
+    feature's ``decode_example``: EXIF orientation, the feature's mode)."""
+    return ds.features[IMAGE].decode_example(value)
+
+
+def read_images(ds: datasets.Dataset, indices: Sequence[int] | np.ndarray) -> list[Image.Image]:
+    """The images of rows ``indices`` of a :func:`hf_split` split, decoded to PIL, in that order."""
+    return [open_encoded(ds, value) for value in read_encoded(ds, indices)]
 
 
 class _LazyImages(Sequence):
@@ -211,7 +232,8 @@ def _decode(ds: datasets.Dataset, rows: np.ndarray, split: str, cfg: DatasetConf
     )
 
 
-def load(cfg: DatasetConfig) -> RawDataset:
+def _splits(cfg: DatasetConfig) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """The train and test splits (:func:`hf_split`) and their class names, which must agree."""
     found = _open(cfg)
     train = _canonical(_pick_split(found, "train", cfg), cfg)
     test = _canonical(_pick_split(found, "test", cfg), cfg)
@@ -221,6 +243,11 @@ def load(cfg: DatasetConfig) -> RawDataset:
             f"{_where(cfg)}: the test split's class names differ from the train split's "
             f"({class_names(test)[:5]}... vs {classes[:5]}...)"
         )
+    return train, test, classes
+
+
+def load(cfg: DatasetConfig) -> RawDataset:
+    train, test, classes = _splits(cfg)
     train_y, test_y = labels(train), labels(test)
     keep = first_per_class(train_y, cfg.train_per_class)
     train_x = _decode(train, keep, "train", cfg)
@@ -245,6 +272,62 @@ def fingerprint(cfg: DatasetConfig) -> str | None:
     for path in files:
         hash_file(h, path.relative_to(root).as_posix(), path)
     return h.hexdigest()
+
+
+def encoded_bytes(cfg: DatasetConfig) -> int | None:
+    """Size of the training split's arrow files (``dataset.load: auto`` streams above
+    ``stream_above_mb``); None when it has none (a dataset held in memory)."""
+    files = [Path(f["filename"]) for f in _pick_split(_open(cfg), "train", cfg).cache_files]
+    return sum(p.stat().st_size for p in files) if files else None
+
+
+def index_splits(cfg: DatasetConfig) -> dict[str, SplitIndex]:
+    """Both splits for streaming, without reading an image: shard = block of :data:`ROW_BLOCK` rows,
+    offset = row, size 0, and the labels. ``train_per_class`` is not applied (the stage subsets)."""
+    out = {}
+    for split, ds in zip(("train", "test"), _splits(cfg)[:2], strict=True):
+        y = labels(ds)
+        if not len(y):
+            raise DatasetError(f"{_where(cfg)}: the {split} split has no rows")
+        rows = np.arange(len(y), dtype=np.int64)
+        blocks = [f"{split}[{lo}:{min(lo + ROW_BLOCK, len(y))}]" for lo in range(0, len(y), ROW_BLOCK)]
+        out[split] = SplitIndex(blocks, (rows // ROW_BLOCK).astype(np.int32), rows, np.zeros_like(rows), y)
+    return out
+
+
+class RowReader:
+    """A split's images read by row (a :class:`condense.datasets.index.Reader`): a value is the stored
+    image (:func:`read_encoded`), decoded by :meth:`open`. The split is opened once per process, on
+    first use: each DataLoader worker opens its own memory map."""
+
+    def __init__(self, cfg: DatasetConfig, split: str) -> None:
+        self.cfg, self.split = cfg, split
+        self._opened: tuple[int, datasets.Dataset] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_opened": None}
+
+    @property
+    def dataset(self) -> datasets.Dataset:
+        if self._opened is None or self._opened[0] != os.getpid():
+            self._opened = (os.getpid(), hf_split(self.cfg, self.split))
+        return self._opened[1]
+
+    @property
+    def classes(self) -> list[str]:
+        return class_names(self.dataset)
+
+    def read(self, index: SplitIndex, rows: np.ndarray) -> list[dict[str, Any]]:
+        return read_encoded(self.dataset, index.offset[rows])
+
+    def scan(self, index: SplitIndex, rows: range) -> Iterator[dict[str, Any]]:
+        return iter(read_encoded(self.dataset, index.offset[rows.start : rows.stop]))
+
+    def where(self, index: SplitIndex, row: int) -> str:
+        return f"{self.split} row {int(index.offset[row])}"
+
+    def open(self, value: dict[str, Any]) -> Image.Image:
+        return open_encoded(self.dataset, value)
 
 
 SOURCE = Source("huggingface", load, fingerprint)

@@ -10,22 +10,26 @@ Per split the index is five arrays of equal length, in reading order (shards sor
 order, as the in-memory path reads them): ``shard`` (position in the split's shard list),
 ``offset`` and ``size`` (the image member's data bytes), ``label``, and ``ext`` (index into
 :data:`IMAGE_EXTS`).
+
+A :class:`Reader` reads the images an index points at: :class:`TarReader` by byte range, or
+``huggingface.RowReader`` by row of a memory-mapped Arrow split (whose index has shard = block of
+rows, offset = row, size 0).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
-from condense.datasets.common import hash_array
+from condense.datasets.common import hash_array, open_image
 from condense.errors import DatasetError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -194,6 +198,54 @@ def read_bytes(urls: list[str], index: SplitIndex, rows: np.ndarray) -> list[byt
     return out
 
 
+class Reader(Protocol):
+    """Reads the images of one split's index: as encoded values, opened to PIL when decoded."""
+
+    @property
+    def classes(self) -> list[str] | None:
+        """The data's class names; None: classes are numbered by the labels."""
+        ...
+
+    def read(self, index: SplitIndex, rows: np.ndarray) -> list[Any]:
+        """The encoded images of ``rows``, in that order."""
+        ...
+
+    def scan(self, index: SplitIndex, rows: range) -> Iterator[Any]:
+        """The encoded images of one shard's ``rows``, read sequentially."""
+        ...
+
+    def where(self, index: SplitIndex, row: int) -> str:
+        """``row`` as an error message names it."""
+        ...
+
+    def open(self, encoded: Any) -> Image.Image: ...
+
+
+@dataclass(frozen=True)
+class TarReader:
+    """Images of WebDataset shards (``urls``, one per shard of the index), read by byte range."""
+
+    urls: list[str]
+    classes: None = None
+
+    def read(self, index: SplitIndex, rows: np.ndarray) -> list[bytes]:
+        return read_bytes(self.urls, index, rows)
+
+    def scan(self, index: SplitIndex, rows: range) -> Iterator[bytes]:
+        if not len(rows):
+            return
+        with open_shard(self.urls[int(index.shard[rows[0]])]) as f:
+            for row in rows:
+                f.seek(int(index.offset[row]))
+                yield f.read(int(index.size[row]))
+
+    def where(self, index: SplitIndex, row: int) -> str:
+        return f"#{row} in {self.urls[int(index.shard[row])]}"
+
+    def open(self, encoded: bytes) -> Image.Image:
+        return open_image(encoded)
+
+
 def encoded_bytes(urls: list[str]) -> int | None:
     """Total size of the shards in bytes; None when a store cannot tell (then ``auto`` keeps memory)."""
     import fsspec
@@ -218,18 +270,28 @@ def fingerprint(splits: Iterable[SplitIndex]) -> str:
     return h.hexdigest()
 
 
-def check_labels(train: SplitIndex, test: SplitIndex) -> list[str]:
-    """The classes (0..C-1, C from the training labels); the in-memory path's checks, by sample row."""
-    num_classes = int(train.label.max()) + 1
-    if num_classes > len(train):
+def check_labels(train: SplitIndex, test: SplitIndex, classes: list[str] | None = None) -> list[str]:
+    """The classes (``classes``, or 0..C-1 with C from the training labels); the in-memory path's
+    checks, by sample row."""
+    if classes is None:
+        num_classes = int(train.label.max()) + 1
+        if num_classes > len(train):
+            raise DatasetError(
+                f"training sample #{int(np.argmax(train.label))} has cls {num_classes - 1}: classes must "
+                f"be numbered 0..C-1, with C at most {len(train)} here"
+            )
+        classes = [str(i) for i in range(num_classes)]
+    num_classes = len(classes)
+    outside = np.flatnonzero((train.label < 0) | (train.label >= num_classes))
+    if len(outside):
         raise DatasetError(
-            f"training sample #{int(np.argmax(train.label))} has cls {num_classes - 1}: classes must be "
-            f"numbered 0..C-1, with C at most {len(train)} here"
+            f"training sample #{int(outside[0])} has label {int(train.label[outside[0]])}, outside the "
+            f"{num_classes} classes 0..{num_classes - 1}"
         )
     counts = np.bincount(train.label, minlength=num_classes)
     if (counts == 0).any():
-        raise DatasetError(f"class {int(np.flatnonzero(counts == 0)[0])} has no training images")
-    outside = np.flatnonzero(test.label >= num_classes)
+        raise DatasetError(f"class {classes[int(np.flatnonzero(counts == 0)[0])]} has no training images")
+    outside = np.flatnonzero((test.label < 0) | (test.label >= num_classes))
     if len(outside):
         raise DatasetError(
             f"test sample #{int(outside[0])} (shard {test.shards[int(test.shard[outside[0]])]}) has cls "
@@ -238,16 +300,16 @@ def check_labels(train: SplitIndex, test: SplitIndex) -> list[str]:
     tested = np.bincount(test.label, minlength=num_classes)
     if (tested == 0).any():
         missing = int(np.flatnonzero(tested == 0)[0])
-        raise DatasetError(f"class {missing} has no test images: test accuracy would leave it out; add some")
-    return [str(i) for i in range(num_classes)]
+        raise DatasetError(
+            f"class {classes[missing]} has no test images: test accuracy would leave it out; add some"
+        )
+    return list(classes)
 
 
-def native_side(urls: list[str], train: SplitIndex) -> int:
+def native_side(reader: Reader, train: SplitIndex) -> int:
     """The side of the first training image, which must be square (else set dataset.resolution)."""
-    from PIL import Image
-
-    (blob,) = read_bytes(urls, train, np.zeros(1, dtype=np.int64))
-    with Image.open(io.BytesIO(blob)) as im:
+    (encoded,) = reader.read(train, np.zeros(1, dtype=np.int64))
+    with reader.open(encoded) as im:
         width, height = im.size
     if width != height:
         raise DatasetError(f"images are {width}x{height}; set dataset.resolution to make them square")

@@ -16,7 +16,7 @@ import torch
 
 from condense import datasets, streaming, zca
 from condense.config import DatasetConfig, PipelineConfig
-from condense.datasets import index, shards
+from condense.datasets import huggingface, index, shards
 from condense.datasets.common import first_per_class
 from condense.errors import DatasetError
 from condense.prepare import DATA, INDEX, STAGE, WHITENING, check_ipc
@@ -76,19 +76,25 @@ def _card(
     }
 
 
+_STREAMED = ("webdataset", "huggingface")
+
+
 def load_mode(cfg: DatasetConfig) -> str:
-    """``memory`` or ``stream``: the setting, or for ``auto`` the size of the encoded training shards."""
-    if cfg.load == "stream" and cfg.source != "webdataset":
+    """``memory`` or ``stream``: the setting, or for ``auto`` the size of the encoded training data
+    (tar shards, or arrow files)."""
+    if cfg.load == "stream" and cfg.source not in _STREAMED:
         raise DatasetError(
-            f"dataset.load: stream reads WebDataset shards; source {cfg.source!r} is decoded into memory "
-            "(write it as shards, or use load: memory)"
+            f"dataset.load: stream reads WebDataset shards or a Hugging Face dataset; source {cfg.source!r} "
+            "is decoded into memory (write it as shards, or use load: memory)"
         )
     if cfg.load != "auto":
         return cfg.load
-    if cfg.source != "webdataset" or cfg.zca:
+    if cfg.source not in _STREAMED or cfg.zca:
         return "memory"
-    train_urls, _ = shards.shard_urls(cfg)
-    encoded = index.encoded_bytes(train_urls)
+    if cfg.source == "huggingface":
+        encoded = huggingface.encoded_bytes(cfg)
+    else:
+        encoded = index.encoded_bytes(shards.shard_urls(cfg)[0])
     return "stream" if encoded is not None and encoded > cfg.stream_above_mb * 2**20 else "memory"
 
 
@@ -125,6 +131,8 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
 
 
 def _index(cfg: DatasetConfig) -> dict[str, index.SplitIndex]:
+    if cfg.source == "huggingface":
+        return huggingface.index_splits(cfg)
     train_urls, test_urls = shards.shard_urls(cfg)
     return {
         "train": index.index_split(train_urls, cfg.on_corrupt),
@@ -133,18 +141,18 @@ def _index(cfg: DatasetConfig) -> dict[str, index.SplitIndex]:
 
 
 def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> dict[str, Any]:
-    """Index the shards, check the labels, measure mean/std on a sample; decode nothing else."""
+    """Index the data, check the labels, measure mean/std on a sample; decode nothing else."""
     cfg = ctx.cfg.dataset
     indexed = indexed or _index(cfg)
-    urls = dict(zip(("train", "test"), shards.shard_urls(cfg), strict=True))
-    for split in ("train", "test"):
+    located = streaming.locate(cfg)
+    for split in ("train", "test"):  # (a Hugging Face split without rows is refused when indexed)
         if not len(indexed[split]):
-            raise DatasetError(f"no {split} samples in shards {', '.join(urls[split][:3])}")
-        urls[split] = index.resolve_shards(indexed[split], urls[split], split)
+            raise DatasetError(f"no {split} samples in shards {', '.join(located['urls'][split][:3])}")
+    readers = streaming.readers(cfg.source, indexed, located)
     train = indexed["train"].subset(first_per_class(indexed["train"].label, cfg.train_per_class))
     test = indexed["test"]
-    classes = index.check_labels(train, test)
-    size = cfg.resolution or index.native_side(urls["train"], train)
+    classes = index.check_labels(train, test, readers["train"].classes)
+    size = cfg.resolution or index.native_side(readers["train"], train)
     decoding = streaming.Decoding(3, size, cfg.transform, "error")
     rows = np.arange(len(train))
     # Fixed ImageNet statistics leave only the channel layout to measure: a small sample does.
@@ -154,7 +162,7 @@ def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> di
         per_class = max(1, budget // len(classes))
         rows = sample_per_class(torch.from_numpy(train.label), len(classes), per_class, generator).numpy()
         rows.sort()
-    channels, mean, std = streaming.channel_stats(urls["train"], train, rows, decoding)
+    channels, mean, std = streaming.channel_stats(readers["train"], train, rows, decoding)
     described = _card(
         cfg, ctx.params["fingerprint"], classes, train.label, len(test), (channels, size), mean, std
     )
@@ -170,11 +178,7 @@ def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> di
     )
     check_ipc(described, ctx.cfg.ipc)
     save_arrays(ctx.work / INDEX, {**train.arrays("train"), **test.arrays("test")})
-    return {
-        "card": described,
-        "shards": {"train": train.shards, "test": test.shards},
-        "urls": urls,
-    }
+    return {"card": described, "shards": {"train": train.shards, "test": test.shards}, **located}
 
 
 def run(ctx: Context) -> dict[str, Any]:
