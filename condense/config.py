@@ -259,6 +259,16 @@ class RelabelConfig(Strict):
     None keeps all classes. Applied in both modes, so they train on the same labels."""
     fp16: bool = True
     """Store boxes and probabilities as float16 (FKD's --use_fp16)."""
+    quantize: Literal["none", "uint8"] = "none"
+    """``uint8``: the kept probabilities as 8-bit codes on a grid from 0 to the row's largest
+    probability (one scale per row, in ``fp16``'s precision), error at most 1/510 of that maximum:
+    half of float16's bytes per value. The KD gradient errs by exactly the target's absolute error,
+    hence a uniform grid; per row because KD temperatures make rows flat. Applied in both modes, so
+    they train on the same labels."""
+    stored_epochs: int | None = Field(default=None, gt=0)
+    """Draw and label only this many epochs of crops, flips and CutMix; training epoch e replays
+    epoch e mod ``stored_epochs`` (storage falls by ``evaluate.epochs / stored_epochs``). None: one
+    per training epoch. Online mode cycles its plans the same way, so both modes agree."""
 
 
 class KDRecipeConfig(Strict):

@@ -9,13 +9,26 @@ images (RDED's ShufflePatches) and each batch's CutMix partner and box. The stud
 draws the plans once, runs the teacher once, and keeps plans and top-k probabilities in zarr, so a
 student can be trained later, anywhere, without the teacher. Both paths build their inputs with the
 same functions from the same (rounded) plan values, so replaying stored labels is exact.
+
+Stored labels grow with images x epochs x kept classes (ImageNet-1K, IPC 50, 300 epochs, all
+1,000 probabilities in float16: 30 GB), so storage has four knobs, each applied in both modes so
+that online and stored students still train on the same labels:
+
+- ``top_k``: keep the k largest probabilities, spread the rest uniformly (FKD's marginal smoothing).
+  With all classes kept no class indices are stored: a full row is in class order, and its indices
+  would be a permutation as large as float16 values that says nothing.
+- ``fp16``: boxes and probabilities as float16.
+- ``quantize: uint8``: the kept probabilities as 8-bit codes on a per-row grid (:func:`encode`).
+- ``stored_epochs``: plans for that many epochs only, replayed cyclically (epoch e trains on stored
+  epoch e mod stored_epochs): storage falls by epochs / stored_epochs, the students see fewer
+  distinct augmentations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -108,6 +121,44 @@ def top_k(probs: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tenso
     return indices, values
 
 
+def kept(probs: torch.Tensor, k: int | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What storage keeps of probability rows: (indices, values) of the top k, or (None, the rows in
+    class order) when every class is kept, since then the indices carry nothing."""
+    if k is None or k >= probs.shape[1]:
+        return None, probs
+    return top_k(probs, k)
+
+
+Quantize = Literal["none", "uint8"]
+CODE_MAX = 255
+
+
+def encode(values: torch.Tensor, fp16: bool, quantize: Quantize) -> dict[str, torch.Tensor]:
+    """Kept probabilities as stored: float16/32 ``prob``, or for ``uint8`` a per-row ``scale`` (the
+    row's largest probability, float16/32) and ``code`` = round(255 * value / scale).
+
+    Why a uniform grid, and why per row: the KD loss's gradient in the student's logits is
+    (student probabilities - target probabilities) / T, so an error in a target moves the gradient by
+    the same absolute amount, whatever the target's size; a uniform grid minimises the worst absolute
+    error for its 256 levels (a log grid would spend them on the tail's relative precision, which the
+    loss does not see). KD temperatures flatten rows (T = 20 divides the logits by 20): a fixed [0, 1]
+    grid, step 1/255, would round a flat 1,000-class row (values near 0.001) to zeros; a grid from 0
+    to the row's own maximum bounds the error by max / 510 (plus the scale's float16 rounding)."""
+    if quantize == "none":
+        return {"prob": _round(values, fp16)}
+    scale = _round(values.amax(1), fp16)
+    code = torch.round(values / scale[:, None] * CODE_MAX).clamp(0, CODE_MAX).to(torch.uint8)
+    return {"scale": scale, "code": code}
+
+
+def decode(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float32 probabilities from :func:`encode`'s columns (one function for both modes, so the
+    online teacher's targets and replayed ones are the same floats)."""
+    if "prob" in columns:
+        return columns["prob"].float()
+    return columns["code"].float() * (columns["scale"].float()[:, None] / CODE_MAX)
+
+
 def expand_top_k(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Full probability rows from top-k: the missing mass spread uniformly over the other classes."""
     k = indices.shape[1]
@@ -127,21 +178,45 @@ Targets = Callable[[int, int, torch.Tensor], torch.Tensor]
 Plans = Callable[[int], EpochPlan]
 
 
-def online_labels(teacher: nn.Module, temperature: float, k: int | None, fp16: bool) -> Targets:
-    """The teacher on every batch, quantised like stored labels (top-k, float16) so both agree."""
+def targets_from(indices: torch.Tensor | None, values: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full probability rows from what :func:`kept` kept (and :func:`decode` gave back). Full rows are
+    renormalised: rounding moves a row's sum (uint8: by up to classes x max / 510), and a target mass
+    of 1 + e adds e x the student's probabilities to the KD gradient and T^2 x e to the loss."""
+    if indices is None:
+        return values / values.sum(1, keepdim=True)
+    return expand_top_k(indices, values, num_classes)
+
+
+def online_labels(
+    teacher: nn.Module, temperature: float, k: int | None, fp16: bool, quantize: Quantize = "none"
+) -> Targets:
+    """The teacher on every batch, reduced like stored labels (top-k, float16, uint8) so both agree."""
 
     def targets(epoch: int, batch: int, inputs: torch.Tensor) -> torch.Tensor:
         probs = teacher_probs(teacher, inputs, temperature)
-        indices, values = top_k(probs, k)
-        return expand_top_k(indices, _round(values, fp16), probs.shape[1])
+        indices, values = kept(probs, k)
+        return targets_from(indices, decode(encode(values, fp16, quantize)), probs.shape[1])
 
     return targets
 
 
-def online_plans(n: int, batch_size: int, aug: KDAugment, seed: int, fp16: bool) -> Plans:
-    """A fresh plan per epoch from one seeded stream (epochs must be requested in order)."""
+def online_plans(
+    n: int, batch_size: int, aug: KDAugment, seed: int, fp16: bool, cycle: int | None = None
+) -> Plans:
+    """A fresh plan per epoch from one seeded stream (epochs must be requested in order); with
+    ``cycle``, only the first ``cycle`` are drawn and epoch e reuses plan e mod cycle, as stored
+    labels with ``stored_epochs`` do."""
     generator = torch.Generator().manual_seed(seed)
-    return lambda epoch: sample_plan(n, batch_size, aug, generator, fp16)
+    drawn: list[EpochPlan] = []
+
+    def plans(epoch: int) -> EpochPlan:
+        if cycle is None:
+            return sample_plan(n, batch_size, aug, generator, fp16)
+        while len(drawn) <= epoch % cycle:
+            drawn.append(sample_plan(n, batch_size, aug, generator, fp16))
+        return drawn[epoch % cycle]
+
+    return plans
 
 
 # ----------------------------------------------------------------------------- stored (FKD)
@@ -158,47 +233,58 @@ def relabel(
     fp16: bool,
     seed: int,
     progress: Progress = SILENT,
+    *,
+    quantize: Quantize = "none",
+    stored_epochs: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every epoch's plan and the teacher's top-k probabilities, as arrays to store."""
+    """The plans and the teacher's kept probabilities of the first ``stored_epochs`` epochs (all
+    ``epochs`` when None), as arrays to store: per epoch ``order``, ``boxes``, ``flips``,
+    ``mix_partner``, ``mix_boxes`` (and ``patch_perm``), ``top_k_index`` unless every class is kept,
+    and ``top_k_prob`` or, quantised, ``top_k_scale`` and ``top_k_code`` (see :func:`encode`)."""
     n = len(images)
+    count = min(stored_epochs or epochs, epochs)
     generator = torch.Generator().manual_seed(seed)
     float_type = np.float16 if fp16 else np.float32
     columns: dict[str, list[np.ndarray]] = {}
-    for epoch in range(epochs):
+    for epoch in range(count):
         plan = sample_plan(n, batch_size, aug, generator, fp16)
-        indices, values = [], []
+        batches: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         for batch in range(num_batches(n, batch_size)):
             inputs = plan_inputs(images, plan, batch, batch_size, aug.factor)
-            i, v = top_k(teacher_probs(teacher, inputs, temperature), k)
-            indices.append(i)
-            values.append(v)
+            batches.append(kept(teacher_probs(teacher, inputs, temperature), k))
         row = {
             "order": plan.order.numpy().astype(np.int32),
             "boxes": plan.boxes.numpy().astype(float_type),
             "flips": plan.flips.numpy(),
             "mix_partner": plan.mix_partner.numpy().astype(np.int32),
             "mix_boxes": plan.mix_boxes.numpy().astype(float_type),
-            "top_k_index": torch.cat(indices).cpu().numpy().astype(np.int16),
-            "top_k_prob": torch.cat(values).cpu().numpy().astype(float_type),
         }
+        if batches[0][0] is not None:
+            row["top_k_index"] = torch.cat([i for i, _ in batches]).cpu().numpy().astype(np.int16)
+        encoded = encode(torch.cat([v for _, v in batches]), fp16, quantize)
+        for name, value in encoded.items():
+            row[f"top_k_{name}"] = value.cpu().numpy().astype(np.uint8 if name == "code" else float_type)
         if plan.patch_perm is not None:
             row["patch_perm"] = plan.patch_perm.numpy().astype(np.int8)
         for name, value in row.items():
             columns.setdefault(name, []).append(value)
-        progress.step(epoch + 1, epochs, "relabel")
+        progress.step(epoch + 1, count, "relabel")
     return {name: np.stack(values) for name, values in columns.items()}
 
 
 class StoredLabels:
-    """Replays stored relabeling: the epoch's plan and each batch's target probabilities."""
+    """Replays stored relabeling: the epoch's plan and each batch's target probabilities. Training
+    epoch e replays stored epoch e mod (the number stored), so ``stored_epochs`` cycles."""
 
     def __init__(self, arrays: dict[str, Any], num_classes: int, batch_size: int):
         self.arrays, self.num_classes, self.batch_size = arrays, num_classes, batch_size
         self.epochs = arrays["order"].shape[0]
-        self._labels: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        """(epoch, top-k indices, top-k probabilities): one read per epoch, not one per batch."""
+        self._labels: tuple[int, torch.Tensor | None, torch.Tensor] | None = None
+        """(stored epoch, kept indices or None, decoded probabilities): one read per epoch, not one
+        per batch."""
 
     def plan(self, epoch: int) -> EpochPlan:
+        epoch %= self.epochs
         a = {
             name: torch.from_numpy(np.asarray(arr[epoch]))
             for name, arr in self.arrays.items()
@@ -214,11 +300,19 @@ class StoredLabels:
         )
 
     def targets(self, epoch: int, batch: int, inputs: torch.Tensor) -> torch.Tensor:
+        epoch %= self.epochs
         if self._labels is None or self._labels[0] != epoch:
-            self._labels = (
-                epoch,
-                torch.from_numpy(np.asarray(self.arrays["top_k_index"][epoch])),
-                torch.from_numpy(np.asarray(self.arrays["top_k_prob"][epoch])),
-            )
+
+            def read(name: str) -> torch.Tensor:
+                return torch.from_numpy(np.asarray(self.arrays[name][epoch]))
+
+            columns = {
+                name.removeprefix("top_k_"): read(name)
+                for name in ("top_k_prob", "top_k_scale", "top_k_code")
+                if name in self.arrays
+            }
+            indices = read("top_k_index") if "top_k_index" in self.arrays else None
+            self._labels = (epoch, indices, decode(columns))
+        _, indices, values = self._labels
         rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
-        return expand_top_k(self._labels[1][rows], self._labels[2][rows], self.num_classes)
+        return targets_from(None if indices is None else indices[rows], values[rows], self.num_classes)

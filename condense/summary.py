@@ -49,7 +49,13 @@ def _label_summary(cfg: PipelineConfig, store: Store, plan: Plan) -> dict[str, A
     """Where the evaluation's labels came from, and what stored labels cost next to the images."""
     if cfg.evaluate.recipe == "mtt":
         return {"kind": cfg.evaluate.labels}
-    summary: dict[str, Any] = {"kind": f"kd-{cfg.relabel.mode}", "top_k": cfg.relabel.top_k}
+    r = cfg.relabel
+    summary: dict[str, Any] = {
+        "kind": f"kd-{r.mode}",
+        "top_k": r.top_k,
+        "quantize": r.quantize,
+        "stored_epochs": r.stored_epochs,
+    }
     if "relabel" in plan.keys:
         meta = store.meta("relabel", str(plan.keys["relabel"]))
         summary.update({k: meta[k] for k in ("epochs", "label_bytes", "label_disk_bytes", "image_bytes")})

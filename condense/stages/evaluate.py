@@ -104,6 +104,8 @@ def _kd_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
         "batch_size": cfg.evaluate.batch_size,
         "top_k": cfg.relabel.top_k,
         "fp16": cfg.relabel.fp16,
+        "quantize": cfg.relabel.quantize,
+        "stored_epochs": cfg.relabel.stored_epochs,
         "labels": "stored" if stored else "online",
     }
 
@@ -187,8 +189,9 @@ def _train_kd(
         plans, targets = stored.plan, stored.targets
     else:
         model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)
-        plans = relabel.online_plans(len(x), kd.batch_size, kd.augment, seed, cfg.relabel.fp16)
-        targets = relabel.online_labels(model, kd.temperature, cfg.relabel.top_k, cfg.relabel.fp16)
+        r = cfg.relabel
+        plans = relabel.online_plans(len(x), kd.batch_size, kd.augment, seed, r.fp16, r.stored_epochs)
+        targets = relabel.online_labels(model, kd.temperature, r.top_k, r.fp16, r.quantize)
     arch = ctx.params["arch"]
     held_out = _held_out(ctx, subject, data, seed)
     return evaluate.train_and_test_kd(

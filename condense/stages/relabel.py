@@ -1,5 +1,6 @@
-"""The relabel stage (stored labels, FKD/SRe2L): for every evaluation epoch, each image's crop box and
-flip, the batch's CutMix and the teacher's top-k probabilities, so students train without the
+"""The relabel stage (stored labels, FKD/SRe2L): for every evaluation epoch (or ``relabel.stored_epochs``
+of them, replayed cyclically), each image's crop box and flip, the batch's CutMix and the teacher's
+top-k probabilities (float16/32 or ``relabel.quantize: uint8``), so students train without the
 teacher. Runs only when ``evaluate.recipe: kd`` with ``relabel.mode: stored``."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def check_top_k(cfg: PipelineConfig, num_classes: int) -> None:
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
-    """Everything that shapes the labels: augmentation, temperature, batches, epochs, top-k."""
+    """Everything that shapes the labels: augmentation, temperature, batches, epochs, and the whole
+    ``relabel`` section (top-k, fp16, quantize, stored_epochs: a new field changes the key)."""
     return {
         "kd": cfg.evaluate.kd.model_dump(),
         "relabel": cfg.relabel.model_dump(),
@@ -45,11 +47,15 @@ def run(ctx: Context) -> dict[str, Any]:
         cfg.relabel.fp16,
         cfg.seed,
         ctx.progress,
+        quantize=cfg.relabel.quantize,
+        stored_epochs=cfg.relabel.stored_epochs,
     )
     artifacts.save_stored_labels(ctx.work, arrays)
     return {
         "epochs": cfg.evaluate.epochs,
+        "stored_epochs": int(arrays["order"].shape[0]),
         "top_k": cfg.relabel.top_k or data.num_classes,
+        "quantize": cfg.relabel.quantize,
         "label_bytes": int(sum(a.nbytes for a in arrays.values())),
         "label_disk_bytes": disk_bytes(ctx.work / artifacts.STORED_LABELS),
         "image_bytes": int(synthetic.images.numel()),  # uint8 pixels, as exported
