@@ -3,7 +3,9 @@
     python bench/stream_parity.py --data ../shared/datasets/cifar10
     python bench/stream_parity.py --ipc 10 --json bench/out/stream-parity.json
 
-The dataset stage runs three ways on the same shards: ``load: memory`` (decoded, mean/std over all
+Streaming reads images by byte range, so gzip-compressed shards (the shared CIFAR-10 copy) are first
+decompressed into ``--store`` (``gunzip``, content unchanged); the in-memory path reads the originals.
+The dataset stage runs three ways on the same samples: ``load: memory`` (decoded, mean/std over all
 training images), ``load: stream`` with mean/std measured on every training image
 (``stats_images`` >= the split), and ``load: stream`` with the default 20,000-image sample. One
 teacher (trained on the in-memory data, so the data path is the only difference) scores RDED's
@@ -15,7 +17,9 @@ and where they are not, by how much (share of identical images, largest pixel di
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -51,11 +55,20 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--teacher-epochs", type=int, default=3)
-    parser.add_argument("--store", help="store folder (default: a temporary one)")
+    parser.add_argument("--store", help="work folder: the store and uncompressed shards (default: temporary)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    store = Store(args.store or tempfile.mkdtemp(prefix="condense-parity-"))
+    work = Path(args.store or tempfile.mkdtemp(prefix="condense-parity-"))
+    store = Store(work / "store")
+    plain = work / "shards"
+    plain.mkdir(parents=True, exist_ok=True)
+    for shard in Path(args.data).glob("*.tar*"):
+        target = plain / shard.name.removesuffix(".gz")
+        if not target.exists():
+            opener = gzip.open if shard.suffix == ".gz" else open
+            with opener(shard, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     variants = {
         "memory": {"load": "memory"},
         "stream (stats on all)": {"load": "stream", "stats_images": 10**9},
@@ -63,7 +76,8 @@ def main() -> None:
     }
     data = {}
     for name, settings in variants.items():
-        cfg = DatasetConfig(source="webdataset", name="cifar10", path=args.data, workers=2, **settings)
+        path = args.data if settings["load"] == "memory" else str(plain)
+        cfg = DatasetConfig(source="webdataset", name="cifar10", path=path, workers=2, **settings)
         started = time.perf_counter()
         key, _ = prepare(cfg, store, args.ipc)
         data[name] = load(store, key, cfg)
