@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=100)
-    parser.add_argument("--teacher-epochs", type=int, default=3)
+    parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--width", type=int, default=32, help="ConvNet width of the teacher")
     parser.add_argument("--store", help="work folder: the store and uncompressed shards (default: temporary)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
     trained = teacher.train_teacher(
         memory,
         TeacherConfig(source="train", epochs=args.teacher_epochs, batch_size=256, lr=0.05, dsa=False),
-        ModelConfig(width=64),
+        ModelConfig(width=args.width),
         DSAConfig(),
         seed=0,
     )
@@ -101,13 +102,15 @@ def main() -> None:
     for name, real in data.items():
         started = time.perf_counter()
         inputs = DistillInputs(
-            real, args.ipc, 0, rded, ModelConfig(width=64), DSAConfig(), teacher=trained.model
+            real, args.ipc, 0, rded, ModelConfig(width=args.width), DSAConfig(), teacher=trained.model
         )
         sets[name] = method.distill(inputs, NoCheckpoints())
         seconds = time.perf_counter() - started
         reference = sets["memory"]
         pixels = (real.to_pixels(sets[name].images) - memory.to_pixels(reference.images)).abs()
-        same = (pixels.flatten(1).amax(1) == 0).float().mean().item()
+        # The same crop comes back through another mean/std within float rounding; another crop
+        # differs by at least a grey level somewhere.
+        same = (pixels.flatten(1).amax(1) < 0.5 / 255).float().mean().item()
         row = {
             "variant": name,
             "labels_equal": bool(torch.equal(real.train_y, memory.train_y)),

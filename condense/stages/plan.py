@@ -19,6 +19,7 @@ from condense.methods import get_method
 from condense.prepare import STAGE as DATASET
 from condense.prepare import check_ipc
 from condense.stages.base import Job, Stage, all_stages, input_key, stage_key
+from condense.stages.relabel import check_top_k
 from condense.store import Store
 
 SINK = "export"
@@ -77,6 +78,8 @@ def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
     """Every job after the dataset stage, for ``cfg``, given the prepared dataset's key."""
     card = store.meta(DATASET, dataset_key)["card"]
     check_ipc(card, cfg.ipc)
+    if cfg.evaluate.recipe == "kd":
+        check_top_k(cfg, len(card["classes"]))  # before any work, not after the distillation
     if card.get("load") == "stream":
         check_streamable(cfg)
     spread = devices.fan_out(cfg.compute.device, cfg.compute.devices)
