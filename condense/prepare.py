@@ -19,7 +19,7 @@ from condense import zca
 from condense.config import DatasetConfig
 from condense.errors import DatasetError
 from condense.store import Store, load_arrays
-from condense.streaming import StreamedDataset, open_streamed
+from condense.streaming import CardShape, StreamedDataset, open_streamed
 
 STAGE = "dataset"
 DATA = "data.zarr"
@@ -28,7 +28,7 @@ WHITENING = "zca.zarr"
 
 
 @dataclass
-class PreparedDataset:
+class PreparedDataset(CardShape):
     """Network-ready tensors (normalised or whitened) and the card describing them."""
 
     train_x: torch.Tensor
@@ -37,18 +37,6 @@ class PreparedDataset:
     test_y: torch.Tensor
     card: dict[str, Any]
     whitening: zca.ZCA | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.card["classes"])
-
-    @property
-    def channels(self) -> int:
-        return self.card["channels"]
-
-    @property
-    def resolution(self) -> int:
-        return self.card["resolution"]
 
     streamed = False
 

@@ -175,8 +175,26 @@ def _buffer_shuffle(
     yield from buffer
 
 
+class CardShape:
+    """The shape of the real data as its card records it (both kinds of real data have a ``card``)."""
+
+    card: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.card["classes"])
+
+    @property
+    def channels(self) -> int:
+        return self.card["channels"]
+
+    @property
+    def resolution(self) -> int:
+        return self.card["resolution"]
+
+
 @dataclass
-class StreamedDataset:
+class StreamedDataset(CardShape):
     """The real data of a streamed dataset: the same interface as
     :class:`condense.prepare.PreparedDataset` except that it has no ``train_x``/``test_x``."""
 
@@ -190,18 +208,6 @@ class StreamedDataset:
     """Images that did not decode in this object's epochs (``on_corrupt: skip``)."""
     whitening: None = None
     streamed: bool = True
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.card["classes"])
-
-    @property
-    def channels(self) -> int:
-        return self.card["channels"]
-
-    @property
-    def resolution(self) -> int:
-        return self.card["resolution"]
 
     @property
     def train_y(self) -> torch.Tensor:

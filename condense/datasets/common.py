@@ -213,9 +213,10 @@ def finish(
     return RawDataset(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=list(classes))
 
 
-def dataset_root(cfg: DatasetConfig) -> Path:
+def dataset_root(cfg: DatasetConfig, needs: str = "dataset.path") -> Path:
+    """``dataset.path`` as an existing directory; ``needs`` says what to set when it is missing."""
     if not cfg.path:
-        raise DatasetError(f"source={cfg.source} needs dataset.path")
+        raise DatasetError(f"source={cfg.source} needs {needs}")
     root = Path(cfg.path).expanduser()
     if not root.exists():
         raise DatasetError(f"dataset path not found: {root}")

@@ -25,6 +25,7 @@ from condense.config import DatasetConfig
 from condense.datasets.common import (
     RawDataset,
     Source,
+    dataset_root,
     decode_images,
     finish,
     first_per_class,
@@ -72,16 +73,7 @@ def _where(cfg: DatasetConfig) -> str:
 
 
 def _local_root(cfg: DatasetConfig) -> Path:
-    if not cfg.path:
-        raise DatasetError(
-            "source=huggingface needs dataset.path (a save_to_disk folder) or dataset.hf_name (a hub id)"
-        )
-    root = Path(cfg.path).expanduser()
-    if not root.exists():
-        raise DatasetError(f"dataset path not found: {root}")
-    if not root.is_dir():
-        raise DatasetError(f"dataset path is not a directory: {root}")
-    return root
+    return dataset_root(cfg, "dataset.path (a save_to_disk folder) or dataset.hf_name (a hub id)")
 
 
 def _open(cfg: DatasetConfig) -> datasets.DatasetDict:
