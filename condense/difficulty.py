@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from condense.config import DSAConfig, ExpertScheduleConfig, ExpertsConfig, ModelConfig
 from condense.errors import ConfigError
 from condense.models import CONVNET, build_model
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.store import Store, load_arrays, save_arrays
-from condense.training import predict, train_epoch
+from condense.training import indexed_logits, train_on
 
 STAGE = "difficulty"
 ORDER = "difficulty.zarr"
@@ -40,9 +39,9 @@ ORDER = "difficulty.zarr"
 SCORING_SEED_OFFSET = 1 << 24
 
 
-def el2n(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-image EL2N score of ``model``: ``|| softmax(f(x)) - onehot(y) ||_2`` (eval mode)."""
-    probs = predict(model, x).float().softmax(dim=1)
+def el2n(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-image EL2N score from a model's logits: ``|| softmax(f(x)) - onehot(y) ||_2``."""
+    probs = logits.float().softmax(dim=1)
     return torch.linalg.vector_norm(probs - F.one_hot(y.to(probs.device), num_classes).float(), dim=1)
 
 
@@ -51,7 +50,7 @@ def scoring_seed(seed: int, index: int) -> int:
 
 
 def el2n_scores(
-    data: PreparedDataset,
+    data: RealData,
     model_cfg: ModelConfig,
     experts: ExpertsConfig,
     schedule: ExpertScheduleConfig,
@@ -71,17 +70,9 @@ def el2n_scores(
         )
         generator = torch.Generator().manual_seed(net_seed)
         for _ in range(schedule.el2n_epochs):
-            train_epoch(
-                model,
-                data.train_x,
-                data.train_y,
-                F.cross_entropy,
-                optimizer,
-                experts.batch_size,
-                generator,
-                dsa_cfg if experts.dsa else None,
-            )
-        total += el2n(model, data.train_x, data.train_y, data.num_classes)
+            epoch = data.batches("train", experts.batch_size, generator)
+            train_on(model, epoch, F.cross_entropy, optimizer, generator, dsa_cfg if experts.dsa else None)
+        total += el2n(indexed_logits(model, data), data.train_y, data.num_classes)
         if on_model is not None:
             on_model(index + 1)
     return total / schedule.el2n_models

@@ -23,8 +23,8 @@ from condense.difficulty import DifficultyOrder, epoch_indices
 from condense.errors import DivergenceError
 from condense.gsam import GSAM, BatchReplay
 from condense.models import CONVNET, FlatParams, build_model
-from condense.prepare import PreparedDataset
-from condense.training import LossFn, accuracy, train_epoch
+from condense.prepare import RealData
+from condense.training import LossFn, drawn_batches, split_accuracy, train_on
 
 EpochCallback = Callable[[int, float], None]
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -46,7 +46,7 @@ def expert_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
 
 
-def student_model(data: PreparedDataset, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+def student_model(data: RealData, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """The distillation architecture (ConvNet) for this dataset."""
     model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
     return model.to(data.device)
@@ -66,7 +66,7 @@ def expert_optimizer(
 
 
 def train_expert(
-    data: PreparedDataset,
+    data: RealData,
     model_cfg: ModelConfig,
     cfg: ExpertsConfig,
     dsa_cfg: DSAConfig,
@@ -88,25 +88,16 @@ def train_expert(
     snapshots = [flat.flatten().cpu().numpy()]
     losses, sizes = [], []
     for epoch in range(cfg.epochs):
-        x, y = data.train_x, data.train_y
         if cfg.schedule is not None and order is not None:
             picked = epoch_indices(order, cfg.schedule, epoch)
-            x, y = x[picked], y[picked]
-        loss = train_epoch(
-            model,
-            x,
-            y,
-            loss_fn,
-            optimizer,
-            cfg.batch_size,
-            generator,
-            dsa_cfg if cfg.dsa else None,
-            forward,
-        )
+            batches, size = drawn_batches(data, picked, cfg.batch_size, generator), len(picked)
+        else:
+            batches, size = data.batches("train", cfg.batch_size, generator), len(data.train_y)
+        loss = train_on(model, batches, loss_fn, optimizer, generator, dsa_cfg if cfg.dsa else None, forward)
         if not np.isfinite(loss):
             raise DivergenceError(f"expert {seed} diverged at epoch {epoch + 1}; lower experts.lr")
         losses.append(loss)
-        sizes.append(len(x))
+        sizes.append(size)
         snapshots.append(flat.flatten().cpu().numpy())  # one copy to the host per epoch
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
@@ -114,6 +105,6 @@ def train_expert(
         params=np.stack(snapshots).astype(np.float32),
         train_loss=losses,
         epoch_sizes=sizes,
-        train_accuracy=accuracy(model, data.train_x, data.train_y),
-        test_accuracy=accuracy(model, data.test_x, data.test_y),
+        train_accuracy=split_accuracy(model, data, "train"),
+        test_accuracy=split_accuracy(model, data, "test"),
     )

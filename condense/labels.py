@@ -8,7 +8,7 @@ from torch import nn
 from condense.artifacts import ExpertBuffer
 from condense.config import ModelConfig
 from condense.models import CONVNET, FlatParams, build_model
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.training import predict
 
 
@@ -33,9 +33,9 @@ def expert_logits(experts: list[nn.Module], images: torch.Tensor, labels: torch.
     return (logits * weights[..., None]).sum(0) / weights.sum(0)[:, None]
 
 
-def final_experts(buffer: ExpertBuffer, data: PreparedDataset, model_cfg: ModelConfig) -> list[nn.Module]:
+def final_experts(buffer: ExpertBuffer, data: RealData, model_cfg: ModelConfig) -> list[nn.Module]:
     """Every expert at its last snapshot, as networks on the data's device."""
-    device, last = data.train_x.device, buffer.num_snapshots - 1
+    device, last = data.device, buffer.num_snapshots - 1
 
     def network() -> nn.Module:
         return build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg).to(device)

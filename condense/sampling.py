@@ -17,6 +17,9 @@ import torch
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
 """Images (n, C, H, W) -> features (n, D), e.g. ``net.embed``; it must move inputs to its own device."""
+ImagesAt = Callable[[torch.Tensor], torch.Tensor]
+"""Global training indices -> those images as network inputs (``data.images``; for a tensor ``x``,
+``x.__getitem__``); a streamed dataset reads only them."""
 
 # k-means++ seeding puts one centroid in each well-separated group almost surely, where uniform seeding
 # can start two in one group and leave Lloyd stuck; older faiss builds lack it and fall back to uniform.
@@ -85,9 +88,10 @@ def _empty_stats() -> dict[str, float]:
 
 
 @torch.no_grad()
-def _features(images: torch.Tensor, members: torch.Tensor, embed: Embed, batch: int) -> np.ndarray:
-    """Features of ``images[members]`` as float32 on the CPU, computed ``batch`` images at a time."""
-    chunks = [embed(images[idx.to(images.device)]).float().cpu() for idx in torch.split(members, batch)]
+def _features(images: ImagesAt, members: torch.Tensor, embed: Embed, batch: int) -> np.ndarray:
+    """Features of the images at ``members`` as float32 on the CPU, read and embedded ``batch`` at a
+    time (memory bounded by the batch, whatever the class's size)."""
+    chunks = [embed(images(idx)).float().cpu() for idx in torch.split(members, batch)]
     return torch.cat(chunks).flatten(1).numpy()
 
 
@@ -117,7 +121,7 @@ class RepresentativeSampler:
 
     def __init__(
         self,
-        images: torch.Tensor,
+        images: ImagesAt,
         labels: torch.Tensor,
         num_classes: int,
         interval: int = 10,
@@ -168,7 +172,7 @@ class RepresentativeSampler:
 
 
 def make_sampler(
-    kind: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, interval: int, seed: int
+    kind: str, images: ImagesAt, labels: torch.Tensor, num_classes: int, interval: int, seed: int
 ) -> RandomSampler | RepresentativeSampler:
     """The real-batch sampler named by ``kind``: ``'random'`` or ``'representative'``."""
     if kind == "random":
@@ -179,7 +183,7 @@ def make_sampler(
 
 
 def kmeans_init(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int, embed: Embed, seed: int
+    images: ImagesAt, labels: torch.Tensor, num_classes: int, ipc: int, embed: Embed, seed: int
 ) -> torch.Tensor:
     """``ipc`` real images per class nearest the k-means centroids of their features, class-major
     (ipc of class 0, then class 1, ...), as a copy."""
@@ -191,4 +195,4 @@ def kmeans_init(
         features = _features(images, members, embed, 512)
         rows = kmeans_nearest(features, ipc, _derive_seed(seed, c))
         picks.append(members[torch.from_numpy(rows).to(members.device)])
-    return images[torch.cat(picks).to(images.device)].clone()
+    return images(torch.cat(picks)).clone()

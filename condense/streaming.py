@@ -221,8 +221,7 @@ class StreamedDataset(CardShape):
     def train_x(self) -> torch.Tensor:
         raise DatasetError(
             "this step reads the whole training split into memory, which a streamed dataset never "
-            "does; set dataset.load: memory (streaming serves the teacher, evaluation, RDED, SRe2L, "
-            "CDA and relabeling)"
+            "does; read it by data.images(idx) or data.batches(...), or set dataset.load: memory"
         )
 
     test_x = train_x
@@ -240,8 +239,9 @@ class StreamedDataset(CardShape):
         return self
 
     def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels to normalised network inputs on the device."""
-        x = pixels.to(self.device).float() / 255.0
+        """uint8 pixels to normalised network inputs on the device, in the standard (contiguous NCHW)
+        layout: decoded images arrive channels-last, and a convolution's rounding depends on the layout."""
+        x = pixels.to(self.device).contiguous().float() / 255.0
         mean = torch.tensor(self.card["mean"], device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.card["std"], device=self.device).view(1, -1, 1, 1)
         return (x - mean) / std

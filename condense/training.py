@@ -108,6 +108,27 @@ def split_logits(model: nn.Module, data: RealData, split: str = "test") -> tuple
     return torch.cat(logits), torch.cat(labels)
 
 
+def drawn_batches(
+    data: RealData, idx: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) batches of the training images at ``idx``: in an order drawn from
+    ``generator``, as given without one. Only those images are read (a streamed dataset reads them by
+    byte range), so a subset's epoch costs the subset, and row ``i`` is always image ``idx[i]``."""
+    if generator is not None:
+        idx = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
+    labels = data.train_y
+    for chunk in torch.split(idx, batch_size):
+        yield data.images(chunk), labels[chunk.to(labels.device)]
+
+
+def indexed_logits(model: nn.Module, data: RealData, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the training images at ``idx`` (all of them, in index order, when None), row ``i``
+    for image ``idx[i]`` even on a stream that skips images it cannot decode (a draw never skips)."""
+    if idx is None:
+        idx = torch.arange(len(data.train_y))
+    return torch.cat([predict(model, x, _EVAL_BATCH) for x, _ in drawn_batches(data, idx, _EVAL_BATCH)])
+
+
 def split_accuracy(model: nn.Module, data: RealData, split: str = "test") -> float:
     """Top-1 accuracy (%) on a whole split of the real data."""
     correct, total = 0, 0

@@ -179,6 +179,22 @@ def run_pipeline(store, cfg, progress=None) -> dict:
     return finish_run(cfg, store, plan, outcomes, started, new_run_id())
 
 
+def memory_and_stream(shards, store_root, **settings):
+    """The same WebDataset shards loaded in memory and streamed (0 DataLoader workers): (memory, stream)."""
+    from condense.config import DatasetConfig
+    from condense.prepare import load
+    from condense.stages.dataset import prepare
+    from condense.store import Store
+
+    out = {}
+    for mode in ("memory", "stream"):
+        cfg = DatasetConfig(source="webdataset", path=str(shards), load=mode, workers=0, **settings)
+        store = Store(store_root / mode)
+        key, _ = prepare(cfg, store)
+        out[mode] = load(store, key, cfg)
+    return out["memory"], out["stream"]
+
+
 def record_experts(store, cfg) -> tuple[str, str]:
     """Dataset and expert stages, run directly (no Prefect); returns their keys."""
     plan = plan_for(store, cfg)

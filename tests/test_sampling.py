@@ -46,7 +46,8 @@ def three_clusters() -> tuple[np.ndarray, list[int]]:
 
 
 def make_samplers(images: torch.Tensor, labels: torch.Tensor) -> list[RandomSampler | RepresentativeSampler]:
-    return [RandomSampler(labels, 3), RepresentativeSampler(images, labels, 3, interval=10, seed=0)]
+    images_at = images.__getitem__
+    return [RandomSampler(labels, 3), RepresentativeSampler(images_at, labels, 3, interval=10, seed=0)]
 
 
 @pytest.mark.parametrize("which", [0, 1])
@@ -81,7 +82,7 @@ def test_representative_sampler_picks_the_cluster_means_through_embed() -> None:
     points, expected = three_clusters()
     images = torch.from_numpy(points).view(-1, 1, 1, 2)
     labels = torch.zeros(len(points), dtype=torch.long)
-    sampler = RepresentativeSampler(images, labels, 1, feature_batch=4)
+    sampler = RepresentativeSampler(images.__getitem__, labels, 1, feature_batch=4)
     idx = sampler.indices(0, 3, 0, identity, torch.Generator())
     assert sorted(idx.tolist()) == expected
 
@@ -110,7 +111,7 @@ def test_reclusters_only_every_interval_and_reuses_indices_in_between() -> None:
         return x.flatten(1)
 
     # feature_batch larger than the class, so one embed call per clustering
-    sampler = RepresentativeSampler(images, labels, 3, interval=10, seed=0, feature_batch=64)
+    sampler = RepresentativeSampler(images.__getitem__, labels, 3, interval=10, seed=0, feature_batch=64)
     g = torch.Generator()
     picked = {}
     clustered_at = []
@@ -129,7 +130,7 @@ def test_reclusters_only_every_interval_and_reuses_indices_in_between() -> None:
 
 def test_cache_is_per_class_and_k() -> None:
     images, labels = random_data()
-    sampler = RepresentativeSampler(images, labels, 3, interval=10)
+    sampler = RepresentativeSampler(images.__getitem__, labels, 3, interval=10)
     g = torch.Generator()
     sampler.indices(0, 4, 0, identity, g)
     sampler.indices(1, 4, 0, identity, g)
@@ -146,7 +147,7 @@ def test_representative_sampler_is_deterministic_for_a_seed() -> None:
         return x.flatten(1) @ weight
 
     def run() -> list[list[int]]:
-        sampler = RepresentativeSampler(images, labels, 3, interval=2, seed=7)
+        sampler = RepresentativeSampler(images.__getitem__, labels, 3, interval=2, seed=7)
         g = torch.Generator()
         return [sampler.indices(c, 5, it, embed, g).tolist() for it in range(6) for c in (0, 1)]
 
@@ -165,7 +166,7 @@ def test_random_sampler_follows_its_generator() -> None:
 def test_kmeans_init_is_class_major_real_images_and_deterministic() -> None:
     images, labels = random_data()
     ipc = 3
-    out = kmeans_init(images, labels, 3, ipc, identity, seed=0)
+    out = kmeans_init(images.__getitem__, labels, 3, ipc, identity, seed=0)
     assert out.shape == (ipc * 3, *images.shape[1:])
     for c in range(3):
         real = images[labels == c].flatten(1)
@@ -175,30 +176,30 @@ def test_kmeans_init_is_class_major_real_images_and_deterministic() -> None:
         assert all(len(m) == 1 for m in matches)
         assert len({m[0] for m in matches}) == ipc
     assert out.data_ptr() != images.data_ptr()
-    assert torch.equal(out, kmeans_init(images, labels, 3, ipc, identity, seed=0))
+    assert torch.equal(out, kmeans_init(images.__getitem__, labels, 3, ipc, identity, seed=0))
 
 
 def test_kmeans_init_picks_the_cluster_means() -> None:
     points, expected = three_clusters()
     images = torch.from_numpy(points).view(-1, 1, 1, 2)
     labels = torch.zeros(len(points), dtype=torch.long)
-    out = kmeans_init(images, labels, 1, 3, identity, seed=0)
+    out = kmeans_init(images.__getitem__, labels, 1, 3, identity, seed=0)
     assert sorted(map(tuple, out.view(3, 2).tolist())) == sorted(map(tuple, points[expected].tolist()))
 
 
 def test_kmeans_init_rejects_a_class_smaller_than_ipc() -> None:
     images, labels = random_data()
     with pytest.raises(ValueError, match="fewer than ipc"):
-        kmeans_init(images, labels, 3, 6, identity, seed=0)
+        kmeans_init(images.__getitem__, labels, 3, 6, identity, seed=0)
 
 
 def test_make_sampler() -> None:
     images, labels = random_data()
-    assert isinstance(make_sampler("random", images, labels, 3, 10, 0), RandomSampler)
-    rep = make_sampler("representative", images, labels, 3, 4, 5)
+    assert isinstance(make_sampler("random", images.__getitem__, labels, 3, 10, 0), RandomSampler)
+    rep = make_sampler("representative", images.__getitem__, labels, 3, 4, 5)
     assert isinstance(rep, RepresentativeSampler) and rep.interval == 4 and rep.seed == 5
     with pytest.raises(ValueError, match="unknown sampler"):
-        make_sampler("herding", images, labels, 3, 10, 0)
+        make_sampler("herding", images.__getitem__, labels, 3, 10, 0)
 
 
 def test_kmeans_seed_varies_with_class_and_clustering(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,7 +214,7 @@ def test_kmeans_seed_varies_with_class_and_clustering(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(sampling, "kmeans_nearest", recording)
     images, labels = random_data()
-    sampler = RepresentativeSampler(images, labels, 3, interval=10, seed=0)
+    sampler = RepresentativeSampler(images.__getitem__, labels, 3, interval=10, seed=0)
     for it in (0, 10, 20):
         for c in (0, 1):
             sampler.indices(c, 4, it, identity, torch.Generator())

@@ -25,7 +25,7 @@ from condense.methods.base import DistillInputs
 from condense.prepare import load
 from condense.stages.dataset import prepare
 from condense.store import Store
-from tests.conftest import run_pipeline
+from tests.conftest import memory_and_stream, run_pipeline
 
 
 class _NoCheckpoints:
@@ -42,19 +42,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shards(tmp_path_factory.mktemp("gen") / "shards", 5, 60, 20, 16, per_shard=100)
 
 
-def _both(shards: Path, store_root: Path, **settings):
-    """The same shards loaded in memory and streamed."""
-    out = {}
-    for mode in ("memory", "stream"):
-        cfg = DatasetConfig(source="webdataset", path=str(shards), load=mode, workers=0, **settings)
-        store = Store(store_root / mode)
-        key, _ = prepare(cfg, store)
-        out[mode] = load(store, key, cfg)
-    return out["memory"], out["stream"]
-
-
 def test_stream_and_memory_give_the_same_data(shards: Path, tmp_path: Path) -> None:
-    memory, stream = _both(shards, tmp_path)
+    memory, stream = memory_and_stream(shards, tmp_path)
     assert stream.streamed and not memory.streamed
     assert torch.equal(memory.train_y, stream.train_y)
     assert torch.equal(memory.test_y, stream.test_y)
@@ -71,7 +60,7 @@ def test_stream_and_memory_give_the_same_data(shards: Path, tmp_path: Path) -> N
 
 
 def test_a_seeded_epoch_reads_every_sample_once_in_a_shuffled_order(shards: Path, tmp_path: Path) -> None:
-    memory, stream = _both(shards, tmp_path, shuffle_buffer=64)
+    memory, stream = memory_and_stream(shards, tmp_path, shuffle_buffer=64)
     reference = {
         tuple(x.flatten()[:48].tolist()): int(y) for x, y in zip(memory.train_x, memory.train_y, strict=True)
     }
@@ -97,7 +86,7 @@ def test_a_seeded_epoch_reads_every_sample_once_in_a_shuffled_order(shards: Path
 
 
 def test_rded_selects_the_same_images_from_both_paths(shards: Path, tmp_path: Path) -> None:
-    memory, stream = _both(shards, tmp_path)
+    memory, stream = memory_and_stream(shards, tmp_path)
     trained = teacher.train_teacher(
         memory,
         TeacherConfig(source="train", epochs=2, batch_size=64, dsa=False),
@@ -122,7 +111,7 @@ def test_rded_selects_the_same_images_from_both_paths(shards: Path, tmp_path: Pa
 
 
 def test_a_teacher_trains_on_streamed_epochs(shards: Path, tmp_path: Path) -> None:
-    _, stream = _both(shards, tmp_path)
+    _, stream = memory_and_stream(shards, tmp_path)
     cfg = TeacherConfig(source="train", epochs=3, batch_size=32, dsa=False)
     trained = teacher.train_teacher(stream, cfg, ModelConfig(width=8), DSAConfig(), seed=0)
     assert trained.test_accuracy > 60  # five classes: chance is 20
@@ -167,11 +156,6 @@ def test_steps_that_read_the_whole_split_are_refused_before_any_work(shards: Pat
     )
     with pytest.raises(ConfigError, match=r"full-data baseline \(evaluate.full_data\) read the whole"):
         run_pipeline(Store(tmp_path / "store"), cfg)
-    mtt = load_config(
-        "digits-mtt", ["dataset.source=webdataset", f"dataset.path={shards}", "dataset.load=stream"]
-    )
-    with pytest.raises(ConfigError, match="method mtt read the whole training split"):
-        run_pipeline(Store(tmp_path / "store"), mtt)
 
 
 def test_auto_streams_above_the_size_threshold(shards: Path, tmp_path: Path) -> None:
@@ -288,7 +272,7 @@ def test_bad_inputs_are_one_line_errors(shards: Path, tmp_path: Path) -> None:
 
 
 def test_stream_refuses_what_needs_the_whole_split(shards: Path, tmp_path: Path) -> None:
-    _, stream = _both(shards, tmp_path)
+    _, stream = memory_and_stream(shards, tmp_path)
     with pytest.raises(DatasetError, match="set dataset.load: memory"):
         stream.train_x  # noqa: B018
     with pytest.raises(ValueError, match="zca"):

@@ -32,7 +32,7 @@ from condense.evaluate import KDRecipe, train_kd
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 from condense.models import CONVNET, build_model
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.recover import (
     ExtraTerms,
@@ -50,7 +50,7 @@ from condense.recover import (
     with_batch,
 )
 from condense.relabel import KDAugment, online_labels, online_plans
-from condense.training import accuracy, predict
+from condense.training import indexed_logits, split_accuracy
 
 
 class CUDDConfig(RecoverConfig):
@@ -108,7 +108,7 @@ def check(cfg: Any) -> None:
 
 
 def select_initial(
-    data: PreparedDataset,
+    data: RealData,
     teacher_right: torch.Tensor,
     student_right: torch.Tensor | None,
     size: int,
@@ -179,12 +179,12 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     return frozen(model)
 
 
-@register_method("cudd", config=CUDDConfig, needs=("teacher",), check=check)
+@register_method("cudd", config=CUDDConfig, needs=("teacher",), check=check, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     cfg: CUDDConfig = inputs.method_cfg
     data = inputs.data
     teacher, guard = checked_teacher(inputs)
-    teacher_right = predict(teacher, data.train_x).argmax(1) == data.train_y
+    teacher_right = indexed_logits(teacher, data).argmax(1) == data.train_y
     labels = torch.arange(data.num_classes, device=data.device)
     sizes = curriculum_sizes(cfg, inputs.ipc)
     state = checkpoints.load() or {
@@ -216,9 +216,9 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
                     inputs.seed * 7919 + index,
                     progress,
                 )
-                record["student_accuracy"] = round(accuracy(student, data.test_x, data.test_y), 2)
+                record["student_accuracy"] = round(split_accuracy(student, data), 2)
                 record["student"] = student.state_dict()
-                student_right = predict(student, data.train_x).argmax(1) == data.train_y
+                student_right = indexed_logits(student, data).argmax(1) == data.train_y
             picks, counts = select_initial(data, teacher_right, student_right, size, state["used"], generator)
             record.update(init=counts, picks=picks)
             state = {
@@ -233,7 +233,7 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
         picks = state["curricula"][index]["picks"]
         for offset in range(len(state["batches"]) - first, size):
             number = first + offset
-            anchor = data.train_x[picks[:, offset]]
+            anchor = data.images(picks[:, offset])
             images, history = recover_batch(
                 teacher,
                 anchor,

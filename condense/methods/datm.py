@@ -40,6 +40,6 @@ class DATMConfig(MTTConfig):
     skip_above: float | None = Field(default=1.0, gt=0)
 
 
-@register_method("datm", config=DATMConfig, needs=("experts",), check=check)
+@register_method("datm", config=DATMConfig, needs=("experts",), check=check, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "DATM")

@@ -51,7 +51,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     return loss.item() / run.num_classes
 
 
-@register_method("dm", config=DMConfig)
+@register_method("dm", config=DMConfig, streams=True)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DM"
 ) -> SyntheticSet:

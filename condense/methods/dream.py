@@ -90,7 +90,7 @@ class DREAMConfig(_DREAMFields):
         return BASES[self.base].config.model_validate(values | FIXED)
 
 
-@register_method("dream", config=DREAMConfig)
+@register_method("dream", config=DREAMConfig, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     cfg: DREAMConfig = inputs.method_cfg
     base_inputs = replace(inputs, method_cfg=cfg.base_config())

@@ -26,7 +26,7 @@ from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
 from condense.methods.matching import MatchingConfig, MatchingRun, run_matching
 from condense.models import ConvNet
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.training import sample_per_class, train_epoch
 
 DC_LOOPS: dict[int, tuple[int, int]] = {
@@ -83,7 +83,7 @@ def match_loss(g_syn: Sequence[torch.Tensor], g_real: Sequence[torch.Tensor]) ->
     return torch.stack([layer_distance(s, r) for s, r in zip(g_syn, g_real, strict=True)]).sum()
 
 
-def freeze_batchnorm(net: ConvNet, data: PreparedDataset, generator: torch.Generator) -> None:
+def freeze_batchnorm(net: ConvNet, data: RealData, generator: torch.Generator) -> None:
     """Fix BatchNorm statistics from a real batch, then keep them (eval mode) while matching."""
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -91,7 +91,7 @@ def freeze_batchnorm(net: ConvNet, data: PreparedDataset, generator: torch.Gener
     idx = sample_per_class(data.train_y, data.num_classes, BN_IMAGES_PER_CLASS, generator)
     net.train()
     with torch.no_grad():
-        net(data.train_x[idx])
+        net(data.images(idx))
     for norm in norms:
         norm.eval()
 
@@ -135,7 +135,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     return total / (outer * run.num_classes)
 
 
-@register_method("dsa", config=DSAMatchConfig)
+@register_method("dsa", config=DSAMatchConfig, streams=True)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DSA"
 ) -> SyntheticSet:

@@ -33,6 +33,6 @@ def check(cfg: Any) -> None:
         raise ValueError("ftd stores the moving average of its images: set distill.ema_decay (e.g. 0.9995)")
 
 
-@register_method("ftd", config=FTDConfig, needs=("experts",), check=check)
+@register_method("ftd", config=FTDConfig, needs=("experts",), check=check, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "FTD")

@@ -10,7 +10,10 @@ import torch
 from condense.models import ConvNet
 from condense.prepare import RealData
 from condense.sampling import kmeans_init
-from condense.training import predict, random_seed, sample_per_class
+from condense.training import indexed_logits, random_seed, sample_per_class
+
+CHUNK = 256
+"""Images classified at a time while looking for correctly classified ones."""
 
 
 def init_real(data: RealData, ipc: int, generator: torch.Generator) -> torch.Tensor:
@@ -22,15 +25,23 @@ def init_correct(
     data: RealData, ipc: int, generator: torch.Generator, classifier: torch.nn.Module
 ) -> torch.Tensor:
     """DATM's ``samples_predicted_correctly``: per class, random real images ``classifier`` gets right
-    (a class with fewer than ``ipc`` of them is topped up with its other images), class-major."""
-    predicted = predict(classifier, data.train_x).argmax(1)
+    (a class with fewer than ``ipc`` of them is topped up with its other images), class-major.
+
+    Each class is classified in its random order a chunk at a time until ``ipc`` are right, so a
+    streamed dataset reads a few images per class rather than the whole split."""
     picks = []
     for c in range(data.num_classes):
         members = torch.nonzero(data.train_y == c).flatten()
         shuffled = members[torch.randperm(len(members), generator=generator).to(members.device)]
-        right = predicted[shuffled] == c
-        picks.append(torch.cat([shuffled[right], shuffled[~right]])[:ipc])
-    return data.train_x[torch.cat(picks)].clone()
+        right, wrong = [], []
+        for chunk in torch.split(shuffled, max(4 * ipc, CHUNK)):
+            correct = indexed_logits(classifier, data, chunk).argmax(1).to(chunk.device) == c
+            right.append(chunk[correct])
+            wrong.append(chunk[~correct])
+            if sum(len(r) for r in right) >= ipc:
+                break
+        picks.append(torch.cat([*right, *wrong])[:ipc])
+    return data.images(torch.cat(picks)).clone()
 
 
 def initial_images(
@@ -51,6 +62,6 @@ def initial_images(
     if init == "kmeans":
         seed = random_seed(generator)
         with torch.no_grad():
-            return kmeans_init(data.train_x, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
+            return kmeans_init(data.images, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
     shape = (data.num_classes * ipc, data.channels, data.resolution, data.resolution)
     return torch.randn(*shape, generator=generator).to(data.device)

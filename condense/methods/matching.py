@@ -24,7 +24,7 @@ from condense.experts import student_model
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.models import ConvNet
-from condense.prepare import PreparedDataset
+from condense.prepare import RealData
 from condense.sampling import Embed, make_sampler
 from condense.training import random_seed
 
@@ -62,7 +62,7 @@ class Sampler(Protocol):
 class MatchingRun:
     """The state a method's ``step`` works on; one per ``distill`` call."""
 
-    data: PreparedDataset
+    data: RealData
     ipc: int
     cfg: Any
     """The method's config, a ``MatchingConfig`` subclass."""
@@ -92,7 +92,7 @@ class MatchingRun:
     def real(self, c: int, step: int, net: ConvNet) -> torch.Tensor:
         """A real batch of class ``c``; the representative sampler ranks samples by ``net``'s features."""
         idx = self.sampler.indices(c, self.cfg.batch_real, step, net.embed, self.generator)
-        return self.data.train_x[idx]
+        return self.data.images(idx)
 
     def siamese(self, real: torch.Tensor, syn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both batches augmented with one DSA seed, so they are compared under the same transform."""
@@ -115,12 +115,12 @@ def class_labels(num_classes: int, ipc: int) -> torch.Tensor:
 
 
 def new_sampler(
-    data: PreparedDataset, cfg: MatchingConfig, generator: torch.Generator, carried: dict[str, float]
+    data: RealData, cfg: MatchingConfig, generator: torch.Generator, carried: dict[str, float]
 ) -> Sampler:
     """A sampler seeded from ``generator``, whose cost stats continue from ``carried`` (they are
     cumulative over the run)."""
     seed = random_seed(generator)
-    sampler = make_sampler(cfg.sampler, data.train_x, data.train_y, data.num_classes, cfg.interval, seed)
+    sampler = make_sampler(cfg.sampler, data.images, data.train_y, data.num_classes, cfg.interval, seed)
     sampler.stats.update(carried)
     return sampler
 

@@ -109,7 +109,7 @@ def check(cfg: Any) -> None:
         )
 
 
-@register_method("mtt", config=MTTConfig, needs=("experts",), check=check)
+@register_method("mtt", config=MTTConfig, needs=("experts",), check=check, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "MTT")
 
@@ -126,7 +126,7 @@ def match_trajectories(
     def trained_expert(seed: int) -> ConvNet:
         # k-means and DATM's init need a trained classifier: an expert's final weights.
         net = FlatParams(student_model(data, inputs.model_cfg, seed))
-        return net.load_into(buffer.snapshot(0, buffer.num_snapshots - 1).to(data.train_x.device))
+        return net.load_into(buffer.snapshot(0, buffer.num_snapshots - 1).to(data.device))
 
     images = initial_images(data, inputs.ipc, cfg.init, generator, trained_expert)
     device = images.device

@@ -37,6 +37,6 @@ def check(cfg: Any) -> None:
         raise ValueError("pad trains its experts on difficulty-ordered data: set experts.schedule=true")
 
 
-@register_method("pad", config=PADConfig, needs=("experts",), check=check)
+@register_method("pad", config=PADConfig, needs=("experts",), check=check, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "PAD")

@@ -56,16 +56,13 @@ def check_streamable(cfg: PipelineConfig) -> None:
     """Before any work: the steps that would read a streamed training split whole, in one line."""
     whole = []
     if not get_method(cfg.method).streams:
-        whole.append(f"method {cfg.method}")
-    if cfg.teacher.source == "best_expert" and get_method(cfg.method).needs_teacher:
-        whole.append("teacher.source best_expert (expert trajectories)")
+        whole.append(f"method {cfg.method} (it does not declare streams=True)")
     if cfg.evaluate.recipe == "kd" and cfg.evaluate.full_data:
         whole.append("the KD recipe's full-data baseline (evaluate.full_data)")
     if whole:
         raise ConfigError(
             f"{' and '.join(whole)} read the whole training split into memory, which a streamed dataset "
-            "never does: set dataset.load: memory, or use rded/sre2l/cda with teacher.source train or "
-            "file and evaluate.full_data: false under the KD recipe"
+            "never does: set dataset.load: memory, or evaluate.full_data: false under the KD recipe"
         )
 
 
