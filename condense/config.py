@@ -86,8 +86,9 @@ class DatasetConfig(Strict):
     normalize: Literal["dataset", "imagenet"] = "dataset"
     """Input mean/std: the training split's (``dataset``) or ImageNet's fixed values."""
     stats_images: int = Field(default=20_000, gt=0)
-    """Streaming: mean/std measured on a seeded class-balanced sample of this many training images
-    (all of them when the split is smaller)."""
+    """Streaming: mean/std (and the ZCA whitening with ``zca: true``) measured on a seeded
+    class-balanced sample of this many training images (all of them when the split is smaller; then
+    both equal the in-memory path's)."""
     on_corrupt: Literal["error", "skip"] = "error"
     """A sample without an image or integer ``cls``, or whose image does not decode: stop with the
     sample's name (``error``), or leave it out and count it in the card (``skip``). Never a wrong label."""
@@ -95,12 +96,6 @@ class DatasetConfig(Strict):
     """DataLoader worker processes that read and decode streamed batches (0: in the main process)."""
     shuffle_buffer: int = Field(default=2048, gt=0)
     """Streaming epochs are shuffled by shard order and then through a buffer of this many samples."""
-
-    @model_validator(mode="after")
-    def _whole_data_settings(self) -> DatasetConfig:
-        if self.load == "stream" and self.zca:
-            raise ValueError("dataset.zca fits a whitening on the whole training split: use load: memory")
-        return self
 
 
 class DSAConfig(Strict):

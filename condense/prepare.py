@@ -100,13 +100,13 @@ def load(store: Store, key: str, cfg: DatasetConfig | None = None) -> RealData:
     are now (where they were indexed without it)."""
     meta = store.meta(STAGE, key)
     card = meta["card"]
-    if card.get("load") == "stream":
-        return open_streamed(store.path(STAGE, key) / INDEX, meta, cfg)
-    arrays = load_arrays(store.path(STAGE, key) / DATA)
     whitening = None
     if card["zca"]:
         z = load_arrays(store.path(STAGE, key) / WHITENING)
         whitening = zca.ZCA(**{k: torch.from_numpy(v) for k, v in z.items()})
+    if card.get("load") == "stream":
+        return open_streamed(store.path(STAGE, key) / INDEX, meta, cfg, whitening)
+    arrays = load_arrays(store.path(STAGE, key) / DATA)
     return PreparedDataset(
         train_x=_to_inputs(arrays["train_x"], card, whitening),
         train_y=torch.from_numpy(arrays["train_y"]).long(),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from condense import zca
 from condense.config import DatasetConfig
 from condense.datasets.common import open_image
 from condense.datasets.index import Reader, SplitIndex, TarReader, resolve_shards
@@ -159,6 +160,23 @@ class ShardEpoch(torch.utils.data.IterableDataset):
             yield x, torch.tensor(ys, dtype=torch.int64), skipped
 
 
+def read_pixels(
+    reader: Reader, index: SplitIndex, rows: np.ndarray, how: Decoding, threads: int
+) -> np.ndarray:
+    """uint8 ``(len(rows), C, H, W)`` images at ``rows`` of ``index``, read in one request per shard
+    and decoded in ``threads`` threads; an image that does not decode is an error naming it."""
+    if not len(rows):
+        return np.zeros((0, how.channels, how.resolution, how.resolution), dtype=np.uint8)
+    blobs = reader.read(index, rows)
+
+    def one(i: int) -> np.ndarray:
+        where = reader.where(index, int(rows[i]))
+        return decode(blobs[i], how, where, opener=reader.open)  # type: ignore[return-value]
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return np.stack(list(pool.map(one, range(len(rows)))))
+
+
 def _buffer_shuffle(
     samples: Iterator[tuple[Any, int, str]], size: int, rng: np.random.Generator
 ) -> Iterator[tuple[Any, int, str]]:
@@ -206,7 +224,8 @@ class StreamedDataset(CardShape):
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     skipped: dict[str, int] = field(default_factory=lambda: {"train": 0, "test": 0})
     """Images that did not decode in this object's epochs (``on_corrupt: skip``)."""
-    whitening: None = None
+    whitening: zca.ZCA | None = None
+    """MTT's ZCA whitening (``dataset.zca``), fitted by the dataset stage; applied per batch."""
     streamed: bool = True
 
     @property
@@ -236,12 +255,18 @@ class StreamedDataset(CardShape):
 
     def to(self, device: torch.device | str) -> StreamedDataset:
         self.device = torch.device(device)
+        if self.whitening is not None:  # applied to every batch: kept where the batches are
+            moved = {k: getattr(self.whitening, k).to(self.device) for k in ("mean", "transform", "inverse")}
+            self.whitening = zca.ZCA(**moved)
         return self
 
     def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels to normalised network inputs on the device, in the standard (contiguous NCHW)
-        layout: decoded images arrive channels-last, and a convolution's rounding depends on the layout."""
+        """uint8 pixels to network inputs on the device (normalised, or whitened like the in-memory
+        path), in the standard (contiguous NCHW) layout: decoded images arrive channels-last, and a
+        convolution's rounding depends on the layout."""
         x = pixels.to(self.device).contiguous().float() / 255.0
+        if self.whitening is not None:
+            return zca.apply_zca(x, self.whitening)
         mean = torch.tensor(self.card["mean"], device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.card["std"], device=self.device).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -250,19 +275,8 @@ class StreamedDataset(CardShape):
         """uint8 ``(n, C, H, W)`` images at ``idx``, read by byte range (or row) and decoded in
         threads. A draw must get what it asked for, so an image that does not decode is an error here."""
         rows = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
-        index, reader = self.indexes[split], self.readers[split]
-        blobs = reader.read(index, rows)
         how = self.decoding("error")
-
-        def one(i: int) -> np.ndarray:
-            where = reader.where(index, int(rows[i]))
-            return decode(blobs[i], how, where, opener=reader.open)  # type: ignore[return-value]
-
-        shape = (0, self.channels, self.resolution, self.resolution)
-        if not len(rows):
-            return np.zeros(shape, dtype=np.uint8)
-        with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            return np.stack(list(pool.map(one, range(len(rows)))))
+        return read_pixels(self.readers[split], self.indexes[split], rows, how, self.workers)
 
     def images(self, idx: torch.Tensor) -> torch.Tensor:
         """Network inputs of the training images at ``idx``, on the device."""
@@ -287,6 +301,8 @@ class StreamedDataset(CardShape):
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu()
+        if self.whitening is not None:
+            return zca.invert_zca(x, self.whitening).clamp(0, 1)
         mean = torch.tensor(self.card["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(self.card["std"]).view(1, -1, 1, 1)
         return (x * std + mean).clamp(0, 1)
@@ -351,8 +367,11 @@ def readers(source: str, indexes: dict[str, SplitIndex], located: dict[str, Any]
     }
 
 
-def open_streamed(path: Path, meta: dict[str, Any], cfg: DatasetConfig | None) -> StreamedDataset:
-    """The streamed dataset whose index the dataset stage wrote at ``path`` (``meta``: its metadata).
+def open_streamed(
+    path: Path, meta: dict[str, Any], cfg: DatasetConfig | None, whitening: zca.ZCA | None = None
+) -> StreamedDataset:
+    """The streamed dataset whose index the dataset stage wrote at ``path`` (``meta``: its metadata;
+    ``whitening``: its fitted ZCA when ``dataset.zca``).
 
     The data is read where ``cfg`` says it is now (shards are looked up by name, so they may move
     after indexing), or where it was when indexed.
@@ -363,4 +382,4 @@ def open_streamed(path: Path, meta: dict[str, Any], cfg: DatasetConfig | None) -
     card = meta["card"]
     indexes = {split: SplitIndex.from_arrays(arrays, split, meta["shards"][split]) for split in SPLITS}
     found = readers(card["source"], indexes, locate(cfg) if cfg else meta)
-    return StreamedDataset(card, indexes, found, card["workers"], card["shuffle_buffer"])
+    return StreamedDataset(card, indexes, found, card["workers"], card["shuffle_buffer"], whitening=whitening)

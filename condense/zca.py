@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ZCA", "apply_zca", "fit_zca", "invert_zca"]
+__all__ = ["ZCA", "apply_zca", "fit_zca", "fit_zca_chunks", "invert_zca"]
 
-_CHUNK = 2048
+CHUNK = 2048
+"""Images per accumulation step of a fit (fixed: the chunking decides the float64 rounding)."""
 
 
 @dataclass
@@ -21,20 +23,27 @@ class ZCA:
 
 
 def fit_zca(x: torch.Tensor, eps: float = 0.1) -> ZCA:
-    """Fit on (N, C, H, W) images: unbiased covariance, T = U diag(1/sqrt(S+eps)) U^T.
+    """Fit on (N, C, H, W) images: unbiased covariance, T = U diag(1/sqrt(S+eps)) U^T."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    return fit_zca_chunks(lambda: flat.split(CHUNK), eps)
 
-    Accumulated in float64 chunk by chunk, so N=50,000 x D=3072 needs only a few D x D buffers.
-    """
-    n = x.shape[0]
-    if n < 2:
+
+def fit_zca_chunks(chunks: Callable[[], Iterable[torch.Tensor]], eps: float = 0.1) -> ZCA:
+    """:func:`fit_zca` over flattened images that need not fit in memory: ``chunks()`` is a fresh
+    pass over them as (n_i, D) tensors, in a fixed order; it is called twice (the mean, then the
+    covariance). Accumulated in float64 chunk by chunk, so D=3072 needs only a few D x D buffers, and
+    the same images in the same chunks give the same bits however they are read."""
+    mean: torch.Tensor | None = None
+    n = 0
+    for chunk in chunks():
+        total = chunk.double().sum(0)
+        mean = total if mean is None else mean + total
+        n += len(chunk)
+    if mean is None or n < 2:
         raise ValueError(f"fit_zca needs at least 2 images, got {n}")
-    flat = x.detach().reshape(n, -1)
-    mean = torch.zeros(flat.shape[1], dtype=torch.float64, device=x.device)
-    for chunk in flat.split(_CHUNK):
-        mean += chunk.double().sum(0)
     mean /= n
-    cov = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device)
-    for chunk in flat.split(_CHUNK):
+    cov = torch.zeros(len(mean), len(mean), dtype=torch.float64, device=mean.device)
+    for chunk in chunks():
         centred = chunk.double() - mean
         cov.addmm_(centred.T, centred)
     cov /= n - 1

@@ -141,7 +141,7 @@ def test_a_streamed_pipeline_runs_mtt_end_to_end(shards: Path, tmp_path: Path):
             f"dataset.path={shards}",
             "dataset.load=stream",
             "dataset.workers=0",
-            "dataset.zca=false",
+            "dataset.zca=true",  # the whitening fitted on the stream, applied per batch
             "model.width=8",
             "experts.num_experts=2",
             "experts.epochs=4",

@@ -9,6 +9,8 @@ a bad request leaves the store as it was.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,7 +91,7 @@ def load_mode(cfg: DatasetConfig) -> str:
         )
     if cfg.load != "auto":
         return cfg.load
-    if cfg.source not in _STREAMED or cfg.zca:
+    if cfg.source not in _STREAMED:
         return "memory"
     if cfg.source == "huggingface":
         encoded = huggingface.encoded_bytes(cfg)
@@ -178,7 +180,23 @@ def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> di
     )
     check_ipc(described, ctx.cfg.ipc)
     save_arrays(ctx.work / INDEX, {**train.arrays("train"), **test.arrays("test")})
+    if cfg.zca:
+        how = streaming.Decoding(channels, size, cfg.transform, "error")
+
+        def chunks() -> Iterator[torch.Tensor]:
+            # The in-memory fit's chunks of the same images: the same whitening, to the bit.
+            for start in range(0, len(rows), zca.CHUNK):
+                part = streaming.read_pixels(readers["train"], train, rows[start : start + zca.CHUNK], how, 4)
+                yield torch.from_numpy(part).float().div(255.0).reshape(len(part), -1)
+
+        _save_whitening(ctx.work, zca.fit_zca_chunks(chunks))
     return {"card": described, "shards": {"train": train.shards, "test": test.shards}, **located}
+
+
+def _save_whitening(work: Path, whitening: zca.ZCA) -> None:
+    save_arrays(
+        work / WHITENING, {k: getattr(whitening, k).numpy() for k in ("mean", "transform", "inverse")}
+    )
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -193,10 +211,7 @@ def run(ctx: Context) -> dict[str, Any]:
     splits = {"train_x": raw.train_x, "train_y": raw.train_y, "test_x": raw.test_x, "test_y": raw.test_y}
     save_arrays(ctx.work / DATA, splits)
     if cfg.zca:
-        whitening = zca.fit_zca(torch.from_numpy(raw.train_x).float() / 255.0)
-        save_arrays(
-            ctx.work / WHITENING, {k: getattr(whitening, k).numpy() for k in ("mean", "transform", "inverse")}
-        )
+        _save_whitening(ctx.work, zca.fit_zca(torch.from_numpy(raw.train_x).float() / 255.0))
     return {"card": described}
 
 
