@@ -8,11 +8,13 @@ blocks of rows are the "shards" below). Two ways to read them:
 
 - **by index** (:meth:`StreamedDataset.images`): a class-balanced draw reads exactly its images,
   each shard once, by byte range, decoded in threads. RDED's candidates, the random-real baseline,
-  real initialisation, the teacher's class-order check, calibration images.
+  real initialisation, the teacher's class-order check, calibration images, matching methods' real
+  batches per class, DREAM's per-class features, CUDD's anchors, difficulty-scheduled expert epochs,
+  whole-split scores in index order (CUDD's right/wrong, EL2N: :func:`condense.training.indexed_logits`).
 - **by epoch** (:meth:`StreamedDataset.batches`): shards in a seeded order, split among DataLoader
   workers, each worker reading its shards sequentially through a seeded shuffle buffer and decoding
   (and, for ``transform: imagenet``, random-resized-cropping and flipping) in the worker. Teacher
-  training, the full-data baseline, test accuracy.
+  and expert training, EL2N's scoring networks, the full-data baseline, test accuracy.
 
 Memory is the shuffle buffer (encoded bytes), the prefetched batches and the labels: flat in the
 number of images. A decoded image is exactly what the in-memory path stores (same decoder, same
