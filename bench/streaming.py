@@ -8,7 +8,7 @@
 Issue 13's "memory is flat in the dataset's size". Generated WebDataset shards
 (:func:`condense.datasets.generate.write_shards`: ``--classes`` classes of ``--side`` px JPEGs,
 ``--per-class`` training images per class times each of ``--sizes``, ``--test-per-class`` test
-images per class at every size) go through four steps, on each path (``dataset.load: memory`` and
+images per class at every size) go through these steps, on each path (``dataset.load: memory`` and
 ``stream``), each step in a fresh process so that its peak resident memory is its own:
 
 - ``dataset``: the dataset stage (:func:`condense.stages.dataset.prepare`) into a store of its own
@@ -23,6 +23,13 @@ images per class at every size) go through four steps, on each path (``dataset.l
   not promise 3x chance) with that teacher. images = candidates + check images.
 - ``random``: the random-real baseline's draw (:func:`condense.evaluate.random_real_subset`,
   ``--ipc`` per class). images = the drawn images.
+- ``expert``: one epoch of one MTT expert (:func:`condense.experts.train_expert`, plain SGD, DSA,
+  batch 256) and its train/test accuracy passes. images = training images.
+- ``dream``: one iteration of DREAM on DM (:mod:`condense.methods.dream`, ipc 1, ``--ipc`` real
+  images per class chosen as the nearest to k-means centroids of every member's features, which
+  reads the whole split class by class). images = training images.
+
+``--steps`` runs a subset (``dataset`` is always run; ``rded`` brings ``teacher``).
 
 Peak memory is the child process's high-water mark (``VmHWM``: imports and loading included); with
 ``--workers N`` > 0 (streamed only) DataLoader workers are forked processes that share the parent's
@@ -58,7 +65,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STEPS = ("dataset", "teacher", "rded", "random")
+STEPS = ("dataset", "teacher", "rded", "random", "expert", "dream")
+"""In this order: ``rded`` needs the teacher ``teacher`` saved; every step needs ``dataset``'s store."""
 FLAT = 0.10
 """The streamed path's peak may vary by this fraction across sizes."""
 
@@ -198,6 +206,30 @@ def child(step: str, shards: Path, store_root: Path, load_mode: str, key: str, a
                 synthetic=len(synthetic.images),
                 teacher_check_accuracy=synthetic.stats["teacher_check_accuracy"],
             )
+        elif step == "expert":
+            from condense.config import ExpertsConfig
+            from condense.experts import train_expert
+
+            expert_cfg = ExpertsConfig(num_experts=1, epochs=1, batch_size=256)
+            trajectory = train_expert(data, model_cfg, expert_cfg, DSAConfig(), seed=0)
+            row.update(
+                images=len(data.train_y),
+                seconds=time.perf_counter() - loaded,
+                test_accuracy=round(trajectory.test_accuracy, 2),
+            )
+        elif step == "dream":
+            from condense.methods.base import DistillInputs
+            from condense.methods.dream import DREAMConfig
+            from condense.methods.dream import distill as dream
+
+            method_cfg = DREAMConfig(base="dm", iterations=1, batch_real=args.ipc, interval=1)
+            inputs = DistillInputs(data, 1, 0, method_cfg, model_cfg, DSAConfig())
+            synthetic = dream(inputs, _NoCheckpoints(), _EpochClock())
+            row.update(
+                images=len(data.train_y),
+                seconds=time.perf_counter() - loaded,
+                reclusters=synthetic.stats["reclusters"],
+            )
         elif step == "random":
             from condense.evaluate import random_real_subset
 
@@ -236,7 +268,7 @@ def verdicts(rows: list[dict]) -> dict[str, Any]:
     growth: dict[str, float] = {}
     for label in dict.fromkeys(r["path"] for r in rows):
         spreads[label] = {}
-        for step in STEPS:
+        for step in dict.fromkeys(r["step"] for r in rows):
             mine = sorted((r["size"], total[id(r)]) for r in rows if r["path"] == label and r["step"] == step)
             values = [v for _, v in mine]
             spreads[label][step] = (max(values) - min(values)) / min(values)
@@ -274,6 +306,7 @@ def main() -> None:
         default=4 * 2**20,
         help="glibc's MALLOC_MMAP_THRESHOLD_ in the children, bytes (0: glibc's dynamic default)",
     )
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"a subset of {','.join(STEPS)}")
     parser.add_argument("--work", type=Path, help="where shards and stores go (default: a temporary dir)")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -289,6 +322,10 @@ def main() -> None:
     from condense.datasets.generate import write_shards
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    asked = set(args.steps.split(",")) | {"dataset"} | ({"teacher"} if "rded" in args.steps else set())
+    if asked - set(STEPS):
+        sys.exit(f"unknown steps {sorted(asked - set(STEPS))}; choose from {', '.join(STEPS)}")
+    steps = [s for s in STEPS if s in asked]
     workers = [int(w) for w in args.workers.split(",")]
     paths = [("memory", 0)] + [("stream", w) for w in workers]
     with tempfile.TemporaryDirectory(prefix="condense-streaming-") as scratch:
@@ -305,7 +342,7 @@ def main() -> None:
                 if store.exists():
                     sys.exit(f"{store} exists: give --work an empty folder")
                 key = "-"
-                for step in STEPS:
+                for step in steps:
                     row = _run_child(step, shards, store, path, key, args, w)
                     key = row.get("key", key)
                     row.update(size=size, train_images=args.classes * per_class, path=label, workers=w)
@@ -338,9 +375,9 @@ def main() -> None:
         )
     report = verdicts(rows)
     print("\npeak memory (process + workers' private) spread across sizes, (max - min) / min:")
-    print(f"{'path':9} " + " ".join(f"{s:>8}" for s in STEPS))
+    print(f"{'path':9} " + " ".join(f"{s:>8}" for s in steps))
     for label, by_step in report["spreads"].items():
-        print(f"{label:9} " + " ".join(f"{by_step[s]:8.1%}" for s in STEPS))
+        print(f"{label:9} " + " ".join(f"{by_step[s]:8.1%}" for s in steps))
     flat, grows = report["stream_within_10pct"], report["memory_grows"]
     print(f"\nstream within {FLAT:.0%} across sizes: {'PASS' if flat else 'FAIL'}")
     print(

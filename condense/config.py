@@ -356,6 +356,11 @@ class ComputeConfig(Strict):
     compilation costs more than it saves at these sizes), ``on`` everywhere a compiler works."""
     deterministic: bool = False
     """Bit-reproducible CUDA runs (deterministic kernels, no TF32); CPU runs are reproducible anyway."""
+    cpu_jobs: int = Field(default=1, gt=0)
+    """Jobs computed at once on the CPU by one process (the threads runner; a Dask cluster's
+    single-threaded workers are separate processes). Each job already uses every core through
+    torch's threads: 30 evaluations at once on 2 cores (a comparison's fan-out) finished 2 in 42
+    minutes. Raise it for many small jobs on a many-core machine."""
 
     @field_validator("device")
     @classmethod

@@ -80,18 +80,18 @@ def configure(device: torch.device, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-_slots: dict[str, threading.Lock] = {}
+_slots: dict[str, threading.Semaphore] = {}
 _slots_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def exclusive(device: torch.device) -> Iterator[None]:
-    """One job at a time on a GPU (jobs in this process wait their turn); the CPU is shared."""
-    if device.type != "cuda":
-        yield
-        return
+def exclusive(device: torch.device, cpu_jobs: int = 1) -> Iterator[None]:
+    """Jobs of this process take turns: one at a time on a GPU, ``cpu_jobs`` at a time on the CPU
+    (each already uses every core through torch's threads; more only thrash, see
+    :attr:`condense.config.ComputeConfig.cpu_jobs`)."""
+    name, size = (str(device), 1) if device.type == "cuda" else (f"cpu/{cpu_jobs}", cpu_jobs)
     with _slots_lock:
-        slot = _slots.setdefault(str(device), threading.Lock())
+        slot = _slots.setdefault(name, threading.Semaphore(size))
     with slot:
         yield
 

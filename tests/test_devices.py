@@ -4,13 +4,15 @@ run where a GPU is present and are skipped elsewhere."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 
 import pytest
 import torch
 
 from condense import devices
-from condense.config import DatasetConfig, DSAConfig
+from condense.config import ComputeConfig, DatasetConfig, DSAConfig
 from condense.configure import load_config
 from condense.errors import CondenseError, ConfigError
 from condense.evaluate import Recipe, train_and_test, train_and_test_seeds
@@ -188,3 +190,35 @@ def test_the_gpu_benchmark_runs_its_smoke_budget_anywhere(tmp_path):
     assert stages["experts"]["images/s"] > 0 and stages["distill"]["s/iteration"] > 0
     assert stages["evaluate"]["s/eval run (distilled)"] > 0
     assert "end to end" in proc.stdout and len(result["accuracy"]["runs"]) == 2
+
+
+def _max_inside(device: torch.device, cpu_jobs: int, threads: int = 3) -> int:
+    """How many of ``threads`` jobs were inside ``exclusive`` at once, each staying until all have
+    started or 0.3 s have passed."""
+
+    inside, most, lock = [0], [0], threading.Lock()
+    everyone = threading.Barrier(threads)
+
+    def job() -> None:
+        with devices.exclusive(device, cpu_jobs):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            with contextlib.suppress(threading.BrokenBarrierError):
+                everyone.wait(timeout=0.3)
+            with lock:
+                inside[0] -= 1
+
+    workers = [threading.Thread(target=job) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return most[0]
+
+
+def test_cpu_jobs_of_one_process_take_turns_up_to_compute_cpu_jobs():
+    cpu = torch.device("cpu")
+    assert _max_inside(cpu, cpu_jobs=1) == 1
+    assert _max_inside(cpu, cpu_jobs=3) == 3  # all three met inside
+    assert ComputeConfig().cpu_jobs == 1

@@ -318,7 +318,7 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
     memory: dict[str, Any] = {}
     cached = _intact(store, stage.name, job.key, progress)
     if not cached:
-        with devices.exclusive(device), devices.measured(device, stage.name) as memory:
+        with devices.exclusive(device, cfg.compute.cpu_jobs), devices.measured(device, stage.name) as memory:
             meta, cached = _compute(stage, job, cfg, store, progress, device)
     if meta is None:  # committed, by an earlier run or by another one while this job waited
         meta = store.meta(stage.name, job.key)
