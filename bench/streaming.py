@@ -322,7 +322,9 @@ def main() -> None:
     from condense.datasets.generate import write_shards
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    asked = set(args.steps.split(",")) | {"dataset"} | ({"teacher"} if "rded" in args.steps else set())
+    asked = set(args.steps.split(",")) | {"dataset"}
+    if "rded" in asked:  # RDED scores its candidates with the teacher step's saved teacher
+        asked.add("teacher")
     if asked - set(STEPS):
         sys.exit(f"unknown steps {sorted(asked - set(STEPS))}; choose from {', '.join(STEPS)}")
     steps = [s for s in STEPS if s in asked]

@@ -89,6 +89,7 @@ def exclusive(device: torch.device, cpu_jobs: int = 1) -> Iterator[None]:
     """Jobs of this process take turns: one at a time on a GPU, ``cpu_jobs`` at a time on the CPU
     (each already uses every core through torch's threads; more only thrash, see
     :attr:`condense.config.ComputeConfig.cpu_jobs`)."""
+    # One pool per CPU limit: configs of one process with another cpu_jobs do not share a semaphore.
     name, size = (str(device), 1) if device.type == "cuda" else (f"cpu/{cpu_jobs}", cpu_jobs)
     with _slots_lock:
         slot = _slots.setdefault(name, threading.Semaphore(size))

@@ -195,7 +195,6 @@ def test_the_gpu_benchmark_runs_its_smoke_budget_anywhere(tmp_path):
 def _max_inside(device: torch.device, cpu_jobs: int, threads: int = 3) -> int:
     """How many of ``threads`` jobs were inside ``exclusive`` at once, each staying until all have
     started or 0.3 s have passed."""
-
     inside, most, lock = [0], [0], threading.Lock()
     everyone = threading.Barrier(threads)
 
