@@ -41,7 +41,7 @@ from condense.errors import CondenseError, ConfigError
 from condense.evaluate import summarize
 from condense.methods import get_method
 from condense.prepare import check_ipc
-from condense.report import human_bytes
+from condense.report import human_bytes, input_scale
 from condense.stages import Job, Plan, make_plan
 from condense.stages.base import input_key
 from condense.store import Store, stable_hash, write_json
@@ -437,8 +437,13 @@ def score(comparison: Comparison, store: Store, outcomes: dict[str, Outcome]) ->
                 "cached": cached,
             }
             if reason is None:
-                entry.update(score_cell(cell, arch, store), cost=cell_cost)
-                entry["distill_key"] = cell.plans["main"].keys["distill"]
+                distill_key = str(cell.plans["main"].keys["distill"])
+                entry.update(
+                    score_cell(cell, arch, store),
+                    cost=cell_cost,
+                    input_scale=input_scale(store.meta("distill", distill_key).get("input_std")),
+                    distill_key=distill_key,
+                )
             entries.append(entry)
     return entries
 
@@ -470,7 +475,7 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 COLUMNS = [
     "method", "ipc", "arch", "labels", "accuracy", "random real", "full data", "HLR", "IOR", "LRS", "ARS",
-    "ECE", "ECE (T)", "distill s", "images", "labels size", "status",
+    "ECE", "ECE (T)", "input std", "distill s", "images", "labels size", "status",
 ]  # fmt: skip
 
 
@@ -484,7 +489,7 @@ def rows(entries: list[dict[str, Any]]) -> list[list[str]]:
     for e in ordered:
         if e["status"] != "ok":
             out.append(
-                [e["method"], str(e["ipc"]), e["arch"], e["regime"], *["-"] * 12, f"failed: {e['reason']}"]
+                [e["method"], str(e["ipc"]), e["arch"], e["regime"], *["-"] * 13, f"failed: {e['reason']}"]
             )
             continue
         s, c = e["scores"], e["cost"]
@@ -503,6 +508,7 @@ def rows(entries: list[dict[str, Any]]) -> list[list[str]]:
                 _number(s.get("ars"), 3),
                 _number(e["calibration"]["ece"]),
                 _number(e["calibration"]["ece_scaled"]),
+                "-" if e["input_scale"] is None else f"{e['input_scale']:.2f}x",
                 f"{c['distill_seconds']:.1f}",
                 human_bytes(c["image_bytes"]),
                 human_bytes(c["label_bytes"]),
@@ -528,8 +534,10 @@ distilled minus random real (points). DD-Ranking's scores from accuracies as fra
 LRS = (e^alpha - e^-1) / (e - e^-1) with alpha = 0.5 IOR - 0.5 HLR; ARS the same map of
 beta = 0.5 (a_syn - a_rand with augmentation) + 0.5 (a_syn - a_rand without). ECE: expected
 calibration error (%, 15 bins) of the distilled-set students on the test split; ECE (T): after
-temperature scaling fitted on training images held out of their training. Labels size: hard labels
-one byte each, learned/soft labels float32 rows, stored KD labels as stored, online KD the teacher.
+temperature scaling fitted on training images held out of their training. Input std: the std of the
+set's network inputs over that of real training inputs (1.00x: the data's scale; a set far from it
+trains BatchNorm statistics that test images do not have). Labels size: hard labels one byte each,
+learned/soft labels float32 rows, stored KD labels as stored, online KD the teacher.
 """
 
 
@@ -554,8 +562,8 @@ def csv_text(entries: list[dict[str, Any]]) -> str:
     """One row per cell, flat columns (accuracies' mean and std, scores, calibration, cost)."""
     fields = ["method", "ipc", "arch", "regime", "status", "reason", "cached"]
     pairs = ["accuracy", "random_real", "full_data"]
-    extra = ["hlr", "ior", "lrs", "ars", "ece", "ece_scaled", "distill_seconds", "upstream_seconds"]
-    extra += ["image_bytes", "label_bytes"]
+    extra = ["hlr", "ior", "lrs", "ars", "ece", "ece_scaled", "input_scale"]
+    extra += ["distill_seconds", "upstream_seconds", "image_bytes", "label_bytes"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow([*fields, *(f"{p}_{s}" for p in pairs for s in ("mean", "std")), *extra])
@@ -564,6 +572,7 @@ def csv_text(entries: list[dict[str, Any]]) -> str:
         values = [e[f] for f in fields]
         values += [(e.get(p) or {}).get(s) if ok else None for p in pairs for s in ("mean", "std")]
         found = {**e.get("scores", {}), **e.get("calibration", {}), **(e.get("cost") or {})}
+        found["input_scale"] = e.get("input_scale")
         values += [found.get(x) for x in extra]
         writer.writerow(["" if v is None else v for v in values])
     return buffer.getvalue()

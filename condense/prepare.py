@@ -117,6 +117,21 @@ def load(store: Store, key: str, cfg: DatasetConfig | None = None) -> RealData:
     )
 
 
+INPUT_STD_SAMPLE = 512
+"""Real training images drawn to measure the data's input scale (enough for two decimals)."""
+
+
+def input_std(data: RealData, seed: int = 0) -> float:
+    """The standard deviation of the real training inputs (normalised or whitened, as networks see
+    them), over a seeded sample of :data:`INPUT_STD_SAMPLE` images: the scale a synthetic set is
+    compared with, since BatchNorm architectures trained on a set of another scale meet test images
+    at this one."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(data.train_y)
+    idx = torch.randperm(count, generator=generator)[: min(INPUT_STD_SAMPLE, count)].sort().values
+    return float(data.images(idx).double().std(unbiased=False))
+
+
 def check_ipc(card: dict[str, Any], ipc: int) -> None:
     """``ipc`` real images per class must exist (for the random-real baseline and real initialisation)."""
     smallest = min(card["class_counts"])

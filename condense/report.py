@@ -37,6 +37,20 @@ def human_bytes(n: float) -> str:
     return f"{n:.0f} B" if step == 0 else f"{n:.1f} {units[step]}"
 
 
+SCALE_TOLERANCE = 2.0
+"""How far (as a factor) a synthetic set's input std may stray from the real data's before the
+summary warns. Measured on digits at IPC 1 (README, Compare): the sets at 1.5-1.65x (DSA, DREAM,
+FTD) scored 60-71% on ResNet-18, those at 2.4-2.6x (MTT, DATM, PAD) 29-39%, DM at 15x 10%
+(chance), all 88-94% on ConvNet, whose instance norm divides the scale out."""
+SCALE_WARNING = "; networks with BatchNorm trained on it meet test images at another scale"
+
+
+def input_scale(input_std: dict[str, float] | None) -> float | None:
+    """The synthetic set's input std over the real data's (1: the data's own scale); None for a set
+    stored before the distill stage measured it."""
+    return None if not input_std else input_std["synthetic"] / input_std["real"]
+
+
 def context_lines(summary: dict[str, Any]) -> list[str]:
     """The teacher and where evaluation labels came from (and what stored labels weigh)."""
     teacher = summary["teacher"]
@@ -57,6 +71,13 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
         f"teacher: {teacher['arch']} ({teacher['source']}), test accuracy {teacher['test_accuracy']:.2f}%",
         f"evaluation recipe: {summary['evaluation_recipe']}, labels: {labels['kind']}",
     ]
+    scale = summary.get("input_std")
+    ratio = input_scale(scale)
+    if scale and ratio is not None:
+        lines.append(
+            f"input scale: synthetic std {scale['synthetic']:.2f} vs real {scale['real']:.2f} ({ratio:.2f}x)"
+            + (SCALE_WARNING if not 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE else "")
+        )
     stats = summary.get("distill_stats", {})
     if "teacher_synthetic_accuracy" in stats:
         lines.append(

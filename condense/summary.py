@@ -93,6 +93,7 @@ def build_summary(
         "teacher": {k: teacher[k] for k in ("source", "arch", "train_accuracy", "test_accuracy")},
         "labels": _label_summary(cfg, store, plan),
         "distill_stats": distill.get("stats", {}),
+        "input_std": distill.get("input_std"),
         "artifacts": {
             "synthetic": f"{store.url('distill', keys['distill'])}/synthetic.zarr",
             "soft_labels": f"{store.url('soft_labels', keys['soft_labels'])}/labels.zarr",

@@ -3,10 +3,12 @@ a failed cell beside completed ones, and one-line errors for bad input before an
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from condense import scores
+from condense.store import Store, load_arrays
 from tests.conftest import last_json, run_cli
 
 TINY_COMPARISON = {
@@ -63,11 +65,17 @@ def test_compare_caches_per_cell_and_keeps_failed_cells_as_rows(comparison, tmp_
     assert found["ars"] == pytest.approx(scores.normalised_exp(found["beta"]), abs=1e-4)
     assert dm["calibration"]["ece"] > 0 and dm["calibration"]["ece_scaled"] > 0  # 20 epochs: never exact
     assert dm["cost"]["image_bytes"] == 10 * 8 * 8 and dm["cost"]["label_bytes"] == 10
+    images = load_arrays(Store(store).path("distill", dm["distill_key"]) / "synthetic.zarr")["images"]
+    real = Store(store).meta("distill", dm["distill_key"])["input_std"]["real"]
+    assert dm["input_scale"] == pytest.approx(float(images.astype(np.float64).std()) / real, rel=1e-6)
     assert first["version"] == {"number": 1, "new": True, "created": first["version"]["created"]}
     for path in [*first["files"].values(), *first["pictures"].values()]:
         assert Path(path).is_file() and Path(path).stat().st_size > 0
     assert Path(first["pictures"]["images_ipc1"]).read_bytes().startswith(b"\x89PNG")
-    assert "failed: distill:" in Path(first["files"]["markdown"]).read_text()
+    board = Path(first["files"]["markdown"]).read_text()
+    assert "failed: distill:" in board and "input std" in board
+    table = [line for line in board.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1  # the failed row has every column
 
     again = _compare(comparison, store, prefect_env)
     assert _cells(again)["dm"]["cached"] is True

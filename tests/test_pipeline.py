@@ -17,6 +17,7 @@ import pytest
 import webdataset as wds
 
 import condense
+from condense import report
 from condense.store import load_arrays
 from condense.store.remote import RemoteStore
 from tests.conftest import ROOT, last_json, run_cli, tiny_args, tree
@@ -44,12 +45,29 @@ def test_summary_has_the_documented_shape(first_run):
     assert set(summary["baselines"]) == {"random_real", "full_data"}
     artifacts = summary["artifacts"]
     assert Path(artifacts["synthetic"]).is_dir() and Path(artifacts["manifest"]).is_file()
+    images = load_arrays(Path(artifacts["synthetic"]))["images"].astype(np.float64)
+    scale = summary["input_std"]
+    assert scale["synthetic"] == pytest.approx(float(images.std()), rel=1e-6)
+    assert abs(scale["real"] - 1) < 0.1  # normalised digits (pixels in [0, 1] would be near 0.4)
     assert Path(artifacts["grid_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(Path(p).is_file() for p in artifacts["shards"])
     run_dir = Path(artifacts["run_dir"])
     assert (run_dir / "summary.json").is_file() and "![synthetic set](grid.png)" in (
         run_dir / "report.md"
     ).read_text()
+
+
+@pytest.mark.parametrize(("synthetic", "warned"), [(1.5, False), (0.6, False), (2.5, True), (0.4, True)])
+def test_the_summary_warns_when_the_set_is_off_the_data_scale(synthetic, warned):
+    summary = {
+        "teacher": {"arch": "convnet", "source": "trained", "test_accuracy": 90.0},
+        "labels": {"kind": "hard"},
+        "evaluation_recipe": "mtt",
+        "input_std": {"synthetic": synthetic, "real": 1.0},
+    }
+    [line] = [x for x in report.context_lines(summary) if x.startswith("input scale")]
+    assert line.startswith(f"input scale: synthetic std {synthetic:.2f} vs real 1.00 ({synthetic:.2f}x)")
+    assert ("BatchNorm" in line) is warned
 
 
 def test_a_rerun_hits_every_cache(first_run, prefect_env):

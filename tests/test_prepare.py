@@ -5,7 +5,7 @@ import torch
 
 from condense.config import DatasetConfig
 from condense.errors import DatasetError
-from condense.prepare import STAGE, load
+from condense.prepare import INPUT_STD_SAMPLE, STAGE, PreparedDataset, input_std, load
 from condense.stages.dataset import prepare
 from condense.store import Store, load_arrays
 
@@ -50,3 +50,18 @@ def test_a_different_train_subset_is_a_different_dataset_key(tmp_path: Path):
     b, _ = prepare(DatasetConfig(train_per_class=30), store, ipc=1)
     assert a != b
     assert load(store, a).card["train_count"] == 200
+
+
+def _dataset(train_x: torch.Tensor) -> PreparedDataset:
+    labels = torch.zeros(len(train_x), dtype=torch.long)
+    return PreparedDataset(train_x, labels, train_x[:0], labels[:0], card={})
+
+
+def test_input_std_is_the_population_std_of_the_training_inputs():
+    # Fewer images than the sample: every one is used; constant images 0..39 have the std of 0..39.
+    ramp = torch.arange(40.0).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    assert input_std(_dataset(ramp)) == pytest.approx(((40**2 - 1) / 12) ** 0.5)
+    # More than the sample: every image holds two -2s and two +2s, so any draw's population std is
+    # exactly 2 (an unbiased estimate would be 2 * sqrt(2048 / 2047)).
+    signs = torch.tensor([-2.0, 2.0, 2.0, -2.0]).view(1, 1, 2, 2).repeat(3 * INPUT_STD_SAMPLE, 1, 1, 1)
+    assert input_std(_dataset(signs)) == pytest.approx(2.0, rel=1e-9)

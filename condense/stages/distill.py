@@ -12,6 +12,7 @@ from condense import artifacts
 from condense.config import PipelineConfig
 from condense.methods import get_method
 from condense.methods.base import DistillInputs
+from condense.prepare import input_std
 from condense.stages.base import Context, Params, Stage
 
 
@@ -52,7 +53,9 @@ def run(ctx: Context) -> dict[str, Any]:
         ctx.progress,
     )
     artifacts.save_synthetic(ctx.work, result, data.to_pixels(result.images))
-    return {"lr": result.lr, "method": cfg.method, "ipc": cfg.ipc, "stats": result.stats}
+    # A set far from the data's scale trains BatchNorm statistics that test images do not have.
+    scale = {"synthetic": float(result.images.detach().double().std(unbiased=False)), "real": input_std(data)}
+    return {"lr": result.lr, "method": cfg.method, "ipc": cfg.ipc, "stats": result.stats, "input_std": scale}
 
 
 STAGE = Stage(
