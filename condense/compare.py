@@ -426,6 +426,8 @@ def score(comparison: Comparison, store: Store, outcomes: dict[str, Outcome]) ->
         reason = failure(cell, outcomes)
         cached = reason is None and all(outcomes[name]["cached"] for name in cell.jobs)  # type: ignore[index]
         cell_cost = cost(cell, store) if reason is None else None
+        distill_key = str(cell.plans["main"].keys["distill"])
+        scale = input_scale(store.meta("distill", distill_key).get("input_std")) if reason is None else None
         for arch in comparison.spec.models:
             entry: dict[str, Any] = {
                 "method": cell.method,
@@ -437,12 +439,8 @@ def score(comparison: Comparison, store: Store, outcomes: dict[str, Outcome]) ->
                 "cached": cached,
             }
             if reason is None:
-                distill_key = str(cell.plans["main"].keys["distill"])
                 entry.update(
-                    score_cell(cell, arch, store),
-                    cost=cell_cost,
-                    input_scale=input_scale(store.meta("distill", distill_key).get("input_std")),
-                    distill_key=distill_key,
+                    score_cell(cell, arch, store), cost=cell_cost, input_scale=scale, distill_key=distill_key
                 )
             entries.append(entry)
     return entries

@@ -121,15 +121,19 @@ INPUT_STD_SAMPLE = 512
 """Real training images drawn to measure the data's input scale (enough for two decimals)."""
 
 
-def input_std(data: RealData, seed: int = 0) -> float:
-    """The standard deviation of the real training inputs (normalised or whitened, as networks see
-    them), over a seeded sample of :data:`INPUT_STD_SAMPLE` images: the scale a synthetic set is
-    compared with, since BatchNorm architectures trained on a set of another scale meet test images
-    at this one."""
+def _std(x: torch.Tensor) -> float:
+    return float(x.detach().double().std(unbiased=False))
+
+
+def input_std(data: RealData, synthetic: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """The standard deviation of a synthetic set's inputs and of the real training inputs
+    (normalised or whitened, as networks see them; a seeded sample of :data:`INPUT_STD_SAMPLE`
+    images): BatchNorm architectures trained on a set of another scale meet test images at the
+    real one."""
     generator = torch.Generator().manual_seed(seed)
     count = len(data.train_y)
     idx = torch.randperm(count, generator=generator)[: min(INPUT_STD_SAMPLE, count)].sort().values
-    return float(data.images(idx).double().std(unbiased=False))
+    return {"synthetic": _std(synthetic), "real": _std(data.images(idx))}
 
 
 def check_ipc(card: dict[str, Any], ipc: int) -> None:

@@ -73,7 +73,7 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
     ]
     scale = summary.get("input_std")
     ratio = input_scale(scale)
-    if scale and ratio is not None:
+    if ratio is not None:
         lines.append(
             f"input scale: synthetic std {scale['synthetic']:.2f} vs real {scale['real']:.2f} ({ratio:.2f}x)"
             + (SCALE_WARNING if not 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE else "")

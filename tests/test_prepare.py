@@ -57,11 +57,13 @@ def _dataset(train_x: torch.Tensor) -> PreparedDataset:
     return PreparedDataset(train_x, labels, train_x[:0], labels[:0], card={})
 
 
-def test_input_std_is_the_population_std_of_the_training_inputs():
+def test_input_std_is_the_population_std_of_the_inputs():
     # Fewer images than the sample: every one is used; constant images 0..39 have the std of 0..39.
     ramp = torch.arange(40.0).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
-    assert input_std(_dataset(ramp)) == pytest.approx(((40**2 - 1) / 12) ** 0.5)
+    assert input_std(_dataset(ramp), ramp[:1])["real"] == pytest.approx(((40**2 - 1) / 12) ** 0.5)
     # More than the sample: every image holds two -2s and two +2s, so any draw's population std is
     # exactly 2 (an unbiased estimate would be 2 * sqrt(2048 / 2047)).
     signs = torch.tensor([-2.0, 2.0, 2.0, -2.0]).view(1, 1, 2, 2).repeat(3 * INPUT_STD_SAMPLE, 1, 1, 1)
-    assert input_std(_dataset(signs)) == pytest.approx(2.0, rel=1e-9)
+    assert input_std(_dataset(signs), ramp)["real"] == pytest.approx(2.0, rel=1e-9)
+    # The synthetic side is the same estimator on the set itself.
+    assert input_std(_dataset(signs), ramp)["synthetic"] == pytest.approx(((40**2 - 1) / 12) ** 0.5)
