@@ -16,6 +16,8 @@ COLOURS = [
     (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
 ]  # fmt: skip
 GREY = (120, 120, 120)
+TICK_LABEL_GAP = 60
+"""Pixels between the centres of two x tick labels (four digits at the axis font are about 35)."""
 
 Point = tuple[float, float]
 
@@ -35,6 +37,22 @@ def _nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
     return [
         first + i * step for i in range(int((hi - first) / step) + 2) if first + i * step <= hi + step / 2
     ]
+
+
+def tick_label(x: float) -> str:
+    """A data value as a short axis label: 1, 10, 0.5, 641 (not 641.34), 2619 (not 2619.05)."""
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.2g}"
+
+
+def spaced(pixels: list[float], gap: float) -> list[bool]:
+    """Which of these ascending positions get a label: the first, then each at least ``gap`` pixels
+    right of the last labelled one (data-valued ticks such as distillation seconds can crowd)."""
+    labelled, last = [], -math.inf
+    for px in pixels:
+        labelled.append(px - last >= gap)
+        if labelled[-1]:
+            last = px
+    return labelled
 
 
 class _Axes:
@@ -71,10 +89,12 @@ class _Axes:
                 _, py = self.to_pixel((10 ** self.x_range[0] if self.log_x else self.x_range[0], y))
                 draw.line([(left, py), (right, py)], fill=(230, 230, 230))
                 draw.text((left - 8, py), f"{y:g}", fill="black", font=font, anchor="rm")
-        for x in sorted({x for x, _ in points}):
-            px, _ = self.to_pixel((x, self.y_range[0]))
+        ticks = sorted({x for x, _ in points})
+        pixels = [self.to_pixel((x, self.y_range[0]))[0] for x in ticks]
+        for x, px, labelled in zip(ticks, pixels, spaced(pixels, TICK_LABEL_GAP), strict=True):
             draw.line([(px, bottom), (px, bottom + 5)], fill="black")
-            draw.text((px, bottom + 8), f"{x:g}", fill="black", font=font, anchor="mt")
+            if labelled:
+                draw.text((px, bottom + 8), tick_label(x), fill="black", font=font, anchor="mt")
         draw.rectangle(self.box, outline="black")  # over the grid lines' ends
         draw.text(((left + right) / 2, 15), title, fill="black", font=_font(16), anchor="mt")
         draw.text(((left + right) / 2, HEIGHT - 22), xlabel, fill="black", font=font, anchor="mt")
