@@ -16,8 +16,8 @@ COLOURS = [
     (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128), (128, 0, 0),
 ]  # fmt: skip
 GREY = (120, 120, 120)
-TICK_LABEL_GAP = 60
-"""Pixels between the centres of two x tick labels (four digits at the axis font are about 35)."""
+TICK_LABEL_PADDING = 8
+"""Blank pixels kept between two x tick labels."""
 
 Point = tuple[float, float]
 
@@ -44,15 +44,16 @@ def tick_label(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 10 else f"{x:.2g}"
 
 
-def spaced(pixels: list[float], gap: float) -> list[bool]:
-    """Which of these ascending positions get a label: the first, then each at least ``gap`` pixels
-    right of the last labelled one (data-valued ticks such as distillation seconds can crowd)."""
-    labelled, last = [], -math.inf
-    for px in pixels:
-        labelled.append(px - last >= gap)
-        if labelled[-1]:
-            last = px
-    return labelled
+def spaced(centres: list[float], widths: list[float], padding: float) -> list[bool]:
+    """Which labels, centred at these ascending positions, are drawn: the first, then each whose left
+    edge is ``padding`` pixels right of the last drawn one's right edge (data-valued ticks such as
+    distillation seconds can crowd)."""
+    drawn, right = [], -math.inf
+    for centre, width in zip(centres, widths, strict=True):
+        drawn.append(centre - width / 2 >= right + padding)
+        if drawn[-1]:
+            right = centre + width / 2
+    return drawn
 
 
 class _Axes:
@@ -91,10 +92,12 @@ class _Axes:
                 draw.text((left - 8, py), f"{y:g}", fill="black", font=font, anchor="rm")
         ticks = sorted({x for x, _ in points})
         pixels = [self.to_pixel((x, self.y_range[0]))[0] for x in ticks]
-        for x, px, labelled in zip(ticks, pixels, spaced(pixels, TICK_LABEL_GAP), strict=True):
+        labels = [tick_label(x) for x in ticks]
+        widths = [draw.textlength(label, font=font) for label in labels]
+        for px, label, drawn in zip(pixels, labels, spaced(pixels, widths, TICK_LABEL_PADDING), strict=True):
             draw.line([(px, bottom), (px, bottom + 5)], fill="black")
-            if labelled:
-                draw.text((px, bottom + 8), tick_label(x), fill="black", font=font, anchor="mt")
+            if drawn:
+                draw.text((px, bottom + 8), label, fill="black", font=font, anchor="mt")
         draw.rectangle(self.box, outline="black")  # over the grid lines' ends
         draw.text(((left + right) / 2, 15), title, fill="black", font=_font(16), anchor="mt")
         draw.text(((left + right) / 2, HEIGHT - 22), xlabel, fill="black", font=font, anchor="mt")
