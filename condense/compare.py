@@ -35,11 +35,12 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from condense import artifacts, plots, scores, versions
-from condense.config import PipelineConfig, Strict, explain
+from condense.config import ModelConfig, PipelineConfig, Strict, explain
 from condense.configure import PRESET_DIR, load_config
 from condense.errors import CondenseError, ConfigError
 from condense.evaluate import summarize
 from condense.methods import get_method
+from condense.models import CONVNET
 from condense.prepare import check_ipc
 from condense.report import human_bytes, input_scale
 from condense.stages import Job, Plan, make_plan
@@ -381,6 +382,18 @@ def _mean_std(entry: dict[str, Any] | None) -> dict[str, float] | None:
     return None if entry is None else {"mean": entry["mean"], "std": entry["std"]}
 
 
+def student(arch: str, model: ModelConfig) -> str:
+    """The evaluation network as the leaderboard names it. A ConvNet shows its norm (and any width or
+    depth it was given): the presets follow their papers, instance norm for MTT's family and batch
+    norm for the teacher-based methods, so the same ``convnet`` is two different students."""
+    if arch != CONVNET:
+        return arch
+    shown = ["no norm" if model.norm == "none" else model.norm]
+    shown += [f"width {model.width}"] if model.width != ModelConfig().width else []
+    shown += [f"depth {model.depth}"] if model.depth is not None else []
+    return f"{arch} ({', '.join(shown)})"
+
+
 def score_cell(cell: Cell, arch: str, store: Store) -> dict[str, Any]:
     """The scores of one cell on one architecture, from its variants' evaluations."""
     main = _by_subject(store, cell.plans["main"], arch)
@@ -433,6 +446,7 @@ def score(comparison: Comparison, store: Store, outcomes: dict[str, Outcome]) ->
                 "method": cell.method,
                 "ipc": cell.ipc,
                 "arch": arch,
+                "student": student(arch, cell.configs["main"].model),
                 "regime": cell.regime,
                 "status": "ok" if reason is None else "failed",
                 "reason": reason,
@@ -472,7 +486,7 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 COLUMNS = [
-    "method", "ipc", "arch", "labels", "accuracy", "random real", "full data", "HLR", "IOR", "LRS", "ARS",
+    "method", "ipc", "student", "labels", "accuracy", "random real", "full data", "HLR", "IOR", "LRS", "ARS",
     "ECE", "ECE (T)", "input std", "distill s", "images", "labels size", "status",
 ]  # fmt: skip
 
@@ -487,7 +501,7 @@ def rows(entries: list[dict[str, Any]]) -> list[list[str]]:
     for e in ordered:
         if e["status"] != "ok":
             out.append(
-                [e["method"], str(e["ipc"]), e["arch"], e["regime"], *["-"] * 13, f"failed: {e['reason']}"]
+                [e["method"], str(e["ipc"]), e["student"], e["regime"], *["-"] * 13, f"failed: {e['reason']}"]
             )
             continue
         s, c = e["scores"], e["cost"]
@@ -495,7 +509,7 @@ def rows(entries: list[dict[str, Any]]) -> list[list[str]]:
             [
                 e["method"],
                 str(e["ipc"]),
-                e["arch"],
+                e["student"],
                 e["regime"],
                 _cell(e["accuracy"]),
                 _cell(e["random_real"]),
@@ -524,18 +538,21 @@ def text_table(table: list[list[str]]) -> str:
 
 
 SCORES_NOTE = """\
-Accuracy: test accuracy (%) of fresh networks trained only on the set, final epoch, mean ± std over
-seeds; random real: as many random real images per class, same labels and recipe; full data: the
-whole training set, same recipe. HLR (hard-label recovery) = full data minus distilled, both with
-hard labels under the hard-label recipe (points; lower is better). IOR (improvement over random) =
-distilled minus random real (points). DD-Ranking's scores from accuracies as fractions a = %/100:
-LRS = (e^alpha - e^-1) / (e - e^-1) with alpha = 0.5 IOR - 0.5 HLR; ARS the same map of
-beta = 0.5 (a_syn - a_rand with augmentation) + 0.5 (a_syn - a_rand without). ECE: expected
-calibration error (%, 15 bins) of the distilled-set students on the test split; ECE (T): after
-temperature scaling fitted on training images held out of their training. Input std: the std of the
-set's network inputs over that of real training inputs (1.00x: the data's scale; a set far from it
-trains BatchNorm statistics that test images do not have). Labels size: hard labels one byte each,
-learned/soft labels float32 rows, stored KD labels as stored, online KD the teacher.
+Student: the network trained on the set, as its method's preset builds it (a ConvNet shows its norm:
+instance norm for the hard and learned labels, batch norm for the teacher-based methods, as in their
+papers; compare accuracies within one student). Accuracy: test accuracy (%) of fresh networks
+trained only on the set, final epoch, mean ± std over seeds; random real: as many random real images
+per class, same labels and recipe; full data: the whole training set, same recipe. HLR (hard-label
+recovery) = full data minus distilled, both with hard labels under the hard-label recipe (points;
+lower is better). IOR (improvement over random) = distilled minus random real (points). DD-Ranking's
+scores from accuracies as fractions a = %/100: LRS = (e^alpha - e^-1) / (e - e^-1) with alpha = 0.5
+IOR - 0.5 HLR; ARS the same map of beta = 0.5 (a_syn - a_rand with augmentation) + 0.5 (a_syn -
+a_rand without). ECE: expected calibration error (%, 15 bins) of the distilled-set students on the
+test split; ECE (T): after temperature scaling fitted on training images held out of their training.
+Input std: the std of the set's network inputs over that of real training inputs (1.00x: the data's
+scale; a set far from it trains BatchNorm statistics that test images do not have). Labels size:
+hard labels one byte each, learned/soft labels float32 rows, stored KD labels as stored, online KD
+the teacher.
 """
 
 
@@ -558,7 +575,7 @@ def markdown(board: dict[str, Any]) -> str:
 
 def csv_text(entries: list[dict[str, Any]]) -> str:
     """One row per cell, flat columns (accuracies' mean and std, scores, calibration, cost)."""
-    fields = ["method", "ipc", "arch", "regime", "status", "reason", "cached"]
+    fields = ["method", "ipc", "arch", "student", "regime", "status", "reason", "cached"]
     pairs = ["accuracy", "random_real", "full_data"]
     extra = ["hlr", "ior", "lrs", "ars", "ece", "ece_scaled", "input_scale"]
     extra += ["distill_seconds", "upstream_seconds", "image_bytes", "label_bytes"]

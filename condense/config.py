@@ -58,6 +58,9 @@ class DatasetConfig(Strict):
     train_urls: str | None = None
     """WebDataset URL/brace pattern for the train split; overrides ``path`` (local or remote)."""
     test_urls: str | None = None
+    class_names: list[str] | None = None
+    """``source: webdataset``: the classes' names in ``cls`` order, since shards store only the index
+    (``[airplane, automobile, ...]``); they label the reports and pictures. None: the indices."""
     hf_name: str | None = None
     """``source: huggingface``: a hub dataset id (``uoft-cs/cifar10``) for ``datasets.load_dataset``;
     None reads the ``save_to_disk`` folder at ``path``."""
@@ -96,6 +99,19 @@ class DatasetConfig(Strict):
     """DataLoader worker processes that read and decode streamed batches (0: in the main process)."""
     shuffle_buffer: int = Field(default=2048, gt=0)
     """Streaming epochs are shuffled by shard order and then through a buffer of this many samples."""
+
+    @model_validator(mode="after")
+    def _names_for_shards(self) -> DatasetConfig:
+        if self.class_names is None:
+            return self
+        if self.source != "webdataset":
+            raise ValueError(
+                "class_names is for source webdataset (shards store only class indices); "
+                f"source {self.source} names its classes itself"
+            )
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must be distinct and not empty, got {self.class_names}")
+        return self
 
 
 class DSAConfig(Strict):

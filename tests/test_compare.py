@@ -8,6 +8,8 @@ import pytest
 import yaml
 
 from condense import scores
+from condense.compare import student
+from condense.config import ModelConfig
 from condense.store import Store, load_arrays
 from tests.conftest import last_json, run_cli
 
@@ -53,6 +55,8 @@ def test_compare_caches_per_cell_and_keeps_failed_cells_as_rows(comparison, tmp_
     dm, rded = cells["dm"], cells["rded"]
     assert dm["status"] == "ok" and dm["cached"] is False and dm["reason"] is None
     assert rded["status"] == "failed" and "distill:" in rded["reason"] and "\n" not in rded["reason"]
+    # The presets' ConvNets differ in their norm; the leaderboard says which student each row trained.
+    assert dm["student"] == "convnet (instancenorm)" and rded["student"] == "convnet (batchnorm)"
     # Three different trainings, not one subject's result copied into the others.
     assert dm["accuracy"] != dm["random_real"] != dm["full_data"] != dm["accuracy"]
     found = dm["scores"]
@@ -74,6 +78,7 @@ def test_compare_caches_per_cell_and_keeps_failed_cells_as_rows(comparison, tmp_
     assert Path(first["pictures"]["images_ipc1"]).read_bytes().startswith(b"\x89PNG")
     board = Path(first["files"]["markdown"]).read_text()
     assert "failed: distill:" in board and "input std" in board
+    assert "| dm | 1 | convnet (instancenorm) | hard |" in board
     table = [line for line in board.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1  # the failed row has every column
 
@@ -106,3 +111,10 @@ def test_bad_input_is_one_line_before_any_work(comparison, tmp_path, ephemeral_e
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (store / "distill").exists() and not (store / "evaluate").exists()
+
+
+def test_the_student_names_a_convnets_norm_and_any_size_it_was_given():
+    assert student("convnet", ModelConfig()) == "convnet (instancenorm)"
+    assert student("convnet", ModelConfig(norm="none", width=64)) == "convnet (no norm, width 64)"
+    assert student("convnet", ModelConfig(norm="batchnorm", depth=4)) == "convnet (batchnorm, depth 4)"
+    assert student("resnet18", ModelConfig()) == "resnet18"  # its own norm, whatever the preset's

@@ -216,6 +216,21 @@ def test_class_without_training_images(shards):
         datasets.load_source(_wds_cfg(root))
 
 
+def test_class_names_name_the_indices_and_must_cover_them(shards):
+    root, _, _ = shards
+    raw = datasets.load_source(_wds_cfg(root, class_names=["cat", "dog", "frog"]))
+    assert raw.classes == ["cat", "dog", "frog"] and raw.train_y.tolist() == TRAIN_LABELS
+    with pytest.raises(DatasetError, match="has cls 2, but dataset.class_names names 2 classes"):
+        datasets.load_source(_wds_cfg(root, class_names=["cat", "dog"]))
+    # A named class the shards never use has no training images.
+    with pytest.raises(DatasetError, match="class bird has no training images"):
+        datasets.load_source(_wds_cfg(root, class_names=["cat", "dog", "frog", "bird"]))
+    with pytest.raises(ValueError, match="distinct"):
+        _wds_cfg(root, class_names=["cat", "cat", "frog"])
+    with pytest.raises(ValueError, match="names its classes itself"):
+        DatasetConfig(source="digits", class_names=[str(i) for i in range(10)])
+
+
 def test_mixed_sizes_need_resolution(shards):
     root, _, _ = shards
     _write_shard(root / "test-000000.tar", _images(6, seed=5, side=10), TEST_LABELS)

@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from condense import evaluate, teacher
-from condense.config import DatasetConfig, DSAConfig, ModelConfig, TeacherConfig
+from condense.config import DatasetConfig, DSAConfig, ModelConfig, PipelineConfig, TeacherConfig
 from condense.configure import load_config
 from condense.datasets.common import fit_image
 from condense.datasets.generate import write_shards
@@ -23,6 +23,7 @@ from condense.errors import ConfigError, DatasetError
 from condense.methods import get_method
 from condense.methods.base import DistillInputs
 from condense.prepare import load
+from condense.stages import dataset as dataset_stage
 from condense.stages.dataset import prepare
 from condense.store import Store
 from tests.conftest import memory_and_stream, run_pipeline
@@ -57,6 +58,23 @@ def test_stream_and_memory_give_the_same_data(shards: Path, tmp_path: Path) -> N
     # The store keeps an index, not the decoded images.
     dataset_dir = next((tmp_path / "stream" / "dataset").iterdir())
     assert (dataset_dir / "index.zarr").is_dir() and not (dataset_dir / "data.zarr").exists()
+
+
+def test_class_names_label_both_paths_and_leave_unnamed_keys_alone(shards: Path, tmp_path: Path) -> None:
+    names = ["ant", "bee", "cat", "dog", "eel"]
+    memory, stream = memory_and_stream(shards, tmp_path / "named", class_names=names)
+    assert memory.card["classes"] == stream.card["classes"] == names
+    # Naming the classes is a different dataset; not naming them keeps the key it had before the option.
+    unnamed = DatasetConfig(source="webdataset", path=str(shards), load="memory")
+    named = unnamed.model_copy(update={"class_names": names})
+    assert prepare(named, Store(tmp_path / "a"))[0] != prepare(unnamed, Store(tmp_path / "b"))[0]
+    section = dataset_stage.config(PipelineConfig(dataset=unnamed), {"fingerprint": "f", "load": "memory"})
+    assert "class_names" not in section
+    refusals = {"memory": "has cls 4, but dataset.class_names names 4", "stream": "outside the 4 classes"}
+    for mode, message in refusals.items():
+        short = unnamed.model_copy(update={"load": mode, "workers": 0, "class_names": names[:4]})
+        with pytest.raises(DatasetError, match=message):
+            prepare(short, Store(tmp_path / "short"))
 
 
 def test_a_seeded_epoch_reads_every_sample_once_in_a_shuffled_order(shards: Path, tmp_path: Path) -> None:

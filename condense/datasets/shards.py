@@ -201,18 +201,26 @@ def load(cfg: DatasetConfig) -> RawDataset:
     train_where = [train_where[i] for i in keep]
     train_y = train_y[keep]
     # Checks before decoding: decoding 50k images only to report a bad label wastes seconds. The
-    # classes are the training split's: a label past its sample count cannot be a class index.
+    # classes are the named ones, else the training split's: a label past its sample count cannot be
+    # a class index.
     top = int(np.argmax(train_y))
+    if cfg.class_names is not None and train_y[top] >= len(cfg.class_names):
+        raise DatasetError(
+            "sample {} in {} has cls {}, but dataset.class_names names {} classes".format(
+                *train_where[top], int(train_y[top]), len(cfg.class_names)
+            )
+        )
     if train_y[top] >= len(train_y):
         raise DatasetError(
             "sample {} in {} has cls {}: classes must be numbered 0..C-1, with C at most {} here".format(
                 *train_where[top], int(train_y[top]), len(train_y)
             )
         )
-    num_classes = int(train_y[top]) + 1
+    classes = cfg.class_names or [str(i) for i in range(int(train_y[top]) + 1)]
+    num_classes = len(classes)
     counts = np.bincount(train_y, minlength=num_classes)
     if (counts == 0).any():
-        raise DatasetError(f"class {int(np.flatnonzero(counts == 0)[0])} has no training images")
+        raise DatasetError(f"class {classes[int(np.flatnonzero(counts == 0)[0])]} has no training images")
     outside = np.flatnonzero(test_y >= num_classes)
     if len(outside):
         bad = int(outside[0])
@@ -227,7 +235,7 @@ def load(cfg: DatasetConfig) -> RawDataset:
         train_blobs + test_blobs, lambda i: "sample {} in {}".format(*where[i]), cfg.resolution, cfg.transform
     )
     n = len(train_blobs)
-    return finish(x[:n], train_y, x[n:], test_y, [str(i) for i in range(num_classes)])
+    return finish(x[:n], train_y, x[n:], test_y, classes)
 
 
 def fingerprint(cfg: DatasetConfig) -> str | None:

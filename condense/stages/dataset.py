@@ -126,6 +126,8 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     # was made does not matter, only its outcome; workers and the buffer decide a streamed epoch's
     # order, so they are part of a streamed dataset's key.
     unused = {"path", "train_urls", "test_urls", "stream_above_mb", "load"}
+    if cfg.dataset.class_names is None:  # (unnamed classes keep the keys they had before the option)
+        unused.add("class_names")
     if params["load"] == "memory":
         unused |= _STREAM_ONLY
     section = cfg.dataset.model_dump(exclude=unused)
@@ -153,7 +155,7 @@ def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> di
     readers = streaming.readers(cfg.source, indexed, located)
     train = indexed["train"].subset(first_per_class(indexed["train"].label, cfg.train_per_class))
     test = indexed["test"]
-    classes = index.check_labels(train, test, readers["train"].classes)
+    classes = index.check_labels(train, test, readers["train"].classes or cfg.class_names)
     size = cfg.resolution or index.native_side(readers["train"], train)
     decoding = streaming.Decoding(3, size, cfg.transform, "error")
     rows = np.arange(len(train))
