@@ -56,6 +56,26 @@ def spaced(centres: list[float], widths: list[float], padding: float) -> list[bo
     return drawn
 
 
+def stacked(boxes: list[tuple[float, float, float, float]], gap: float) -> list[float]:
+    """New tops for text boxes (left, top, right, bottom) so that none overlap: in order of their tops,
+    each box moves down below every placed box it would touch (within ``gap``). Methods with similar
+    time and accuracy put their points, and so their labels, on top of each other."""
+    tops = [0.0] * len(boxes)
+    placed: list[tuple[float, float, float, float]] = []
+    for i in sorted(range(len(boxes)), key=lambda i: (boxes[i][1], boxes[i][0])):
+        left, top, right, bottom = boxes[i]
+        height, moved = bottom - top, True
+        while moved:
+            moved = False
+            for other_left, other_top, other_right, other_bottom in placed:
+                across = left < other_right and other_left < right
+                if across and top < other_bottom + gap and other_top < top + height + gap:
+                    top, moved = other_bottom + gap, True
+        placed.append((left, top, right, top + height))
+        tops[i] = top
+    return tops
+
+
 class _Axes:
     """Maps data to pixels (optionally log-scaled x) and draws the frame, ticks and labels."""
 
@@ -164,12 +184,15 @@ def scatter_chart(
     points: dict[str, Point], title: str, xlabel: str, ylabel: str, log_x: bool = False
 ) -> Image.Image:
     """One labelled point per entry."""
-    axes = _Axes(list(points.values()), title, xlabel, ylabel, log_x)
-    for i, (name, point) in enumerate(points.items()):
-        px, py = axes.to_pixel(point)
+    axes, font = _Axes(list(points.values()), title, xlabel, ylabel, log_x), _font(12)
+    pixels = [axes.to_pixel(point) for point in points.values()]
+    labelled = zip(points, pixels, strict=True)
+    boxes = [axes.draw.textbbox((px + 7, py - 7), name, font=font) for name, (px, py) in labelled]
+    tops = stacked([tuple(map(float, box)) for box in boxes], gap=1)
+    for i, (name, (px, py), box, top) in enumerate(zip(points, pixels, boxes, tops, strict=True)):
         colour = COLOURS[i % len(COLOURS)]
         axes.draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
-        axes.draw.text((px + 7, py - 7), name, fill=colour, font=_font(12))
+        axes.draw.text((px + 7, py - 7 + top - box[1]), name, fill=colour, font=font)
     return axes.image
 
 

@@ -1,4 +1,4 @@
-from condense.plots import spaced, tick_label
+from condense.plots import spaced, stacked, tick_label
 
 
 def test_tick_labels_are_short_at_every_magnitude():
@@ -18,3 +18,16 @@ def test_crowded_tick_labels_are_dropped_but_the_spread_ones_kept():
     assert spaced([0.0, 40.0], [50.0, 50.0], 8) == [True, False]
     assert spaced([0.0, 40.0], [10.0, 10.0], 8) == [True, True]
     assert spaced([], [], 8) == []
+
+
+def test_crowded_point_labels_stack_below_each_other_and_the_spread_ones_stay():
+    # DATM, PAD and DSA on digits: three labels of 14 px height whose boxes start within 3 px.
+    crowded = [(100.0, 50.0, 160.0, 64.0), (101.0, 51.0, 150.0, 65.0), (102.0, 53.0, 170.0, 67.0)]
+    assert stacked(crowded, gap=1) == [50.0, 65.0, 80.0]
+    # Side by side (no horizontal overlap), or a gap apart already: nothing moves.
+    apart = [(0.0, 50.0, 40.0, 64.0), (41.0, 50.0, 80.0, 64.0), (0.0, 65.0, 40.0, 79.0)]
+    assert stacked(apart, gap=1) == [50.0, 50.0, 65.0]
+    # A box pushed down can land on a lower one, which it then clears too.
+    chain = [(0.0, 0.0, 10.0, 10.0), (0.0, 5.0, 10.0, 15.0), (0.0, 12.0, 10.0, 22.0)]
+    assert stacked(chain, gap=0) == [0.0, 10.0, 20.0]
+    assert stacked([], gap=1) == []
