@@ -385,7 +385,8 @@ def _mean_std(entry: dict[str, Any] | None) -> dict[str, float] | None:
 def student(arch: str, model: ModelConfig) -> str:
     """The evaluation network as the leaderboard names it. A ConvNet shows its norm (and any width or
     depth it was given): the presets follow their papers, instance norm for MTT's family and batch
-    norm for the teacher-based methods, so the same ``convnet`` is two different students."""
+    norm for the teacher-based methods, so the same ``convnet`` is two different students unless
+    ``evaluate.model`` pins one."""
     if arch != CONVNET:
         return arch
     shown = ["no norm" if model.norm == "none" else model.norm]
@@ -446,7 +447,7 @@ def score(comparison: Comparison, store: Store, outcomes: dict[str, Outcome]) ->
                 "method": cell.method,
                 "ipc": cell.ipc,
                 "arch": arch,
-                "student": student(arch, cell.configs["main"].model),
+                "student": student(arch, cell.configs["main"].student),
                 "regime": cell.regime,
                 "status": "ok" if reason is None else "failed",
                 "reason": reason,
@@ -538,21 +539,21 @@ def text_table(table: list[list[str]]) -> str:
 
 
 SCORES_NOTE = """\
-Student: the network trained on the set, as its method's preset builds it (a ConvNet shows its norm:
-instance norm for the hard and learned labels, batch norm for the teacher-based methods, as in their
-papers; compare accuracies within one student). Accuracy: test accuracy (%) of fresh networks
-trained only on the set, final epoch, mean ± std over seeds; random real: as many random real images
-per class, same labels and recipe; full data: the whole training set, same recipe. HLR (hard-label
-recovery) = full data minus distilled, both with hard labels under the hard-label recipe (points;
-lower is better). IOR (improvement over random) = distilled minus random real (points). DD-Ranking's
-scores from accuracies as fractions a = %/100: LRS = (e^alpha - e^-1) / (e - e^-1) with alpha = 0.5
-IOR - 0.5 HLR; ARS the same map of beta = 0.5 (a_syn - a_rand with augmentation) + 0.5 (a_syn -
-a_rand without). ECE: expected calibration error (%, 15 bins) of the distilled-set students on the
-test split; ECE (T): after temperature scaling fitted on training images held out of their training.
-Input std: the std of the set's network inputs over that of real training inputs (1.00x: the data's
-scale; a set far from it trains BatchNorm statistics that test images do not have). Labels size:
-hard labels one byte each, learned/soft labels float32 rows, stored KD labels as stored, online KD
-the teacher.
+Student: the network trained on the set (a ConvNet shows its norm: each method's preset uses its
+paper's, instance norm for the hard and learned labels and batch norm for the teacher-based methods,
+unless evaluate.model pins one; compare accuracies within one student). Accuracy: test accuracy (%)
+of fresh networks trained only on the set, final epoch, mean ± std over seeds; random real: as many
+random real images per class, same labels and recipe; full data: the whole training set, same
+recipe. HLR (hard-label recovery) = full data minus distilled, both with hard labels under the hard-
+label recipe (points; lower is better). IOR (improvement over random) = distilled minus random real
+(points). DD-Ranking's scores from accuracies as fractions a = %/100: LRS = (e^alpha - e^-1) / (e -
+e^-1) with alpha = 0.5 IOR - 0.5 HLR; ARS the same map of beta = 0.5 (a_syn - a_rand with
+augmentation) + 0.5 (a_syn - a_rand without). ECE: expected calibration error (%, 15 bins) of the
+distilled-set students on the test split; ECE (T): after temperature scaling fitted on training
+images held out of their training. Input std: the std of the set's network inputs over that of real
+training inputs (1.00x: the data's scale; a set far from it trains BatchNorm statistics that test
+images do not have). Labels size: hard labels one byte each, learned/soft labels float32 rows,
+stored KD labels as stored, online KD the teacher.
 """
 
 

@@ -320,6 +320,10 @@ class EvaluateConfig(Strict):
 
     models: list[str] = Field(default_factory=lambda: ["convnet"], min_length=1)
     """``convnet`` (the distillation architecture) and/or timm names such as ``resnet18``."""
+    model: ModelConfig | None = None
+    """The ``convnet`` students' norm, width and depth; None: the pipeline's ``model`` (the network the
+    method distils with). Set it to train one student whatever the method, e.g. across a comparison's
+    label regimes, whose presets distil with instance-norm (MTT's family) or batch-norm ConvNets."""
     seeds: int = Field(default=3, gt=0)
     seeds_per_job: int | None = Field(default=None, gt=0)
     """Seeds trained together in one evaluation job (stacked networks, one vmapped step for all:
@@ -419,6 +423,11 @@ class PipelineConfig(Strict):
     relabel: RelabelConfig = Field(default_factory=RelabelConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @property
+    def student(self) -> ModelConfig:
+        """The ConvNet that evaluation trains: ``evaluate.model``, else ``model``."""
+        return self.evaluate.model or self.model
 
     @model_validator(mode="after")
     def _stored_labels_feed_kd(self) -> PipelineConfig:

@@ -10,6 +10,7 @@ import yaml
 from condense import scores
 from condense.compare import student
 from condense.config import ModelConfig
+from condense.configure import load_config
 from condense.store import Store, load_arrays
 from tests.conftest import last_json, run_cli
 
@@ -118,3 +119,5 @@ def test_the_student_names_a_convnets_norm_and_any_size_it_was_given():
     assert student("convnet", ModelConfig(norm="none", width=64)) == "convnet (no norm, width 64)"
     assert student("convnet", ModelConfig(norm="batchnorm", depth=4)) == "convnet (batchnorm, depth 4)"
     assert student("resnet18", ModelConfig()) == "resnet18"  # its own norm, whatever the preset's
+    pinned = load_config("digits-rded", ["evaluate.model.norm=instancenorm"])
+    assert pinned.model.norm == "batchnorm" and student("convnet", pinned.student) == "convnet (instancenorm)"

@@ -59,3 +59,31 @@ def test_kd_loss_is_zero_for_matching_distributions():
 def test_summary_statistics():
     assert summarize([90.0, 92.0]) == {"mean": 91.0, "std": 1.0, "runs": [90.0, 92.0]}
     assert summarize([50.0])["std"] == 0.0
+
+
+def test_evaluate_model_trains_its_own_student_and_leaves_the_method_alone(tmp_path, monkeypatch):
+    from condense import evaluate
+    from condense.configure import load_config
+    from tests.conftest import TINY, plan_for, run_jobs
+
+    default = load_config("digits-mtt", TINY)
+    pinned = load_config("digits-mtt", [*TINY, "evaluate.model.norm=batchnorm", "evaluate.random_real=false"])
+    store = Store(tmp_path)
+    plan, pinned_plan = plan_for(store, default), plan_for(store, pinned)
+    # Experts and the distilled set are the method's: the same artifacts; only the evaluations differ.
+    for stage in ("experts", "distill"):
+        assert pinned_plan.keys[stage] == plan.keys[stage]
+    assert not set(map(str, pinned_plan.keys["evaluate"])) & set(map(str, plan.keys["evaluate"]))
+
+    norms = []
+
+    def recording(arch, channels, num_classes, resolution, cfg=None, seed=0):
+        norms.append(cfg.norm)
+        return build_model(arch, channels, num_classes, resolution, cfg, seed)
+
+    monkeypatch.setattr(evaluate, "build_model", recording)
+    run_jobs(store, pinned, pinned_plan, {"experts", "distill", "evaluate"})
+    assert norms and set(norms) == {"batchnorm"}
+    net = build_model("convnet", 1, 10, 8, pinned.student)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert default.student.norm == pinned.model.norm == "instancenorm"

@@ -123,7 +123,7 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
         "arch": arch,
         "seeds": [eval_seed(cfg, index) for index in params["indices"]],
         "recipe": fields,
-        "model": cfg.model.model_dump() if arch == models.CONVNET else None,
+        "model": cfg.student.model_dump() if arch == models.CONVNET else None,
         "ipc": cfg.ipc if subject == "random_real" else None,
     }
 
@@ -195,7 +195,7 @@ def _train_kd(
     arch = ctx.params["arch"]
     held_out = _held_out(ctx, subject, data, seed)
     return evaluate.train_and_test_kd(
-        arch, data, x, kd, seed, plans, targets, cfg.model, ctx.progress, held_out
+        arch, data, x, kd, seed, plans, targets, cfg.student, ctx.progress, held_out
     )
 
 
@@ -240,7 +240,7 @@ def run(ctx: Context) -> dict[str, Any]:
         xs = [x for x, _, _ in sets]
         held_out = [_held_out(ctx, subject, data, seed) for seed in seeds]
         results = evaluate.train_and_test_seeds(
-            arch, data, xs, targets, run_recipe, seeds, cfg.model, ctx.progress, ctx.compile_step, held_out
+            arch, data, xs, targets, run_recipe, seeds, cfg.student, ctx.progress, ctx.compile_step, held_out
         )
     runs = [{"index": i, "seed": s, **r} for i, s, r in zip(indices, seeds, results, strict=True)]
     return {"subject": subject, "arch": arch, "runs": runs}
