@@ -60,11 +60,11 @@ def test_stream_and_memory_give_the_same_data(shards: Path, tmp_path: Path) -> N
     assert (dataset_dir / "index.zarr").is_dir() and not (dataset_dir / "data.zarr").exists()
 
 
-def test_class_names_label_both_paths_and_leave_unnamed_keys_alone(shards: Path, tmp_path: Path) -> None:
+def test_class_names_label_both_paths_and_stay_out_of_unnamed_sections(shards: Path, tmp_path: Path) -> None:
     names = ["ant", "bee", "cat", "dog", "eel"]
     memory, stream = memory_and_stream(shards, tmp_path / "named", class_names=names)
     assert memory.card["classes"] == stream.card["classes"] == names
-    # Naming the classes is a different dataset; not naming them keeps the key it had before the option.
+    # Naming the classes is a different dataset; not naming them leaves the stage's section as it was.
     unnamed = DatasetConfig(source="webdataset", path=str(shards), load="memory")
     named = unnamed.model_copy(update={"class_names": names})
     assert prepare(named, Store(tmp_path / "a"))[0] != prepare(unnamed, Store(tmp_path / "b"))[0]

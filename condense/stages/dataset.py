@@ -126,7 +126,7 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     # was made does not matter, only its outcome; workers and the buffer decide a streamed epoch's
     # order, so they are part of a streamed dataset's key.
     unused = {"path", "train_urls", "test_urls", "stream_above_mb", "load"}
-    if cfg.dataset.class_names is None:  # (unnamed classes keep the keys they had before the option)
+    if cfg.dataset.class_names is None:  # (unset, the section reads as it did before the option)
         unused.add("class_names")
     if params["load"] == "memory":
         unused |= _STREAM_ONLY
