@@ -54,6 +54,16 @@ def fan_out(setting: str, devices: list[str] | None) -> list[str]:
     return [str(device)]
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: from pinned memory, asynchronously, on
+    CUDA (a plain ``.to(device)`` synchronises the stream after its copy)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def describe(device: torch.device) -> dict[str, Any]:
     """What ran a stage, for the summary: the device and its name (and memory on a GPU)."""
     if device.type == "cuda":

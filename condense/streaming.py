@@ -23,6 +23,7 @@ resize), so a draw by index gives the same tensors on both paths.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condense import zca
+from condense import devices, zca
 from condense.config import DatasetConfig
 from condense.datasets.common import open_image
 from condense.datasets.index import Reader, SplitIndex, TarReader, resolve_shards
@@ -229,14 +230,22 @@ class StreamedDataset(CardShape):
     whitening: zca.ZCA | None = None
     """MTT's ZCA whitening (``dataset.zca``), fitted by the dataset stage; applied per batch."""
     streamed: bool = True
+    on_device: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """What every batch needs on the device, copied there once: the labels, the normalisation."""
 
     @property
     def train_y(self) -> torch.Tensor:
-        return torch.from_numpy(self.indexes["train"].label).to(self.device)
+        return self._labels("train")
 
     @property
     def test_y(self) -> torch.Tensor:
-        return torch.from_numpy(self.indexes["test"].label).to(self.device)
+        return self._labels("test")
+
+    def _labels(self, split: str) -> torch.Tensor:
+        """A split's labels on the device, copied there once (not on every access)."""
+        if split not in self.on_device:
+            self.on_device[split] = devices.upload(torch.from_numpy(self.indexes[split].label), self.device)
+        return self.on_device[split]
 
     @property
     def train_x(self) -> torch.Tensor:
@@ -256,22 +265,28 @@ class StreamedDataset(CardShape):
         )
 
     def to(self, device: torch.device | str) -> StreamedDataset:
-        self.device = torch.device(device)
-        if self.whitening is not None:  # applied to every batch: kept where the batches are
-            moved = {k: getattr(self.whitening, k).to(self.device) for k in ("mean", "transform", "inverse")}
-            self.whitening = zca.ZCA(**moved)
-        return self
+        """The same stream delivering its batches on ``device`` (this object when it does already)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        whitening = self.whitening
+        if whitening is not None:  # applied to every batch: kept where the batches are
+            moved = {k: getattr(whitening, k).to(device) for k in ("mean", "transform", "inverse")}
+            whitening = zca.ZCA(**moved)
+        return dataclasses.replace(self, device=device, whitening=whitening, on_device={})
 
     def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels to network inputs on the device (normalised, or whitened like the in-memory
         path), in the standard (contiguous NCHW) layout: decoded images arrive channels-last, and a
         convolution's rounding depends on the layout."""
-        x = pixels.to(self.device).contiguous().float() / 255.0
+        x = devices.upload(pixels, self.device).contiguous().float() / 255.0
         if self.whitening is not None:
             return zca.apply_zca(x, self.whitening)
-        mean = torch.tensor(self.card["mean"], device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.card["std"], device=self.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        if "mean" not in self.on_device:
+            shape = (1, -1, 1, 1)
+            self.on_device["mean"] = devices.upload(torch.tensor(self.card["mean"]).view(shape), self.device)
+            self.on_device["std"] = devices.upload(torch.tensor(self.card["std"]).view(shape), self.device)
+        return (x - self.on_device["mean"]) / self.on_device["std"]
 
     def pixels(self, idx: torch.Tensor | np.ndarray, split: str = "train") -> np.ndarray:
         """uint8 ``(n, C, H, W)`` images at ``idx``, read by byte range (or row) and decoded in
@@ -294,12 +309,16 @@ class StreamedDataset(CardShape):
         epoch = ShardEpoch(self.readers[split], index, self.decoding(), batch_size, seed, self.buffer)
         workers = min(self.workers, len(index.shards))
         loader = torch.utils.data.DataLoader(
-            epoch, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+            epoch,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+            pin_memory=self.device.type == "cuda",  # so the copy to the GPU does not block
         )
         for pixels, labels, skipped in loader:
             self.skipped[split] += skipped
             if len(labels):
-                yield self.inputs(pixels), labels.to(self.device)
+                yield self.inputs(pixels), devices.upload(labels, self.device)
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu()

@@ -101,9 +101,9 @@ def class_loss(
 ) -> torch.Tensor:
     """Gradient-matching loss of class ``c``: real and synthetic CE gradients under one DSA transform."""
     real, syn = run.siamese(run.real(c, matching_pass, net), run.synthetic(c))
-    ce_real = F.cross_entropy(net(real), torch.full((len(real),), c))
+    ce_real = F.cross_entropy(net(real), torch.full((len(real),), c, device=real.device))
     g_real = [g.detach() for g in torch.autograd.grad(ce_real, params)]
-    ce_syn = F.cross_entropy(net(syn), torch.full((len(syn),), c))
+    ce_syn = F.cross_entropy(net(syn), torch.full((len(syn),), c, device=syn.device))
     g_syn = torch.autograd.grad(ce_syn, params, create_graph=True)
     return match_loss(g_syn, g_real)
 
