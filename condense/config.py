@@ -374,6 +374,13 @@ class ComputeConfig(Strict):
     compile: Literal["auto", "on", "off"] = "auto"
     """``torch.compile`` the hot training steps: ``auto`` on CUDA only (it pays there; on a CPU the
     compilation costs more than it saves at these sizes), ``on`` everywhere a compiler works."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        # YAML 1.1 reads `on`/`off` (as in `--set compute.compile=on`) as booleans.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     deterministic: bool = False
     """Bit-reproducible CUDA runs (deterministic kernels, no TF32); CPU runs are reproducible anyway."""
     cpu_jobs: int = Field(default=1, gt=0)

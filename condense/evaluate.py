@@ -85,7 +85,9 @@ def train_and_test(
     """
     started = time.perf_counter()
     device = data.device if x is None else x.device
-    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(device)
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(
+        device, non_blocking=True
+    )
     forward = Compiled(model, compile_step, device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
@@ -107,7 +109,7 @@ def train_and_test(
             batches_of_epoch = data.batches("train", recipe.batch_size, generator)
         else:
             batches_of_epoch = shuffled(x, targets, recipe.batch_size, generator)
-        loss = train_on(model, batches_of_epoch, loss_fn, optimizer, generator, recipe.dsa, forward)
+        loss = float(train_on(model, batches_of_epoch, loss_fn, optimizer, generator, recipe.dsa, forward))
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
@@ -174,7 +176,8 @@ def train_and_test_seeds(
     def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(shape, (p, b), (x,))
 
-    stacked = Compiled(vmap(forward), compile_step, device)
+    # Dropout and stochastic depth draw a mask per seed ("different"), as K separate networks would.
+    stacked = Compiled(vmap(forward, randomness="different"), compile_step, device, batch=(2, 1))
     optimizer = torch.optim.SGD(
         list(params.values()), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -185,12 +188,11 @@ def train_and_test_seeds(
     n, k = len(xs[0]), len(seeds)
     losses = torch.zeros(k, dtype=torch.float64, device=device)
     for epoch in range(recipe.epochs):
-        orders = [batches(n, recipe.batch_size, g) for g in generators]
+        orders = [batches(n, recipe.batch_size, g, device) for g in generators]
         losses.zero_()
         for picks in zip(*orders, strict=True):
             inputs, labels = [], []
             for seed_index, idx in enumerate(picks):
-                idx = idx.to(device)
                 batch = xs[seed_index][idx]
                 if recipe.dsa is not None:
                     batch = dsa(batch, recipe.dsa, random_seed(generators[seed_index]))
@@ -211,6 +213,7 @@ def train_and_test_seeds(
             losses += per_seed.detach().double() * len(picks[0])
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"{k} seeds, loss {float(losses.mean()) / n:.4f}")
+    shape.eval()  # dropout and stochastic depth off for testing, as predict() does
     with torch.no_grad():
         test_batches = list(data.batches("test", 1024))
         test_logits = torch.cat(
@@ -276,14 +279,16 @@ def train_kd(
 ) -> tuple[nn.Module, float]:
     """Train ``arch`` by KD: each epoch follows ``plans(epoch)``, each batch learns ``targets``.
     Returns the model and the last epoch's mean loss."""
-    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(x.device)
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(
+        x.device, non_blocking=True
+    )
     optimizer = adamw_without_decay_on_norms(model, recipe.lr, recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: cosine_factor(epoch, recipe.epochs, recipe.final_lr_fraction)
     )
     loss = float("nan")
     for epoch in range(recipe.epochs):
-        plan = plans(epoch)
+        plan = plans(epoch).to(x.device)
         total = torch.zeros((), dtype=torch.float64, device=x.device)  # no host round trip per batch
         count = num_batches(len(x), recipe.batch_size)
         for batch in range(count):

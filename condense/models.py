@@ -192,11 +192,13 @@ _INIT_LOCK = threading.Lock()
 def seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     """Build a module whose random initialisation depends only on ``seed``.
 
-    Module constructors draw from the global RNG; the lock and fork_rng keep concurrent task
-    threads from interleaving draws, and leave the caller's RNG state untouched.
+    Module constructors draw from the global CPU RNG; the lock and fork_rng keep concurrent task
+    threads from interleaving draws, and leave the caller's RNG state untouched. Only the CPU
+    generator is seeded (``torch.manual_seed`` would reseed every GPU's too, under the feet of jobs
+    running there).
     """
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         return factory()
 
 

@@ -539,6 +539,11 @@ def export(
 
 
 def main() -> None:
+    import os
+
+    # cuBLAS reads its workspace setting at the process's first call: set before any work (see
+    # condense.devices.prepare_process; importing torch here would slow every command down).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     app()
 
 

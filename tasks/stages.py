@@ -17,11 +17,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
 from condense import compare as comparing
+from condense import devices
 from condense import summary as run_summary
 from condense.config import PipelineConfig
 from condense.progress import Progress
 from condense.stages import Job, Plan, execute, get_stage
 from condense.store import open_store
+
+devices.prepare_process()  # a worker's first task: before it runs any CUDA work
 
 
 class ArtifactProgress(Progress):

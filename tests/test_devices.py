@@ -5,8 +5,11 @@ run where a GPU is present and are skipped elsewhere."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import threading
+import warnings
+import weakref
 
 import pytest
 import torch
@@ -94,10 +97,11 @@ def test_the_compiled_path_matches_eager(digits):
     assert compiled["accuracy"] == pytest.approx(eager["accuracy"], abs=0.3)
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
+def test_a_failing_compiler_falls_back_to_eager_once_for_the_whole_process(monkeypatch):
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: no working C++ compiler found")
 
+    monkeypatch.setattr(devices, "_compile_failure", [])
     net = ConvNet(1, 3, 8)
     step = devices.Compiled(net, True, torch.device("cpu"))
     monkeypatch.setattr(step, "compiled", broken)
@@ -105,12 +109,141 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile is not available here"):
         out = step(x)
     assert torch.equal(out, net(x)) and step.compiled is None
+    assert "InvalidCxxCompiler" in devices.compile_failure()
+    later = devices.Compiled(net, True, torch.device("cpu"))  # a later job: no retry, no second warning
+    assert later.compiled is None and torch.equal(later(x), net(x))
+
+
+def test_compile_on_and_off_are_settings_not_yaml_booleans():
+    assert load_config("digits-mtt", ["compute.compile=on"]).compute.compile == "on"
+    assert load_config("digits-mtt", ["compute.compile=off"]).compute.compile == "off"
+    with pytest.raises(ConfigError, match="compute.compile"):
+        load_config("digits-mtt", ["compute.compile=sometimes"])
 
 
 def test_running_out_of_device_memory_is_one_line_naming_what_lowers_it():
     message = "does not fit in the memory of cpu: lower distill.batch_syn"
     with pytest.raises(CondenseError, match=message), devices.measured(torch.device("cpu"), "distill"):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    # cuBLAS and cuDNN report their allocation failures as plain RuntimeErrors.
+    with (
+        pytest.raises(CondenseError, match="does not fit"),
+        devices.measured(torch.device("cpu"), "evaluate"),
+    ):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    with pytest.raises(ValueError, match="not memory"), devices.measured(torch.device("cpu"), "evaluate"):
+        raise ValueError("not memory")
+
+
+def test_an_out_of_memory_stage_frees_its_tensors_before_the_error_travels_on():
+    def stage(tensors: list[weakref.ref]) -> None:
+        activations = torch.zeros(1000)  # held only by this frame, as a stage's tensors are
+        tensors.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    tensors: list[weakref.ref] = []
+    try:
+        with devices.measured(torch.device("cpu"), "distill"):
+            stage(tensors)
+    except CondenseError as err:
+        kept = err  # a comparison keeps the error as its cell's outcome
+    assert tensors[0]() is None, "the failed stage's tensor is still alive"
+    assert kept.__context__ is None or kept.__context__.__traceback__ is None
+
+
+def test_a_trajectory_stage_out_of_memory_suggests_the_constant_memory_walk():
+    from condense.stages.base import _lower_memory
+
+    assert "distill.memory=constant" in _lower_memory("distill", load_config("digits-mtt"))
+    assert "distill.memory=constant" not in _lower_memory("distill", load_config("digits-dm"))
+    assert "distill.memory=constant" not in _lower_memory("evaluate", load_config("digits-mtt"))
+
+
+def _pretend_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_cuda_is_cuda_zero_in_turns_and_counters(monkeypatch):
+    _pretend_gpus(monkeypatch, 2)
+    assert devices.resolve("cuda") == devices.resolve("cuda:0") == torch.device("cuda:0")
+    assert devices.indexed(torch.device("cuda")) == torch.device("cuda:0")
+    # One turn for both names: a job on "cuda" holds GPU 0's, so one on "cuda:0" waits.
+    with devices.exclusive(torch.device("cuda")):
+        assert not devices._slots["cuda:0"].acquire(blocking=False)
+    with pytest.raises(ConfigError, match="only 2 CUDA device"):
+        devices.resolve("cuda:2")
+
+
+def test_the_worker_resolves_auto_not_the_planner(monkeypatch, tmp_path):
+    cfg = load_config("digits-mtt", [*TINY, "compute.device=auto", "evaluate.seeds_per_job=1"])
+    plan = plan_for(Store(tmp_path), cfg)
+    spread = [job.device for job in plan.jobs if job.part is not None or job.stage == "evaluate"]
+    assert spread and all(name.startswith("auto#") for name in spread)  # nothing pinned to this CPU
+    assert devices.resolve(spread[0]) == torch.device("cpu")  # a worker without a GPU
+    _pretend_gpus(monkeypatch, 2)  # a worker with two: its jobs take them in turn
+    assert {str(devices.resolve(f"auto#{turn}")) for turn in range(4)} == {"cuda:0", "cuda:1"}
+    assert devices.resolve("cuda#3") == torch.device("cuda:1")
+
+
+def test_building_a_network_leaves_the_gpus_random_generators_alone(monkeypatch):
+    from condense.models import build_model
+
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    first = build_model("convnet", 1, 3, 8, seed=4)
+    assert reseeded == []
+    assert torch.equal(first.classifier.weight, build_model("convnet", 1, 3, 8, seed=4).classifier.weight)
+
+
+def test_cuda_switches_are_set_for_a_job_and_restored_after_the_last(monkeypatch):
+    before = devices._cuda_flags()
+    gpu = torch.device("cuda:0")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with devices.configured(gpu, deterministic=True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # grid_sample has no such kernel
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == devices.CUBLAS_WORKSPACE
+        with devices.configured(gpu, deterministic=True):  # a second job of the same mode joins
+            pass
+        assert torch.are_deterministic_algorithms_enabled()
+        with pytest.raises(CondenseError, match="cannot run beside"), devices.configured(gpu, False):
+            pass
+    assert devices._cuda_flags() == before
+    with devices.configured(gpu, deterministic=False):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+    assert devices._cuda_flags() == before
+    with devices.configured(torch.device("cpu"), deterministic=True):
+        assert devices._cuda_flags() == before  # CPU jobs change nothing
+
+
+def test_kernels_without_a_deterministic_version_are_named_not_printed():
+    name = "grid_sampler_2d_backward_cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        devices.prepare_process()
+        warnings.warn(
+            f"{name} does not have a deterministic implementation, but you set warn_only", stacklevel=1
+        )
+    assert name in devices.nondeterministic_kernels()
+
+
+def test_stacked_seeds_train_networks_with_dropout(digits, monkeypatch):
+    """vmap's default refuses random operations; dropout draws a mask per seed instead."""
+    from condense import evaluate
+
+    def with_dropout(name, channels, classes, resolution, cfg=None, seed=0):
+        net = ConvNet(channels, classes, resolution)
+        return torch.nn.Sequential(net.features, torch.nn.Flatten(), torch.nn.Dropout(0.5), net.classifier)
+
+    monkeypatch.setattr(evaluate, "build_model", with_dropout)
+    recipe = Recipe(epochs=2, lr=0.01, batch_size=16, momentum=0.9, weight_decay=5e-4, dsa=None)
+    x, y = digits.train_x[:40], digits.train_y[:40]
+    results = train_and_test_seeds("convnet", digits, [x, x], [y, y], recipe, [1, 2])
+    assert len(results) == 2 and all(r["accuracy"] > 10 for r in results)  # ten classes: chance is 10
 
 
 def test_a_run_says_which_device_ran_each_stage_and_spreading_changes_nothing(tmp_path):

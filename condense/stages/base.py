@@ -312,13 +312,16 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
         job = replace(job, params=params, key=stage.key(cfg, job.keys, params))
     _check_key(stage, job, cfg)
     started = time.time()
-    device = devices.resolve(job.device or cfg.compute.device)
-    devices.configure(device, cfg.compute.deterministic)
+    device = devices.resolve(job.device or cfg.compute.device)  # here, on the machine that runs it
     meta: dict[str, Any] | None = None  # set when this job computed (or found its part's record)
     memory: dict[str, Any] = {}
     cached = _intact(store, stage.name, job.key, progress)
     if not cached:
-        with devices.exclusive(device, cfg.compute.cpu_jobs), devices.measured(device, stage.name) as memory:
+        with (
+            devices.exclusive(device, cfg.compute.cpu_jobs),
+            devices.configured(device, cfg.compute.deterministic),
+            devices.measured(device, stage.name, _lower_memory(stage.name, cfg)) as memory,
+        ):
             meta, cached = _compute(stage, job, cfg, store, progress, device)
     if meta is None:  # committed, by an earlier run or by another one while this job waited
         meta = store.meta(stage.name, job.key)
@@ -336,7 +339,22 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
         "meta": meta,
         "device": devices.describe(device),
         **memory,
+        **_nondeterminism(device, cfg),
     }
+
+
+def _lower_memory(stage: str, cfg: PipelineConfig) -> str:
+    """What to change when ``stage`` runs out of device memory."""
+    if stage == "distill" and getattr(cfg.distill, "memory", None) == "unrolled":
+        return f"{devices.LOWER_MEMORY}; or set distill.memory=constant (memory flat in syn_steps)"
+    return devices.LOWER_MEMORY
+
+
+def _nondeterminism(device: torch.device, cfg: PipelineConfig) -> dict[str, list[str]]:
+    """In deterministic mode on CUDA: the kernels without a deterministic version this process ran."""
+    if device.type != "cuda" or not cfg.compute.deterministic:
+        return {}
+    return {"nondeterministic_kernels": devices.nondeterministic_kernels()}
 
 
 def _compute(

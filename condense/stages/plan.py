@@ -124,11 +124,13 @@ def _add_instance(
     key = stage.key(cfg, keys, params)
     waits = [job for name in reads for job in jobs_of[name]]
     count = stage.parts(cfg) if stage.parts else 0
-    parts = [Job(stage.name, key, params, keys, part=i, device=spread[i % len(spread)]) for i in range(count)]
+    parts = [
+        Job(stage.name, key, params, keys, part=i, device=devices.in_turn(spread, i)) for i in range(count)
+    ]
     for part in parts:
         plan.jobs.append(part)
         plan.after[part.name] = waits
-    job = Job(stage.name, key, params, keys, device=fans_out[index % len(fans_out)] if fans_out else None)
+    job = Job(stage.name, key, params, keys, device=devices.in_turn(fans_out, index) if fans_out else None)
     plan.jobs.append(job)
     plan.after[job.name] = waits + [p.name for p in parts]
     jobs_of.setdefault(stage.name, []).append(job.name)
