@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from condense import models
+from condense import devices, models
 from condense.config import ModelConfig
 from condense.methods.base import SyntheticSet
 from condense.relabel import StoredLabels
@@ -40,12 +40,26 @@ class ExpertBuffer:
     whole buffer (paper-scale buffers are gigabytes).
     """
 
-    def __init__(self, params: np.ndarray | object):
+    def __init__(self, params: np.ndarray | torch.Tensor | object):
         self._params = params
         self.num_experts, self.num_snapshots, self.num_params = params.shape  # type: ignore[attr-defined]
 
+    @property
+    def nbytes(self) -> int:
+        return self.num_experts * self.num_snapshots * self.num_params * 4
+
     def snapshot(self, expert: int, epoch: int) -> torch.Tensor:
+        """One snapshot's parameters: a view on the device when resident, else read from the store."""
+        if isinstance(self._params, torch.Tensor):
+            return self._params[expert, epoch]
         return torch.from_numpy(np.asarray(self._params[expert, epoch]))  # type: ignore[index]
+
+    def resident(self, device: torch.device, budget_bytes: int) -> ExpertBuffer:
+        """The whole buffer read once onto ``device`` when it fits in ``budget_bytes``, so that every
+        iteration slices it there (no store read, no copy); else this buffer, read per draw."""
+        if self.nbytes > budget_bytes or isinstance(self._params, torch.Tensor):
+            return self
+        return ExpertBuffer(devices.upload(torch.from_numpy(np.asarray(self._params[:])), device))  # type: ignore[index]
 
 
 def create_buffer(path: Path, experts: int, snapshots: int, params: int) -> None:

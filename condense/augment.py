@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from condense.config import DSAConfig
+from condense.devices import upload
 
 __all__ = ["dsa"]
 
@@ -36,7 +37,7 @@ def _randint(g: torch.Generator, n: int, highs: tuple[int, ...]) -> torch.Tensor
 
 
 def _color(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor:
-    r = _uniform(g, x.shape[0], 3).view(-1, 3, 1, 1, 1).to(x)
+    r = upload(_uniform(g, x.shape[0], 3).view(-1, 3, 1, 1, 1), x.device).to(x.dtype)
     x = x + (r[:, 0] - 0.5) * cfg.brightness
     mean = x.mean(dim=1, keepdim=True)
     x = (x - mean) * (r[:, 1] * cfg.saturation) + mean
@@ -44,8 +45,26 @@ def _color(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor:
     return (x - mean) * (r[:, 2] + cfg.contrast) + mean
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int, align_corners: bool) -> torch.Tensor:
+    """``F.affine_grid(theta, (n, c, height, width), align_corners)`` written elementwise: on CUDA
+    affine_grid is a batched matrix multiply, which TF32 rounds to 10 bits of mantissa, and sampling
+    positions that far off would make a GPU's augmentations differ from the CPU's."""
+
+    def base(size: int) -> torch.Tensor:  # pixel centres in [-1, 1], computed as affine_grid does
+        steps = torch.linspace(-1, 1, size, device=theta.device, dtype=theta.dtype)
+        if size == 1:
+            return torch.zeros_like(steps)
+        return steps if align_corners else steps * ((size - 1) / size)
+
+    xs, ys = base(width).view(1, 1, -1), base(height).view(1, -1, 1)
+    t = theta.view(-1, 6, 1, 1)
+    grid_x = t[:, 0] * xs + t[:, 1] * ys + t[:, 2]
+    grid_y = t[:, 3] * xs + t[:, 4] * ys + t[:, 5]
+    return torch.stack([grid_x, grid_y], dim=-1)
+
+
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    grid = affine_grid(theta, x.shape[2], x.shape[3], align_corners=True)
     return F.grid_sample(x, grid, align_corners=True)
 
 
@@ -54,18 +73,18 @@ def _scale(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor:
     s = _uniform(g, x.shape[0], 2) * (ratio - 1.0 / ratio) + 1.0 / ratio
     zero = torch.zeros_like(s[:, 0])
     theta = torch.stack([s[:, 0], zero, zero, zero, s[:, 1], zero], dim=1).view(-1, 2, 3)
-    return _affine(x, theta.to(x))
+    return _affine(x, upload(theta, x.device).to(x.dtype))
 
 
 def _rotate(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor:
     angle = (_uniform(g, x.shape[0], 1)[:, 0] - 0.5) * 2 * cfg.rotate / 180 * math.pi
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
     theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(-1, 2, 3)
-    return _affine(x, theta.to(x))
+    return _affine(x, upload(theta, x.device).to(x.dtype))
 
 
 def _flip(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor:
-    flip = (_uniform(g, x.shape[0], 1) < cfg.flip).view(-1, 1, 1, 1).to(x.device)
+    flip = upload((_uniform(g, x.shape[0], 1) < cfg.flip).view(-1, 1, 1, 1), x.device)
     return torch.where(flip, x.flip(3), x)
 
 
@@ -73,7 +92,7 @@ def _crop(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor:
     """DSA's "translation": shift by whole pixels with zero fill, as a gather from a padded copy."""
     n, _, h, w = x.shape
     sh, sw = int(h * cfg.crop + 0.5), int(w * cfg.crop + 0.5)
-    shift = (_randint(g, n, (2 * sh + 1, 2 * sw + 1)) - torch.tensor([sh, sw])).to(x.device)
+    shift = upload(_randint(g, n, (2 * sh + 1, 2 * sw + 1)) - torch.tensor([sh, sw]), x.device)
     # Indices into the 1-pixel zero-padded image; clamping sends every out-of-image read to the border.
     rows = (torch.arange(h, device=x.device) + shift[:, :1] + 1).clamp(0, h + 1)
     cols = (torch.arange(w, device=x.device) + shift[:, 1:] + 1).clamp(0, w + 1)
@@ -87,7 +106,7 @@ def _cutout(x: torch.Tensor, cfg: DSAConfig, g: torch.Generator) -> torch.Tensor
     n, _, h, w = x.shape
     size_h, size_w = int(h * cfg.cutout + 0.5), int(w * cfg.cutout + 0.5)
     # DSA's centre range: one extra position for even sizes, so the square can touch both edges.
-    centre = _randint(g, n, (h + 1 - size_h % 2, w + 1 - size_w % 2)).to(x.device)
+    centre = upload(_randint(g, n, (h + 1 - size_h % 2, w + 1 - size_w % 2)), x.device)
     top = centre[:, :1] - size_h // 2
     left = centre[:, 1:] - size_w // 2
     rows = torch.arange(h, device=x.device)

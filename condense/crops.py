@@ -13,6 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from condense.augment import affine_grid
+from condense.devices import upload
+
 
 def random_resized_boxes(
     n: int,
@@ -39,14 +42,14 @@ def crop_resize(
 ) -> torch.Tensor:
     """Cut ``boxes`` (n, 4) out of ``x`` (n, C, H, W), resize each to ``size`` x ``size`` (bilinear)
     and mirror those with ``flips`` set; one batched ``grid_sample``."""
-    top, left, height, width = boxes.to(x).unbind(1)
-    sign = torch.ones_like(width) if flips is None else 1 - 2 * flips.to(x)
+    top, left, height, width = upload(boxes, x.device).to(x.dtype).unbind(1)
+    sign = torch.ones_like(width) if flips is None else 1 - 2 * upload(flips, x.device).to(x.dtype)
     zero = torch.zeros_like(width)
     # Output coordinate u in [-1, 1] maps to input 2 * (left + (u + 1) / 2 * width) - 1.
     theta = torch.stack(
         [width * sign, zero, 2 * left + width - 1, zero, height, 2 * top + height - 1], dim=1
     ).view(-1, 2, 3)
-    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+    grid = affine_grid(theta, size, size, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -101,7 +104,7 @@ def shuffle_patches(x: torch.Tensor, perms: torch.Tensor, factor: int) -> torch.
     grid = (
         x.view(n, c, factor, ph, factor, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, factor * factor, c, ph, pw)
     )
-    grid = grid[torch.arange(n)[:, None], perms.long()]
+    grid = grid[torch.arange(n, device=x.device)[:, None], upload(perms.long(), x.device)]
     return grid.view(n, factor, factor, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 
 

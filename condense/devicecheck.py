@@ -99,7 +99,8 @@ _FROM_HOST_DATA = {torch.tensor, torch.as_tensor, torch.asarray}
 
 
 class _HostData(TorchFunctionMode):
-    """``torch.tensor(data, device=...)``: the data is on the host, so this is a blocking upload."""
+    """What never reaches the dispatcher as an operation on the device: ``torch.tensor(data,
+    device=...)`` (host data, so a blocking upload) and ``.tolist()`` (one copy to the host)."""
 
     def __init__(self, counts: Counter[str]):
         super().__init__()
@@ -107,6 +108,9 @@ class _HostData(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is torch.Tensor.tolist and isinstance(args[0], _OnDevice):
+            self.counts["to_host"] += 1  # one copy of the whole tensor, as CUDA makes it
+            return args[0].elem.tolist()
         if func in _FROM_HOST_DATA and _is_device(kwargs.get("device")):
             requires_grad = kwargs.get("requires_grad", False)
             host = func(*args, **{**kwargs, "device": torch.device("cpu"), "requires_grad": False})

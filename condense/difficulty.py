@@ -64,7 +64,7 @@ def el2n_scores(
     for index in range(schedule.el2n_models):
         net_seed = scoring_seed(seed, index)
         model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, net_seed)
-        model = model.to(data.device)
+        model = model.to(data.device, non_blocking=True)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=experts.lr, momentum=experts.momentum, weight_decay=experts.weight_decay
         )

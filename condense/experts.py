@@ -49,7 +49,7 @@ def expert_seed(seed: int, index: int) -> int:
 def student_model(data: RealData, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     """The distillation architecture (ConvNet) for this dataset."""
     model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
-    return model.to(data.device)
+    return model.to(data.device, non_blocking=True)  # built on the CPU (its seeded init); no wait
 
 
 def expert_optimizer(
@@ -93,12 +93,18 @@ def train_expert(
             batches, size = drawn_batches(data, picked, cfg.batch_size, generator), len(picked)
         else:
             batches, size = data.batches("train", cfg.batch_size, generator), len(data.train_y)
-        loss = train_on(model, batches, loss_fn, optimizer, generator, dsa_cfg if cfg.dsa else None, forward)
+        epoch_loss = train_on(
+            model, batches, loss_fn, optimizer, generator, dsa_cfg if cfg.dsa else None, forward
+        )
+        # The epoch's one copy to the host: its loss and its snapshot together (float64 holds both;
+        # the parameters round-trip float32 -> float64 -> float32 exactly).
+        read = torch.cat([epoch_loss.reshape(1).double(), flat.flatten().detach().double()]).cpu()
+        loss = float(read[0])
         if not np.isfinite(loss):
             raise DivergenceError(f"expert {seed} diverged at epoch {epoch + 1}; lower experts.lr")
         losses.append(loss)
         sizes.append(size)
-        snapshots.append(flat.flatten().cpu().numpy())  # one copy to the host per epoch
+        snapshots.append(read[1:].float().numpy())
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
     return Trajectory(

@@ -38,7 +38,9 @@ def final_experts(buffer: ExpertBuffer, data: RealData, model_cfg: ModelConfig) 
     device, last = data.device, buffer.num_snapshots - 1
 
     def network() -> nn.Module:
-        return build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg).to(device)
+        return build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg).to(
+            device, non_blocking=True
+        )
 
     flat = FlatParams(network())
     return [flat.load_into(buffer.snapshot(e, last).to(device), network()) for e in range(buffer.num_experts)]

@@ -17,6 +17,7 @@ import torch
 
 from condense import zca
 from condense.config import DatasetConfig
+from condense.devices import upload
 from condense.errors import DatasetError
 from condense.store import Store, load_arrays
 from condense.streaming import CardShape, StreamedDataset, open_streamed
@@ -46,7 +47,7 @@ class PreparedDataset(CardShape):
 
     def images(self, idx: torch.Tensor) -> torch.Tensor:
         """Network inputs of the training images at ``idx`` (the streamed dataset reads only these)."""
-        return self.train_x[idx.to(self.train_x.device)]
+        return self.train_x[upload(idx, self.train_x.device)]
 
     def batches(
         self, split: str, batch_size: int, generator: torch.Generator | None = None
@@ -57,8 +58,7 @@ class PreparedDataset(CardShape):
         if generator is None:
             yield from zip(torch.split(x, batch_size), torch.split(y, batch_size), strict=True)
             return
-        for idx in torch.split(torch.randperm(len(x), generator=generator), batch_size):
-            idx = idx.to(x.device)
+        for idx in torch.split(upload(torch.randperm(len(x), generator=generator), x.device), batch_size):
             yield x[idx], y[idx]
 
     def to(self, device: torch.device | str) -> PreparedDataset:

@@ -209,17 +209,16 @@ def recover_batch(
         ce = F.cross_entropy(logits, labels)
         bn_loss = bn.loss()
         loss = ce + cfg.r_bn * bn_loss
-        record = {
-            "it": it + 1,
-            "ce": float(ce.detach()),
-            "bn": float(bn_loss.detach()),
-            "crop_min_scale": scale,
-        }
+        terms = {"ce": ce, "bn": bn_loss}
         if extra_terms is not None:
             for name, (weight, value) in extra_terms(RecoverStep(x, logits, labels, augment)).items():
                 loss = loss + weight * value
-                record[name] = float(value.detach())
-        record["loss"] = float(loss.detach())
+                terms[name] = value
+        terms["loss"] = loss
+        # The step's one read from the device: every recorded term at once.
+        values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
+        read = dict(zip(terms, values, strict=True))
+        record = {"it": it + 1, "ce": read.pop("ce"), "bn": read.pop("bn"), "crop_min_scale": scale, **read}
         if not math.isfinite(record["loss"]):
             raise DivergenceError(f"{label} diverged at step {it + 1} (loss={record['loss']}); lower lr")
         optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ that online and stored students still train on the same labels:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from torch import nn
 
 from condense import crops
 from condense.config import KDRecipeConfig
+from condense.devices import upload
 from condense.progress import SILENT, Progress
 from condense.training import predict
 
@@ -77,6 +79,15 @@ class EpochPlan:
     """(batches, 4) one CutMix box per batch; an empty box means no mixing."""
     patch_perm: torch.Tensor | None = None
     """(n, factor^2) patch permutation per position, for stitched images."""
+
+    def to(self, device: torch.device) -> EpochPlan:
+        """The plan with what the batches index on ``device``, copied once per epoch; the CutMix
+        boxes stay on the host, which cuts the pixel ranges from them."""
+        moved = {
+            name: upload(getattr(self, name), device) for name in ("order", "boxes", "flips", "mix_partner")
+        }
+        perm = None if self.patch_perm is None else upload(self.patch_perm, device)
+        return dataclasses.replace(self, **moved, patch_perm=perm)
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -15,6 +15,8 @@ import faiss
 import numpy as np
 import torch
 
+from condense.devices import upload
+
 Embed = Callable[[torch.Tensor], torch.Tensor]
 """Images (n, C, H, W) -> features (n, D), e.g. ``net.embed``; it must move inputs to its own device."""
 ImagesAt = Callable[[torch.Tensor], torch.Tensor]
@@ -112,7 +114,7 @@ class RandomSampler:
     ) -> torch.Tensor:
         members = self.members[c]
         order = torch.randperm(len(members), generator=generator)[:k]
-        return members[order.to(members.device)]
+        return members[upload(order, members.device)]
 
 
 class RepresentativeSampler:

@@ -38,7 +38,7 @@ def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelCon
 def build_teacher(cfg: TeacherConfig, model_cfg: ModelConfig, data: RealData, seed: int = 0) -> nn.Module:
     model_cfg = teacher_model_config(cfg, model_cfg)
     model = build_model(cfg.arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
-    return model.to(data.device)
+    return model.to(data.device, non_blocking=True)  # built on the CPU (its seeded init); no wait
 
 
 @dataclass
@@ -69,8 +69,10 @@ def train_teacher(
     loss = float("nan")
     for epoch in range(cfg.epochs):
         batches = data.batches("train", cfg.batch_size, generator)
-        loss = train_on(
-            model, batches, F.cross_entropy, optimizer, generator, dsa_cfg if cfg.dsa else None, forward
+        loss = float(
+            train_on(
+                model, batches, F.cross_entropy, optimizer, generator, dsa_cfg if cfg.dsa else None, forward
+            )
         )
         scheduler.step()
         progress.step(epoch + 1, cfg.epochs, f"teacher loss {loss:.4f}")

@@ -11,6 +11,7 @@ from torch import nn
 
 from condense.augment import dsa
 from condense.config import DSAConfig
+from condense.devices import upload
 
 if TYPE_CHECKING:
     from condense.prepare import RealData
@@ -25,9 +26,13 @@ def random_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device | None = None
+) -> Iterator[torch.Tensor]:
+    """One epoch's batches of indices in an order drawn from ``generator`` (on the CPU), copied to
+    ``device`` once for the whole epoch (not once per batch: each blocking copy waits for the GPU)."""
     order = torch.randperm(n, generator=generator)
-    yield from torch.split(order, batch_size)
+    yield from torch.split(order if device is None else upload(order, device), batch_size)
 
 
 def shuffled(
@@ -35,8 +40,7 @@ def shuffled(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) batches of one epoch over in-memory tensors, in an order drawn from
     ``generator``."""
-    for idx in batches(len(x), batch_size, generator):
-        idx = idx.to(x.device)
+    for idx in batches(len(x), batch_size, generator, x.device):
         yield x[idx], targets[idx]
 
 
@@ -48,10 +52,11 @@ def train_on(
     generator: torch.Generator,
     augment: DSAConfig | None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> float:
+) -> torch.Tensor:
     """One pass over ``epoch``'s (inputs, targets) batches, DSA on every batch when ``augment`` is
     given (its seed drawn from ``generator``); ``forward`` (default: the model) computes the logits,
-    e.g. a compiled version of the model. Returns the mean training loss per sample."""
+    e.g. a compiled version of the model. Returns the mean training loss per sample as a device
+    scalar: a caller that logs it reads it (one wait per epoch), one that does not never waits."""
     model.train()
     total: torch.Tensor | None = None  # summed on the device: no host round trip per batch
     count = 0
@@ -65,7 +70,7 @@ def train_on(
         step = loss.detach().double() * len(targets)
         total = step if total is None else total + step
         count += len(targets)
-    return float(total) / count if total is not None else float("nan")
+    return total / count if total is not None else torch.tensor(float("nan"), dtype=torch.float64)
 
 
 def train_epoch(
@@ -78,7 +83,7 @@ def train_epoch(
     generator: torch.Generator,
     augment: DSAConfig | None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> float:
+) -> torch.Tensor:
     """:func:`train_on` one random-order pass over in-memory (x, targets)."""
     return train_on(
         model, shuffled(x, targets, batch_size, generator), loss_fn, optimizer, generator, augment, forward
@@ -115,10 +120,10 @@ def drawn_batches(
     ``generator``, as given without one. Only those images are read (a streamed dataset reads them by
     byte range), so a subset's epoch costs the subset, and row ``i`` is always image ``idx[i]``."""
     if generator is not None:
-        idx = idx[torch.randperm(len(idx), generator=generator).to(idx.device)]
+        idx = idx[upload(torch.randperm(len(idx), generator=generator), idx.device)]
     labels = data.train_y
     for chunk in torch.split(idx, batch_size):
-        yield data.images(chunk), labels[chunk.to(labels.device)]
+        yield data.images(chunk), labels[upload(chunk, labels.device)]
 
 
 def indexed_logits(model: nn.Module, data: RealData, idx: torch.Tensor | None = None) -> torch.Tensor:

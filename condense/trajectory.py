@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from condense.augment import dsa
 from condense.config import DSAConfig
+from condense.devices import upload
 from condense.models import FlatParams
 from condense.training import random_seed
 
@@ -121,7 +122,7 @@ def _step_gradient(
     step: Step,
     create_graph: bool,
 ) -> torch.Tensor:
-    indices = step.indices.to(images.device)
+    indices = upload(step.indices, images.device)
     x = dsa(images[indices], segment.augment, step.seed)
     loss = inner_loss(segment.net(theta, x), targets[indices])
     (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
@@ -129,7 +130,12 @@ def _step_gradient(
 
 
 def _plain_step(
-    segment: Segment, theta: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, step: Step, lr: float
+    segment: Segment,
+    theta: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    step: Step,
+    lr: torch.Tensor,
 ) -> torch.Tensor:
     """theta - lr * g, with no graph kept."""
     theta = theta.detach().requires_grad_(True)
@@ -153,7 +159,7 @@ def constant_memory_backward(
     """The adjoint walk of the module docstring: accumulates dL/d(images), dL/d(targets) when they
     require grad, and dL/d(lr) into their ``.grad``, like ``unrolled_loss(...).backward()``; returns
     the loss (detached)."""
-    a = float(lr.detach())
+    a = lr.detach()  # a device scalar: reading it as a float would wait for the device
     n = len(segment.steps)
     every = max(1, math.ceil(math.sqrt(n)))
     checkpoints = {}
@@ -193,8 +199,7 @@ def matched_gradient(
     if memory == "constant":
         return constant_memory_backward(segment, images, targets, lr)
     loss = unrolled_loss(segment, images, targets, lr)
-    if torch.isfinite(loss):
-        loss.backward()
+    loss.backward()  # a non-finite loss is the caller's to refuse, before any step (no read here)
     return loss.detach()
 
 

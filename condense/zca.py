@@ -55,12 +55,19 @@ def fit_zca_chunks(chunks: Callable[[], Iterable[torch.Tensor]], eps: float = 0.
     return ZCA(mean=mean.float(), transform=transform.float(), inverse=inverse.float())
 
 
+def _exact(x: torch.Tensor) -> torch.dtype:
+    """float64 where matrix multiplies would round to TF32 (CUDA's fast mode), so that whitening
+    gives the CPU's numbers on a GPU; the input's own type elsewhere."""
+    return torch.float64 if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else x.dtype
+
+
 def apply_zca(x: torch.Tensor, zca: ZCA) -> torch.Tensor:
     """Whiten (N, ...) images; same shape out, differentiable in x."""
-    t = zca.transform.to(x)
-    bias = -(zca.mean.to(x) @ t)
+    dtype = _exact(x)
+    t = zca.transform.to(x.device, dtype)
+    bias = -(zca.mean.to(x.device, dtype) @ t)
     # addmm folds the centring into the bias, so no centred copy of x is materialised.
-    return torch.addmm(bias, x.reshape(x.shape[0], -1), t).reshape(x.shape)
+    return torch.addmm(bias, x.reshape(x.shape[0], -1).to(dtype), t).reshape(x.shape).to(x.dtype)
 
 
 def invert_zca(x: torch.Tensor, zca: ZCA) -> torch.Tensor:

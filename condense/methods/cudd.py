@@ -175,7 +175,7 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     data = inputs.data
     model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, inputs.model_cfg)
     model.load_state_dict(state_dict)
-    model.to(data.device)
+    model.to(data.device, non_blocking=True)
     return frozen(model)
 
 

@@ -116,7 +116,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     net.train()
     params = list(net.parameters())
     opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
-    total = 0.0
+    total: torch.Tensor | None = None  # summed on the device: read once, at the end
     for ol in range(outer):
         freeze_batchnorm(net, run.data, run.generator)
         # The sampler's clock counts matching passes, so DREAM's interval means what it does in DREAM.
@@ -124,7 +124,7 @@ def step(run: MatchingRun, iteration: int) -> float:
             [class_loss(run, net, params, c, iteration * outer + ol) for c in range(run.num_classes)]
         )
         run.update(loss.sum())
-        total += loss.sum().item()
+        total = loss.sum().detach() if total is None else total + loss.sum().detach()
         if ol == outer - 1:
             break
         images = run.images.detach()  # the network trains on a snapshot of the current synthetic set
@@ -132,7 +132,7 @@ def step(run: MatchingRun, iteration: int) -> float:
             train_epoch(
                 net, images, run.labels, F.cross_entropy, opt_net, cfg.batch_train, run.generator, run.dsa_cfg
             )
-    return total / (outer * run.num_classes)
+    return float(total) / (outer * run.num_classes)  # type: ignore[arg-type]
 
 
 @register_method("dsa", config=DSAMatchConfig, streams=True)

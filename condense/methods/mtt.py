@@ -26,11 +26,13 @@ drawn with both ends inclusive (the official ``randint(low, high)`` excludes ``h
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from condense import devices
 from condense.artifacts import ExpertBuffer
 from condense.config import Strict
 from condense.errors import DivergenceError
@@ -119,8 +121,9 @@ def match_trajectories(
 ) -> SyntheticSet:
     """The loop of the module docstring, configured by ``inputs.method_cfg`` (an :class:`MTTConfig`)."""
     cfg: MTTConfig = inputs.method_cfg
-    buffer: ExpertBuffer = inputs.experts
     data = inputs.data
+    # On a GPU the trajectories are read once, not two snapshots from the store every iteration.
+    buffer: ExpertBuffer = inputs.experts.resident(data.device, devices.resident_budget(data.device))
     generator = torch.Generator().manual_seed(inputs.seed)
 
     def trained_expert(seed: int) -> ConvNet:
@@ -169,23 +172,26 @@ def match_trajectories(
         t = low + int(torch.randint(high - low + 1, (1,), generator=generator))
         segment = Segment(
             net,
-            buffer.snapshot(expert, t).to(device),
-            buffer.snapshot(expert, t + cfg.expert_epochs).to(device),
+            devices.upload(buffer.snapshot(expert, t), device),
+            devices.upload(buffer.snapshot(expert, t + cfg.expert_epochs), device),
             draw_steps(len(images), cfg.syn_steps, batch, generator),
             inputs.dsa_cfg,
             matched_from,
         )
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        loss = matched_gradient(segment, images, targets, syn_lr, cfg.memory)
-        if not torch.isfinite(loss):
+        loss_tensor = matched_gradient(segment, images, targets, syn_lr, cfg.memory)
+        # The iteration's one read from the device: the loss decides what happens next (divergence,
+        # DATM's skip), so it is read before the step, together with the step size it reports.
+        loss, lr = torch.stack([loss_tensor.detach(), syn_lr.detach()]).tolist()
+        if not math.isfinite(loss):
             last = checkpoints.load()
             kept = f"iteration {last['iteration']}" if last else "none yet"
             raise DivergenceError(
-                f"{name} diverged at iteration {it + 1} (loss={loss.item()}); last good checkpoint: {kept};"
+                f"{name} diverged at iteration {it + 1} (loss={loss}); last good checkpoint: {kept};"
                 " lower distill.lr_img or distill.lr_lr"
             )
-        skipped = cfg.skip_above is not None and loss.item() > cfg.skip_above
+        skipped = cfg.skip_above is not None and loss > cfg.skip_above
         if not skipped:
             for optimizer in optimizers.values():
                 optimizer.step()
@@ -193,20 +199,9 @@ def match_trajectories(
                 syn_lr.clamp_(min=cfg.min_lr)
                 if cfg.ema_decay is not None:
                     tensors["ema"].mul_(cfg.ema_decay).add_(images.detach(), alpha=1 - cfg.ema_decay)
-        history.append(
-            {
-                "iteration": it + 1,
-                "loss": loss.item(),
-                "lr": syn_lr.item(),
-                "start_epoch": t,
-                "skipped": skipped,
-            }
-        )
-        progress.step(
-            it + 1,
-            cfg.iterations,
-            f"loss {loss.item():.4f} lr {syn_lr.item():.4g} start {t} of {low}..{high}",
-        )
+        # ``lr``: the step size this iteration's unroll used (the update above moves it for the next).
+        history.append({"iteration": it + 1, "loss": loss, "lr": lr, "start_epoch": t, "skipped": skipped})
+        progress.step(it + 1, cfg.iterations, f"loss {loss:.4f} lr {lr:.4g} start {t} of {low}..{high}")
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
             checkpoints.save(resumable.snapshot(it + 1, history))
 
