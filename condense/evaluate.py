@@ -276,12 +276,15 @@ def train_kd(
     targets: Targets,
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
+    compile_step: bool = False,
 ) -> tuple[nn.Module, float]:
     """Train ``arch`` by KD: each epoch follows ``plans(epoch)``, each batch learns ``targets``.
-    Returns the model and the last epoch's mean loss."""
+    Returns the model and the last epoch's mean loss. ``compile_step``: the student's forward pass
+    through ``torch.compile`` (:class:`Compiled`)."""
     model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(
         x.device, non_blocking=True
     )
+    forward = Compiled(model, compile_step, x.device)
     optimizer = adamw_without_decay_on_norms(model, recipe.lr, recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: cosine_factor(epoch, recipe.epochs, recipe.final_lr_fraction)
@@ -295,7 +298,7 @@ def train_kd(
             inputs = plan_inputs(x, plan, batch, recipe.batch_size, recipe.augment.factor)
             probs = targets(epoch, batch, inputs).to(inputs.device)
             model.train()
-            step_loss = kd_loss(model(inputs), probs, recipe.temperature)
+            step_loss = kd_loss(forward(inputs), probs, recipe.temperature)
             optimizer.zero_grad(set_to_none=True)
             step_loss.backward()
             optimizer.step()
@@ -317,10 +320,11 @@ def train_and_test_kd(
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
     held_out: HeldOut = None,
+    compile_step: bool = False,
 ) -> dict[str, float | None]:
     """:func:`train_kd`, then the test accuracy (%) and calibration of the final model."""
     started = time.perf_counter()
-    model, loss = train_kd(arch, data, x, recipe, seed, plans, targets, model_cfg, progress)
+    model, loss = train_kd(arch, data, x, recipe, seed, plans, targets, model_cfg, progress, compile_step)
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 

@@ -8,6 +8,7 @@ With ``zca: true`` inputs are ZCA-whitened instead (MTT's convention: no mean/st
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -86,18 +87,28 @@ RealData = PreparedDataset | StreamedDataset
 the card's shape; only the in-memory kind has ``train_x``/``test_x``."""
 
 
-def _to_inputs(x: np.ndarray, card: dict[str, Any], whitening: zca.ZCA | None) -> torch.Tensor:
-    pixels = torch.from_numpy(x).float() / 255.0
+def _to_inputs(
+    x: np.ndarray, card: dict[str, Any], whitening: zca.ZCA | None, device: torch.device
+) -> torch.Tensor:
+    """Stored uint8 pixels -> network inputs on ``device``: the bytes travel (a quarter of the
+    floats), the conversion and the whitening run there."""
+    pixels = upload(torch.from_numpy(x), device).float() / 255.0
     if whitening is not None:
-        return zca.apply_zca(pixels, whitening)
-    mean = torch.tensor(card["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(card["std"]).view(1, -1, 1, 1)
+        return zca.apply_zca(
+            pixels,
+            zca.ZCA(upload(whitening.mean, device), upload(whitening.transform, device), whitening.inverse),
+        )
+    mean = upload(torch.tensor(card["mean"]), device).view(1, -1, 1, 1)
+    std = upload(torch.tensor(card["std"]), device).view(1, -1, 1, 1)
     return (pixels - mean) / std
 
 
-def load(store: Store, key: str, cfg: DatasetConfig | None = None) -> RealData:
-    """The stored dataset as network inputs; a streamed one reads its shards where ``cfg`` says they
-    are now (where they were indexed without it)."""
+def load(
+    store: Store, key: str, cfg: DatasetConfig | None = None, device: torch.device | str = "cpu"
+) -> RealData:
+    """The stored dataset as network inputs on ``device``; a streamed one reads its shards where
+    ``cfg`` says they are now (where they were indexed without it)."""
+    device = torch.device(device)
     meta = store.meta(STAGE, key)
     card = meta["card"]
     whitening = None
@@ -105,16 +116,42 @@ def load(store: Store, key: str, cfg: DatasetConfig | None = None) -> RealData:
         z = load_arrays(store.path(STAGE, key) / WHITENING)
         whitening = zca.ZCA(**{k: torch.from_numpy(v) for k, v in z.items()})
     if card.get("load") == "stream":
-        return open_streamed(store.path(STAGE, key) / INDEX, meta, cfg, whitening)
+        return open_streamed(store.path(STAGE, key) / INDEX, meta, cfg, whitening).to(device)
     arrays = load_arrays(store.path(STAGE, key) / DATA)
     return PreparedDataset(
-        train_x=_to_inputs(arrays["train_x"], card, whitening),
-        train_y=torch.from_numpy(arrays["train_y"]).long(),
-        test_x=_to_inputs(arrays["test_x"], card, whitening),
-        test_y=torch.from_numpy(arrays["test_y"]).long(),
+        train_x=_to_inputs(arrays["train_x"], card, whitening, device),
+        train_y=upload(torch.from_numpy(arrays["train_y"]).long(), device),
+        test_x=_to_inputs(arrays["test_x"], card, whitening, device),
+        test_y=upload(torch.from_numpy(arrays["test_y"]).long(), device),
         card=card,
         whitening=whitening,
     )
+
+
+RESIDENT_DATASETS = 2
+"""In-memory datasets a process keeps prepared (per store, key and device) for its next jobs."""
+_resident: dict[tuple[str, str, str], PreparedDataset] = {}
+_resident_lock = threading.Lock()
+
+
+def load_once(store: Store, key: str, cfg: DatasetConfig, device: torch.device) -> RealData:
+    """:func:`load`, prepared once per process for each (store, dataset key, device): the jobs of a
+    pipeline (experts, distillation, every evaluation) share one copy instead of each reading and
+    whitening the whole dataset again. A key names its content, so a kept copy never goes stale;
+    the last :data:`RESIDENT_DATASETS` are kept. Streamed datasets are opened per job (they hold
+    open shard readers, and their point is to keep nothing resident)."""
+    if store.meta(STAGE, key)["card"].get("load") == "stream":
+        return load(store, key, cfg, device)
+    name = (store.location, key, str(device))
+    with _resident_lock:  # one reader per process: concurrent jobs wait for the first's copy
+        data = _resident.pop(name, None)
+        if data is None:
+            data = load(store, key, cfg, device)
+            assert isinstance(data, PreparedDataset)
+        _resident[name] = data  # most recently used last
+        while len(_resident) > RESIDENT_DATASETS:
+            del _resident[next(iter(_resident))]
+    return data
 
 
 INPUT_STD_SAMPLE = 512

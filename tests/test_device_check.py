@@ -220,3 +220,33 @@ def test_a_distillation_iteration_waits_for_the_device_at_most_once(both, expert
             method.distill(inputs, MemoryCheckpoints(), SILENT)
             waits.append(syncs.total)
     assert waits[1] - waits[0] <= 2, syncs.as_dict()
+
+
+@pytest.mark.parametrize("zca", [False, True])
+def test_a_dataset_is_prepared_on_the_device_once_per_process(tmp_path, monkeypatch, zca):
+    from condense import prepare as preparing
+    from condense.config import DatasetConfig
+    from condense.stages.dataset import prepare
+    from condense.store import Store
+
+    store = Store(tmp_path)
+    cfg = DatasetConfig(train_per_class=5, zca=zca)
+    key, _ = prepare(cfg, store, 1)
+    on_cpu = preparing.load(store, key, cfg)
+    reads = []
+    real_load = preparing.load
+    monkeypatch.setattr(preparing, "load", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(preparing, "_resident", {})
+    with devicecheck.simulated() as syncs:
+        first = preparing.load_once(store, key, cfg, devicecheck.DEVICE)
+        again = preparing.load_once(store, key, cfg, devicecheck.DEVICE)
+        # Pixels travel as bytes and become inputs there: no blocking copy on the way.
+        assert syncs.counts["to_device"] == 0 and syncs.counts["async_copies"] == 8
+        assert again is first and len(reads) == 1
+        assert first.train_x.device.type == devicecheck.DEVICE.type
+        # The device's inputs are the CPU's (whitened or normalised there, from the same bytes).
+        torch.testing.assert_close(first.train_x.cpu(), on_cpu.train_x, rtol=1e-5, atol=1e-5)
+        assert torch.equal(first.test_y.cpu(), on_cpu.test_y)
+    # Another device, or another key, is another copy; the oldest beyond the bound is let go.
+    preparing.load_once(store, key, cfg, torch.device("cpu"))
+    assert len(reads) == 2 and len(preparing._resident) == preparing.RESIDENT_DATASETS

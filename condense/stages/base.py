@@ -32,7 +32,7 @@ from condense import devices
 from condense.codeversion import code_version
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, DamagedArtifactError
-from condense.prepare import RealData, load
+from condense.prepare import RealData, load_once
 from condense.progress import SILENT, Progress
 from condense.store import Store, read_json, stable_hash, write_json
 
@@ -204,9 +204,9 @@ class Context:
     _data: RealData | None = None
 
     def data(self) -> RealData:
-        """The prepared real data on the job's device, loaded and moved once per job."""
+        """The prepared real data on the job's device: read and prepared there once per process."""
         if self._data is None:
-            self._data = load(self.store, str(self.keys["dataset"]), self.cfg.dataset).to(self.device)
+            self._data = load_once(self.store, str(self.keys["dataset"]), self.cfg.dataset, self.device)
         return self._data
 
     @property

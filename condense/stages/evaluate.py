@@ -195,7 +195,7 @@ def _train_kd(
     arch = ctx.params["arch"]
     held_out = _held_out(ctx, subject, data, seed)
     return evaluate.train_and_test_kd(
-        arch, data, x, kd, seed, plans, targets, cfg.student, ctx.progress, held_out
+        arch, data, x, kd, seed, plans, targets, cfg.student, ctx.progress, held_out, ctx.compile_step
     )
 
 
