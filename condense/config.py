@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from condense.store import names
+
 
 def _numeric(annotation: Any) -> bool:
     """An int or float field (possibly optional or a float-or-literal union)."""
@@ -51,7 +53,10 @@ class DatasetConfig(Strict):
 
     source: Literal["digits", "webdataset", "folder", "torchvision", "huggingface"] = "digits"
     name: str = "digits"
-    """Display name; for ``source: torchvision`` the dataset class, e.g. ``CIFAR10``."""
+    """The dataset's name: its series of published versions in the store (``versions/<name>/...``),
+    so a plain name (letters, digits, ``_ . -``); for ``source: torchvision`` the dataset class, e.g.
+    ``CIFAR10``. Unset for another source than digits: the folder's name (``path``, else the train
+    shards' folder, else the hub id's last part), never ``digits``."""
     path: str | None = None
     """Shard directory (webdataset), image-folder root (folder), download root (torchvision) or
     ``save_to_disk`` folder (huggingface; with ``hf_name``, its download cache)."""
@@ -112,6 +117,35 @@ class DatasetConfig(Strict):
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must be distinct and not empty, got {self.class_names}")
         return self
+
+    @model_validator(mode="after")
+    def _series_name(self) -> DatasetConfig:
+        if "name" not in self.model_fields_set and self.source != "digits":
+            # Another source must not publish into the digits series of a shared store.
+            derived = _folder_name(self.path or self.train_urls or self.hf_name)
+            if derived is None:
+                raise ValueError(
+                    f"name is needed for source {self.source}: it names the dataset in the store"
+                )
+            self.name = derived
+        if not names.COMPONENT.fullmatch(self.name):
+            raise ValueError(
+                f"name {self.name!r} is not a plain name (letters, digits, '_', '.', '-'; no leading '.'):"
+                " it becomes a folder of the store"
+            )
+        return self
+
+
+def _folder_name(location: str | None) -> str | None:
+    """The last folder of a path, URL or brace pattern that is a plain name (``.../cifar10/train-{0..9}.tar``
+    -> ``cifar10``), or None."""
+    if not location:
+        return None
+    parts = [p for p in re.split(r"[/\\:]", location.rstrip("/")) if p and "{" not in p and "*" not in p]
+    for part in reversed(parts):
+        if names.COMPONENT.fullmatch(part) and not re.search(r"\.(tar|tgz|gz|zip|arrow)$", part):
+            return part
+    return None
 
 
 class DSAConfig(Strict):

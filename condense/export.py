@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from condense.errors import CondenseError
-from condense.store import META, open_store
+from condense.store import META, names, open_store
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "distilled-%06d.tar"
@@ -225,8 +225,11 @@ def _export_folder(
         return fs, base
     if fs.isfile(f"{base}/summary.json"):
         summary = json.loads(fs.cat_file(f"{base}/summary.json"))
+        export_key = names.stage_key(
+            summary.get("keys", {}).get("export"), "export key", f"run summary {base}/summary.json"
+        )
         # The run's store is two levels up: a copied or moved store finds its own export.
-        beside = f"{posixpath.dirname(posixpath.dirname(base))}/export/{summary['keys']['export']}"
+        beside = f"{posixpath.dirname(posixpath.dirname(base))}/export/{export_key}"
         for candidate in (beside, summary["artifacts"]["manifest"].removesuffix(f"/{MANIFEST}")):
             try:
                 return _export_folder(candidate, None, None, None, version)
@@ -234,6 +237,8 @@ def _export_folder(
                 continue
     if fs.isfile(f"{base}/{META}"):
         payload = json.loads(fs.cat_file(f"{base}/{META}")).get("payload")
+        if payload is not None:
+            names.component(payload, "payload", f"{base}/{META}")
         if payload and fs.isfile(f"{base}/{payload}/{MANIFEST}"):
             return fs, f"{base}/{payload}"
     raise CondenseError(f"no distilled set at {path}: expected {MANIFEST}, a run folder or an export")

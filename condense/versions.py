@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from condense.errors import CondenseError
 from condense.leases import leased
 from condense.stages.base import all_stages
-from condense.store import META, Store, create_exclusive, json_bytes
+from condense.store import META, Store, create_exclusive, json_bytes, names
 from condense.store.local import DAMAGED, LOCKS
 
 VERSIONS = "versions"
@@ -42,14 +42,48 @@ def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
 
 
 def _record(store: Store, path: str) -> dict[str, Any]:
+    """The record at ``path``, every name in it that becomes a path checked first: a store may be
+    shared, and a crafted key such as ``../../etc`` must never reach a rename or a delete."""
     try:
         record = json.loads(store.fs.cat_file(path))
-        int(record["version"])
+        if not isinstance(record, dict) or type(record["version"]) is not int or record["version"] < 1:
+            raise ValueError
     except (ValueError, KeyError, TypeError):
         raise CondenseError(
             f"version record {path} is damaged (not a version record); restore or remove it"
         ) from None
+    where = f"version record {path}"
+    if "ipc" in record and (type(record["ipc"]) is not int or record["ipc"] < 1):
+        raise CondenseError(f"{where}: ipc {record['ipc']!r} is not a positive whole number")
+    for name in ("dataset", "method", "name"):
+        if name in record:
+            names.component(record[name], name, where)
+    if "folder" in record:
+        names.relative(record["folder"], "folder", where)
+    for stage, key in _keys_of(record, where):
+        names.component(stage, "stage", where)
+        names.stage_key(key, f"{stage} key", where)
     return record
+
+
+def _keys_of(record: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """Every (stage, key) a version or leaderboard record names: its ``keys``, ``evaluations`` and
+    ``artifacts``; one line when their shapes are wrong."""
+    keys, evaluations = record.get("keys", {}), record.get("evaluations", [])
+    artifacts = record.get("artifacts", [])
+    shapes_ok = (
+        isinstance(keys, dict)
+        and isinstance(evaluations, list)
+        and isinstance(artifacts, list)
+        and all(isinstance(pair, list) and len(pair) == 2 for pair in artifacts)
+    )
+    if not shapes_ok:
+        raise CondenseError(f"{where}: its keys, evaluations or artifacts are not what a record holds")
+    return [
+        *((stage, key) for stage, key in keys.items() if key),
+        *(("evaluate", key) for key in evaluations),
+        *((stage, key) for stage, key in artifacts),
+    ]
 
 
 def _read(store: Store, paths: list[str]) -> list[dict[str, Any]]:

@@ -522,7 +522,7 @@ def export(
     """
     from condense.export import write_hf_dataset, write_image_folder
 
-    if version != "latest" and not version.isdigit():
+    if version != "latest" and not (version.isascii() and version.isdigit()):
         _fail(f"--version must be 'latest' or a number, not {version!r}", 2)
     if fmt not in ("folder", "hf"):
         _fail(f"--format must be 'folder' or 'hf', not {fmt!r}", 2)

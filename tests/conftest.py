@@ -99,6 +99,13 @@ def run_cli(args: list[str], env: dict[str, str], check: bool = True) -> subproc
     return proc
 
 
+def fake_key(label: str) -> str:
+    """A stage key's form (20 hex digits) for ``label``: records name only such keys."""
+    import hashlib
+
+    return hashlib.sha256(label.encode()).hexdigest()[:20]
+
+
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 

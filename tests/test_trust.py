@@ -24,7 +24,7 @@ from condense.export import write_distilled, write_image_folder
 from condense.stages.base import TorchCheckpoints
 from condense.store import Store, load_arrays
 from condense.teacher import load_teacher_file
-from tests.conftest import TINY, Notes, run_pipeline
+from tests.conftest import TINY, Notes, fake_key, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +289,7 @@ def _published(tmp_path: Path) -> Store:
             "ipc": 1,
             "source_fingerprint": "f",
             "accuracy": {},
-            "keys": {"export": "x"},
+            "keys": {"export": fake_key("x")},
         },
     )
     return store
@@ -325,7 +325,7 @@ def test_gc_keeps_what_a_running_pipeline_leases_and_only_while_it_runs(copy):
     _old(store.root)
     shutil.rmtree(store.root / "versions")
     store.fs.invalidate_cache()
-    versions.publish(store, {"dataset": "d", "method": "m", "ipc": 1, "keys": {"export": "other"}})
+    versions.publish(store, {"dataset": "d", "method": "m", "ipc": 1, "keys": {"export": fake_key("other")}})
     dataset = ("dataset", summary["keys"]["dataset"])
     with leases.Lease(store, "run-1") as lease:
         lease.protect([dataset])
@@ -337,3 +337,70 @@ def test_gc_keeps_what_a_running_pipeline_leases_and_only_while_it_runs(copy):
     (store.root / "leases" / "gone.json").write_text(json.dumps(stale))
     versions.gc(store, dry_run=False, grace_seconds=0)
     assert not store.has(*dataset)  # a run killed long ago protects nothing
+
+
+# ------------------------------------------------------------- names read from a store never become paths
+
+
+def _crafted_version(store: Store, summary: dict, **keys: str) -> None:
+    """A version 2 of the run's published set whose keys say what an attacker wants."""
+    series = store.root / "versions" / "digits" / "mtt" / "ipc1"
+    latest = json.loads(sorted(series.glob("v*.json"))[-1].read_text())
+    (series / "v0002.json").write_text(json.dumps({**latest, "version": 2, "keys": {**latest["keys"], **keys}}))
+
+
+@pytest.mark.parametrize("key", ["../../victim", "../../../../../../../../tmp", "/etc", "a/b", ".."])
+def test_a_crafted_version_record_never_moves_or_reads_a_folder_outside_the_store(copy, tmp_path, key):
+    store, summary = copy
+    victim = tmp_path / "victim"  # beside the store, where "../../victim" leads from <store>/export/
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    _crafted_version(store, summary, export=key)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CondenseError, match=r"v0002.json: export key .* is not a stage key"):
+        condense.load_distilled(store.root, dataset="digits", method="mtt", ipc=1)
+    with pytest.raises(CondenseError, match="is not a stage key"):
+        write_image_folder(str(store.root), tmp_path / "out", "digits", "mtt", 1, "latest", False)
+    with pytest.raises(CondenseError, match="is not a stage key"):
+        versions.gc(store, dry_run=True)
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made, nothing moved
+
+
+def test_a_stage_key_that_is_a_link_out_of_the_store_is_set_aside_not_followed(copy, tmp_path):
+    store, summary = copy
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    key = fake_key("linked")
+    (store.root / "export" / key).symlink_to(outside, target_is_directory=True)
+    _crafted_version(store, summary, export=key)
+    with pytest.raises(CondenseError):
+        condense.load_distilled(store.root, dataset="digits", method="mtt", ipc=1)
+    # The link itself went aside inside the store; what it pointed at is where it was.
+    assert (outside / "precious.txt").read_text() == "keep me"
+    assert not (store.root / "export" / key).is_symlink()
+    assert [p.is_symlink() for p in (store.root / "export" / ".damaged").iterdir()] == [True]
+
+
+def test_store_paths_refuse_names_that_climb(tmp_path):
+    store = Store(tmp_path / "store")
+    for stage, key in [("export", "../x"), ("..", "k"), ("export", "/etc"), ("export", ".hidden")]:
+        with pytest.raises(CondenseError, match="is not a plain name"):
+            store.path(stage, key)
+        with pytest.raises(CondenseError, match="is not a plain name"):
+            store.quarantine(stage, key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../../X", "a/b", ".hidden", ""])
+def test_a_dataset_name_that_would_climb_out_of_the_versions_folder_is_refused(name):
+    with pytest.raises(ConfigError, match="not a plain name"):
+        load_config("digits-mtt", [f"dataset.name={name!r}"])
+
+
+def test_a_dataset_without_a_name_is_named_after_its_folder_not_digits(tmp_path):
+    cfg = load_config("digits-mtt", ["dataset.source=webdataset", f"dataset.path={tmp_path / 'cifar100'}"])
+    assert cfg.dataset.name == "cifar100"
+    with pytest.raises(ConfigError, match="name is needed for source webdataset"):
+        load_config("digits-mtt", ["dataset.source=webdataset", "dataset.path=/"])

@@ -11,6 +11,9 @@ import pytest
 from condense import versions
 from condense.errors import CondenseError
 from condense.store import Store, write_json
+from tests.conftest import fake_key
+
+D1, S1, E1, X1, X2, S0, E0 = map(fake_key, ["d1", "s1", "e1", "x1", "x2", "s0", "e0"])
 
 
 def _artifact(store: Store, stage: str, key: str, age: float = 7200) -> Path:
@@ -30,20 +33,20 @@ def _record(export: str, fingerprint: str = "f1", **keys: str) -> dict:
         "ipc": 1,
         "source_fingerprint": fingerprint,
         "accuracy": {"convnet": {"mean": 90.0, "std": 1.0}},
-        "keys": {"dataset": "d1", "distill": "s1", "export": export, **keys},
-        "evaluations": ["e1"],
+        "keys": {"dataset": D1, "distill": S1, "export": export, **keys},
+        "evaluations": [E1],
     }
 
 
 def test_the_same_export_is_not_a_new_version_and_new_data_is(tmp_path: Path):
     store = Store(tmp_path)
-    first, new = versions.publish(store, _record("x1"))
+    first, new = versions.publish(store, _record(X1))
     assert new and first["version"] == 1
-    again, new = versions.publish(store, _record("x1"))
+    again, new = versions.publish(store, _record(X1))
     assert not new and again == first
-    second, new = versions.publish(store, _record("x2", fingerprint="f2"))
+    second, new = versions.publish(store, _record(X2, fingerprint="f2"))
     assert new and second["version"] == 2
-    assert versions.resolve(store, "digits", "mtt", 1)["keys"]["export"] == "x2"
+    assert versions.resolve(store, "digits", "mtt", 1)["keys"]["export"] == X2
     assert versions.resolve(store, "digits", "mtt", 1, 1)["source_fingerprint"] == "f1"
     assert [r["version"] for r in versions.list_versions(store)] == [1, 2]
     assert [r["version"] for r in versions.list_versions(store, latest_only=True)] == [2]
@@ -51,7 +54,7 @@ def test_the_same_export_is_not_a_new_version_and_new_data_is(tmp_path: Path):
 
 def test_resolving_what_was_never_published_names_what_was(tmp_path: Path):
     store = Store(tmp_path)
-    versions.publish(store, _record("x1"))
+    versions.publish(store, _record(X1))
     with pytest.raises(CondenseError, match="published: digits/mtt/ipc1"):
         versions.resolve(store, "digits", "dream", 1)
     with pytest.raises(CondenseError, match=r"has versions \[1\], not 7"):
@@ -60,26 +63,24 @@ def test_resolving_what_was_never_published_names_what_was(tmp_path: Path):
 
 def test_gc_removes_only_what_no_version_references(tmp_path: Path):
     store = Store(tmp_path)
-    for stage, key in [("dataset", "d1"), ("distill", "s1"), ("export", "x1"), ("evaluate", "e1")]:
+    for stage, key in [("dataset", D1), ("distill", S1), ("export", X1), ("evaluate", E1)]:
         _artifact(store, stage, key)
-    stale = [_artifact(store, "distill", "s0"), _artifact(store, "evaluate", "e0")]
+    stale = [_artifact(store, "distill", S0), _artifact(store, "evaluate", E0)]
     fresh = _artifact(store, "distill", "running", age=0)  # a run in progress has not published yet
     partial = store.partial("distill", "half")
     os.utime(partial, (time.time() - 7200,) * 2)
     with pytest.raises(CondenseError, match="no published versions"):
         versions.gc(store)
-    versions.publish(store, _record("x1"))
+    versions.publish(store, _record(X1))
 
     dry = versions.gc(store, dry_run=True)
-    assert dry.removable == ["distill/s0", "evaluate/e0"]
+    assert dry.removable == [f"distill/{S0}", f"evaluate/{E0}"]
     assert dry.partial == ["distill/.partial/half"] and all(p.exists() for p in stale)
 
     done = versions.gc(store, dry_run=False)
     assert not any(p.exists() for p in stale) and done.bytes > 0
     assert fresh.exists() and partial.exists()
-    assert all(
-        store.has(stage, key) for stage, key in [("dataset", "d1"), ("distill", "s1"), ("export", "x1")]
-    )
+    assert all(store.has(stage, key) for stage, key in [("dataset", D1), ("distill", S1), ("export", X1)])
     versions.gc(store, dry_run=False, partials=True)
     assert not partial.exists()
 
@@ -97,10 +98,10 @@ def test_a_store_copied_to_object_storage_loads_by_url(tmp_path: Path):
     images = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
     soft = np.full((4, 2), 0.5, dtype=np.float32)
     manifest = {"method": "mtt", "ipc": 2, "classes": [0, 1], "source_fingerprint": "f1"}
-    with store.writing("export", "x1") as tmp:
+    with store.writing("export", X1) as tmp:
         write_distilled(tmp, images, images.clip(0, 1), np.array([0, 0, 1, 1]), soft, manifest)
-        store.commit("export", "x1", tmp, {})
-    versions.publish(store, _record("x1"))
+        store.commit("export", X1, tmp, {})
+    versions.publish(store, _record(X1))
     local = condense.load_distilled(store.root, dataset="digits", method="mtt", ipc=1)
 
     fs = fsspec.filesystem("memory")
@@ -110,7 +111,7 @@ def test_a_store_copied_to_object_storage_loads_by_url(tmp_path: Path):
     remote = condense.load_distilled("memory://bucket", dataset="digits", method="mtt", ipc=1, version=1)
     assert torch.equal(remote.images, local.images) and torch.equal(remote.soft, local.soft)
     assert remote.labels.tolist() == [0, 0, 1, 1]
-    direct = condense.load_distilled("memory://bucket/export/x1/manifest.json")
+    direct = condense.load_distilled(f"memory://bucket/export/{X1}/manifest.json")
     assert torch.equal(direct.images, torch.from_numpy(images))
     with pytest.raises(
         CondenseError, match="no distilled set digits/dm/ipc1 in memory://bucket; published: digits/mtt/ipc1"

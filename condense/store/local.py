@@ -23,7 +23,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from condense.errors import CondenseError, DamagedArtifactError
-from condense.store import integrity
+from condense.store import integrity, names
 from condense.store.files import META, make_dir_racing_cleanup, write_json
 
 LOCKS = ".locks"
@@ -49,7 +49,15 @@ class Store:
         self.base = str(self.root)
 
     def _local(self, stage: str, key: str) -> Path:
-        return self.root / stage / key
+        return self.root / self._stage(stage) / self._name(key)
+
+    def _stage(self, stage: str) -> str:
+        """``stage`` when it is a plain folder name: every path below the root goes through here or
+        :meth:`_name`, so that no key or name read from a record can climb out of the store."""
+        return names.component(stage, "stage", f"store {self.location}")
+
+    def _name(self, key: str) -> str:
+        return names.component(key, "key", f"store {self.location}")
 
     def path(self, stage: str, key: str) -> Path:
         """Local directory of the finished artifact (fetched first if the store is remote), its files
@@ -73,10 +81,17 @@ class Store:
 
     def quarantine(self, stage: str, key: str) -> str:
         """Move a damaged artifact aside (so that its stage is recomputed); returns where it went."""
+        # Only ever a rename inside <store>/<stage>/: both names are checked plain names, and the
+        # parents made are the store's own (never a folder elsewhere).
+        source = self._local(stage, key)
+        if source.parent.is_symlink():
+            raise CondenseError(
+                f"refusing to move {stage}/{key} aside: {source.parent} is a link out of the store"
+            )
         target = self.root / stage / DAMAGED / f"{key}-{uuid.uuid4().hex[:8]}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dir_racing_cleanup(target.parent, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # another process moved it first
-            os.rename(self._local(stage, key), target)
+            os.rename(source, target)
         return str(target)
 
     def url(self, stage: str, key: str) -> str:
@@ -117,7 +132,7 @@ class Store:
 
     def partial(self, stage: str, key: str) -> Path:
         """Scratch directory of an unfinished artifact; survives crashes so work can resume."""
-        path = self.root / stage / ".partial" / key
+        path = self.root / self._stage(stage) / ".partial" / self._name(key)
         make_dir_racing_cleanup(path, exist_ok=True)
         return path
 
@@ -163,7 +178,7 @@ class Store:
         """Hold ``<stage>/.locks/<name>`` exclusively (other processes and threads on this machine
         wait): two runs working on the same resumable artifact take turns instead of writing into
         one work folder at once. The lock goes with its holder, even one killed by SIGKILL."""
-        path = self.root / stage / LOCKS / f"{name}.lock"
+        path = self.root / self._stage(stage) / LOCKS / f"{self._name(name)}.lock"
         make_dir_racing_cleanup(path.parent, exist_ok=True)
         with open(path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -178,7 +193,7 @@ class Store:
 
         The caller commits it with :meth:`commit` inside the block.
         """
-        tmp = self.root / stage / ".tmp" / f"{key}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / self._stage(stage) / ".tmp" / f"{self._name(key)}-{uuid.uuid4().hex[:8]}"
         make_dir_racing_cleanup(tmp)
         try:
             yield tmp

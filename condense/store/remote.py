@@ -35,7 +35,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from condense.errors import CondenseError, DamagedArtifactError
-from condense.store import integrity
+from condense.store import integrity, names
 from condense.store.files import META, create_exclusive, json_bytes
 from condense.store.local import Store
 
@@ -65,7 +65,7 @@ class RemoteStore(Store):
     def marker(self, stage: str, key: str) -> dict[str, Any] | None:
         """The commit marker of ``(stage, key)`` in the store, or None while it is not committed."""
         if (stage, key) not in self._markers:
-            path = self._remote(stage, key, META)
+            path = self._remote(self._stage(stage), self._name(key), META)
             self.fs.invalidate_cache(path)  # another machine may have committed since we listed
             try:
                 raw = self.fs.cat_file(path)
@@ -122,11 +122,15 @@ class RemoteStore(Store):
     def _payload(self, stage: str, key: str, marker: dict[str, Any]) -> tuple[str, list[str]]:
         """Folder and file names of a committed artifact. A store written locally and copied to
         object storage (``aws s3 sync``) has no payload folder: its files sit beside meta.json."""
+        where = f"commit marker of {stage}/{key} in {self.location}"
         if "payload" in marker:
-            return self._remote(stage, key, marker["payload"]), list(marker["files"])
+            payload = names.component(marker["payload"], "payload", where)
+            return self._remote(stage, key, payload), [
+                names.relative(f, "file", where) for f in marker["files"]
+            ]
         folder = self._remote(stage, key)
-        names = [path[len(folder) + 1 :] for path in self.fs.find(folder)]
-        return folder, [name for name in names if name != META]
+        found = [path[len(folder) + 1 :] for path in self.fs.find(folder)]
+        return folder, [name for name in found if name != META]
 
     def commit(self, stage: str, key: str, work_dir: Path, meta: dict[str, Any]) -> Path:
         checksums = integrity.checksums(work_dir)
