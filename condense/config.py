@@ -8,6 +8,7 @@ forbids unknown keys, so a typo is an error, never a silently ignored setting.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -45,6 +46,9 @@ class Strict(BaseModel):
     def _no_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and _numeric(cls.model_fields[str(info.field_name)].annotation):
             raise ValueError(f"expected a number, got {str(value).lower()}")
+        # YAML's .nan and .inf are floats: a learning rate of nan would run for minutes to no end.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
         return value
 
 
@@ -152,14 +156,19 @@ class DSAConfig(Strict):
     """Differentiable siamese augmentation (Zhao & Bilen 2021), the defaults MTT uses."""
 
     strategy: str = "color_crop_cutout_flip_scale_rotate"
-    brightness: float = 1.0
-    saturation: float = 2.0
-    contrast: float = 0.5
-    crop: float = 0.125
-    cutout: float = 0.5
-    scale: float = 1.2
-    rotate: float = 15.0
-    flip: float = 0.5
+    brightness: float = Field(default=1.0, ge=0)
+    saturation: float = Field(default=2.0, ge=0)
+    contrast: float = Field(default=0.5, ge=0)
+    crop: float = Field(default=0.125, ge=0, lt=1)
+    """Largest shift, as a fraction of the side."""
+    cutout: float = Field(default=0.5, ge=0, le=1)
+    """Side of the erased square, as a fraction of the image's."""
+    scale: float = Field(default=1.2, ge=1)
+    """Largest zoom factor (its inverse the smallest)."""
+    rotate: float = Field(default=15.0, ge=0, le=180)
+    """Largest rotation in degrees, either way."""
+    flip: float = Field(default=0.5, ge=0, le=1)
+    """Probability of a horizontal flip."""
 
     @field_validator("strategy")
     @classmethod

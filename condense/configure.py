@@ -33,13 +33,35 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently, so a setting written twice would quietly lose its first value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"distill.iterations=300"`` -> ``("distill.iterations", 300)``; values are parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value, got {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
+    except yaml.constructor.ConstructorError as err:
+        raise ConfigError(f"--set {key.strip()}: {err.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -68,13 +90,15 @@ def _read_yaml(source: str) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"unknown preset {source!r}; presets: {', '.join(preset_names())}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"cannot read config {path}: {_yaml_problem(err)}") from None
+    if not data:  # an empty file would silently run every default (the full digits budget)
+        raise ConfigError(f"config {path} is empty: name a preset or write its settings there")
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of settings")
     data.setdefault("name", path.stem)

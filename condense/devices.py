@@ -47,7 +47,7 @@ def resolve(setting: str) -> torch.device:
     count = torch.cuda.device_count()
     if turn:
         return torch.device("cuda", int(turn) % count)
-    index = torch.device(name).index if name.startswith("cuda") else None
+    index = int(name.partition(":")[2]) if ":" in name else None  # no torch.device: huge N overflows
     if index is not None and index >= count:
         raise ConfigError(f"device {setting}: only {count} CUDA device(s) here")
     return torch.device("cuda", torch.cuda.current_device() if index is None else index)

@@ -251,8 +251,10 @@ def run(
     overrides = list(set_ or [])
     if device:
         overrides.append(f"compute.device={device}")
-    if devices:
+    if devices is not None:
         names = [f"cuda:{d}" if d.strip().isdigit() else d.strip() for d in devices.split(",")]
+        if not all(names):
+            _fail(f"--devices {devices!r}: name each device (0,1 or cuda:0,cuda:1), none empty", 2)
         overrides.append(f"compute.devices=[{','.join(names)}]")
     try:
         cfg = load_config(preset, overrides)  # bad config fails here, before any Prefect or store work

@@ -61,3 +61,34 @@ def test_yaml_file_in_place_of_a_preset(tmp_path: Path):
     assert (cfg.ipc, cfg.name) == (3, "mine")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "evaluate.lr=.nan",
+        "evaluate.lr=.inf",
+        "distill.lr_img=.inf",
+        "experts.weight_decay=.inf",
+        "dsa.rotate=.nan",
+        "dsa.flip=5",
+        "dsa.cutout=-3",
+        "dsa.scale=0.5",
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused(override):
+    field = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=f"invalid config value for '{field}'"):
+        load_config("digits-mtt", [override])
+
+
+def test_a_setting_given_twice_is_refused_not_last_one_wins(tmp_path: Path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("method: mtt\ndistill:\n  iterations: 5\n  iterations: 50\n")
+    with pytest.raises(ConfigError, match="the key 'iterations' is given twice at line 4"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="--set distill: the key 'iterations' is given twice"):
+        load_config("digits-mtt", ["distill={iterations: 1, iterations: 2}"])
+    (tmp_path / "empty.yaml").write_text("\n# nothing\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(str(tmp_path / "empty.yaml"))

@@ -346,7 +346,9 @@ def _crafted_version(store: Store, summary: dict, **keys: str) -> None:
     """A version 2 of the run's published set whose keys say what an attacker wants."""
     series = store.root / "versions" / "digits" / "mtt" / "ipc1"
     latest = json.loads(sorted(series.glob("v*.json"))[-1].read_text())
-    (series / "v0002.json").write_text(json.dumps({**latest, "version": 2, "keys": {**latest["keys"], **keys}}))
+    (series / "v0002.json").write_text(
+        json.dumps({**latest, "version": 2, "keys": {**latest["keys"], **keys}})
+    )
 
 
 @pytest.mark.parametrize("key", ["../../victim", "../../../../../../../../tmp", "/etc", "a/b", ".."])

@@ -166,6 +166,10 @@ def test_sigkill_of_the_command_takes_its_api_server_with_it(ephemeral_env, tmp_
             "'teacher.arch': unknown architecture",
         ),
         (["--set", "ipc=true"], "invalid config value for 'ipc': expected a number, got true"),
+        (["--set", "evaluate.lr=.nan"], "'evaluate.lr': expected a finite number, got nan"),
+        (["--devices", ""], "--devices '': name each device"),
+        (["--device", "cuda:99999999999999999999"], "cuda"),
+        (["--set", "dataset.name=../../X"], "is not a plain name"),
     ],
 )
 def test_config_mistakes_are_caught_before_any_work(extra, message, prefect_env, tmp_path):
@@ -182,6 +186,8 @@ def test_config_mistakes_are_caught_before_any_work(extra, message, prefect_env,
     [
         (b"method: mtt\nipc: [1,\n", "cannot read config"),
         (b"method: mtt\n\xff\xfe ipc: 1\n", "not UTF-8 text"),
+        (b"", "is empty"),
+        (b"method: mtt\nipc: 1\nipc: 10\n", "the key 'ipc' is given twice at line 3"),
     ],
 )
 def test_unreadable_config_files_are_one_line(content, message, prefect_env, tmp_path):
