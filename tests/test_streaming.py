@@ -322,3 +322,41 @@ def test_the_imagenet_transform_resizes_the_short_side_and_cuts_the_centre() -> 
     left, top = (short * 2 - 8) // 2, (short - 8) // 2
     assert np.array_equal(np.asarray(out), np.asarray(resized)[top : top + 8, left : left + 8])
     assert fit_image(image, 8, "resize").size == (8, 8)  # squashed, not cropped
+
+
+def _cut_at_a_block_boundary(path, keep_fraction: float) -> int:
+    """Cut ``path`` after the member header block nearest ``keep_fraction`` of its samples, as an
+    interrupted copy does (tar files are whole 512-byte blocks); returns the bytes kept."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    cut = offsets[int(len(offsets) * keep_fraction)]
+    assert cut % 512 == 0
+    path.write_bytes(path.read_bytes()[:cut])
+    return cut
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_shard_cut_short_at_a_block_boundary_is_named_not_read_as_a_smaller_dataset(tmp_path, mode):
+    shards = write_shards(tmp_path / "shards", 2, 9, 3, 8)
+    _cut_at_a_block_boundary(shards / "train-000000.tar", 2 / 3)
+    cfg = DatasetConfig(source="webdataset", path=str(shards), load=mode, workers=0)
+    with pytest.raises(DatasetError, match=r"shard .*train-000000.tar is truncated"):
+        prepare(cfg, Store(tmp_path / "store"))
+
+
+def test_a_class_missing_from_training_blames_the_training_shards_not_the_test_split(tmp_path):
+    root = tmp_path / "shards"
+    write_shards(root, 3, 4, 2, 8)
+    train = root / "train-000000.tar"
+    kept = [s for s in wds.WebDataset(str(train), shardshuffle=False, empty_check=False) if s["cls"] != b"2"]
+    with wds.TarWriter(str(train)) as sink:
+        for sample in kept:
+            sink.write({k: v for k, v in sample.items() if k in ("__key__", "jpg", "cls")})
+    for mode in ("memory", "stream"):
+        cfg = DatasetConfig(source="webdataset", path=str(root), load=mode, workers=0)
+        with pytest.raises(
+            DatasetError, match="has cls 2, but no training sample does .* missing or cut short"
+        ):
+            prepare(cfg, Store(tmp_path / mode))

@@ -99,7 +99,9 @@ def _samples(url: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfil
         with open_shard(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             key: str | None = None
             members: dict[str, tarfile.TarInfo] = {}
+            end = 0
             for member in tar:
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not member.isfile():
                     continue
                 sample, ext = _split_name(member.name)
@@ -109,8 +111,44 @@ def _samples(url: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfil
                     key, members = sample, {}
                 members[ext] = member
                 tar.members = []  # headers of past samples are not needed: keep memory flat
+            check_complete(f, end, url)  # before the last sample: a cut shard yields nothing more
             if key is not None:
                 yield key, members, tar
+    except tarfile.TarError as err:
+        raise DatasetError(f"corrupt or unreadable shard {url}: {err}") from None
+
+
+END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+"""A tar ends with two zero blocks; a copy cut short at a block boundary has none."""
+
+
+def check_complete(f: Any, end: int, url: str) -> None:
+    """Raise unless the tar file ``f``, whose last member's (padded) data ends at byte ``end``, holds
+    all of that data and its end-of-archive blocks after it. Python's tarfile reads a shard cut at a
+    512-byte boundary (an interrupted copy) as a shorter, valid one: its missing samples would
+    silently be a smaller dataset."""
+    size = f.seek(0, 2)
+    if end > size:
+        raise DatasetError(
+            f"shard {url} is truncated: its last member needs {end} bytes, the file has {size}; copy it again"
+        )
+    f.seek(end)
+    if f.read(END_OF_ARCHIVE).strip(b"\0") or size - end < END_OF_ARCHIVE:
+        raise DatasetError(
+            f"shard {url} is truncated: it ends at byte {size} without the tar's end-of-archive blocks"
+            " (an interrupted copy?); copy it again"
+        )
+
+
+def check_shard(url: str) -> None:
+    """:func:`check_complete` for a whole shard file, reading its headers only."""
+    try:
+        with open_shard(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            end = 0
+            for member in tar:
+                end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                tar.members = []
+            check_complete(f, end, url)
     except tarfile.TarError as err:
         raise DatasetError(f"corrupt or unreadable shard {url}: {err}") from None
 
@@ -295,7 +333,8 @@ def check_labels(train: SplitIndex, test: SplitIndex, classes: list[str] | None 
     if len(outside):
         raise DatasetError(
             f"test sample #{int(outside[0])} (shard {test.shards[int(test.shard[outside[0]])]}) has cls "
-            f"{int(test.label[outside[0]])}, outside the training classes 0..{num_classes - 1}"
+            f"{int(test.label[outside[0]])}, but no training sample does (training classes 0.."
+            f"{num_classes - 1}): is a training shard missing or cut short?"
         )
     tested = np.bincount(test.label, minlength=num_classes)
     if (tested == 0).any():

@@ -20,6 +20,7 @@ from condense.datasets.common import (
     hash_file,
     settings_hash,
 )
+from condense.datasets.index import check_shard
 from condense.errors import DatasetError
 
 SAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -163,6 +164,8 @@ def _read_split(urls: list[str]) -> tuple[list[bytes], np.ndarray, list[tuple[st
     labels: list[int] = []
     where: list[tuple[str, str]] = []
     for url in urls:
+        if _local_path(url) is not None and not url.endswith((".gz", ".tgz")):
+            check_shard(url)  # a gzip stream has its own end marker; a plain tar cut short does not
         for sample in _shard_samples(url):
             key = sample.get("__key__", "?")
             image_key = next((k for k in SAMPLE_IMAGE_KEYS if k in sample), None)
@@ -225,7 +228,8 @@ def load(cfg: DatasetConfig) -> RawDataset:
     if len(outside):
         bad = int(outside[0])
         raise DatasetError(
-            "test sample {} in {} has cls {}, outside the training classes 0..{}".format(
+            "test sample {} in {} has cls {}, but no training sample does (training classes 0..{}): "
+            "is a training shard missing or cut short?".format(
                 *test_where[bad], int(test_y[bad]), num_classes - 1
             )
         )
