@@ -126,12 +126,12 @@ class DatasetConfig(Strict):
     def _series_name(self) -> DatasetConfig:
         if "name" not in self.model_fields_set and self.source != "digits":
             # Another source must not publish into the digits series of a shared store.
-            derived = _folder_name(self.path or self.train_urls or self.hf_name)
-            if derived is None:
-                raise ValueError(
-                    f"name is needed for source {self.source}: it names the dataset in the store"
-                )
-            self.name = derived
+            location = self.path or self.train_urls or self.hf_name
+            derived = _folder_name(location)
+            if location and derived is None:
+                raise ValueError(f"name is needed for source {self.source}: it names the set in the store")
+            # No location at all: the source's own check names what is missing when it loads.
+            self.name = derived or self.name
         if not names.COMPONENT.fullmatch(self.name):
             raise ValueError(
                 f"name {self.name!r} is not a plain name (letters, digits, '_', '.', '-'; no leading '.'):"

@@ -23,6 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ from condense.store import META, names, open_store
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "distilled-%06d.tar"
+MAX_BYTES_ENV = "CONDENSE_MAX_EXPORT_BYTES"
+MAX_BYTES = int(os.environ.get(MAX_BYTES_ENV, 16 << 30))
+"""The most shard bytes a distilled set may declare (16 GiB: ImageNet-1K at IPC 10 in float32 is
+about 6 GB); a set's own manifest bounds each shard far tighter."""
 GRID = "grid.png"
 
 
@@ -104,6 +109,7 @@ def write_distilled(
         **manifest,
         "shards": [p.name for p in shards],
         "shard_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
+        "shard_bytes": {p.name: p.stat().st_size for p in shards},
         "num_samples": len(images),
         "labels": "hard" if label_logits is None else "learned",
     }
@@ -139,6 +145,8 @@ def load_distilled(
     method: str | None = None,
     ipc: int | None = None,
     version: int | str = "latest",
+    verify: bool = True,
+    max_bytes: int = MAX_BYTES,
 ) -> DistilledDataset:
     """Load a distilled set exported by the pipeline.
 
@@ -146,28 +154,41 @@ def load_distilled(
     and ``ipc``, a store, from which ``version`` (``"latest"`` or a number) of that set is loaded.
     An fsspec URL (``s3://bucket/store``, ``https://.../export/<key>``, ...) works in place of a local
     export directory or store, for sets copied to object storage.
+
+    Every shard is checked against the manifest (its sha256, its size, the number of samples) and
+    nothing beyond the sizes it declares is decompressed; a manifest without those checks is refused
+    unless ``verify=False`` (a set written by hand). ``max_bytes`` caps what a set may declare.
     """
-    manifest, samples = _raw_samples(path, dataset, method, ipc, version)
+    manifest, samples = _raw_samples(path, dataset, method, ipc, version, verify, max_bytes)
     return _to_dataset(samples, manifest)
 
 
 def _raw_samples(
-    path: str | Path, dataset: str | None, method: str | None, ipc: int | None, version: int | str
+    path: str | Path,
+    dataset: str | None,
+    method: str | None,
+    ipc: int | None,
+    version: int | str,
+    verify: bool = True,
+    max_bytes: int = MAX_BYTES,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Manifest and raw samples (bytes per field, in key order) of the set ``path`` names, checked
-    against the manifest: every shard's sha256 and the number of samples."""
+    against the manifest: every shard's sha256 and size, and the number of samples."""
     fs, folder = _export_folder(str(path), dataset, method, ipc, version)
     try:
         manifest = json.loads(fs.cat_file(f"{folder}/{MANIFEST}"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CondenseError(f"distilled set at {folder}: {MANIFEST} is not valid JSON") from None
+    shards = _checked_shards(manifest, folder, verify, max_bytes)
     samples: dict[str, dict[str, Any]] = {}
-    for shard in manifest["shards"]:
+    for shard in shards:
         blob = fs.cat_file(f"{folder}/{shard}")
         expected = manifest.get("shard_sha256", {}).get(shard)
         if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
             raise CondenseError(f"distilled set at {folder} is damaged: {shard} does not match its manifest")
-        for key, fields in _shard_samples(blob, f"{folder}/{shard}").items():
+        limit = manifest.get("shard_bytes", {}).get(shard, max_bytes)
+        tar = _bounded_tar(blob, limit, f"{folder}/{shard}")
+        for key, fields in _shard_samples(tar, f"{folder}/{shard}").items():
             samples.setdefault(key, {"__key__": key}).update(fields)
     if not samples:
         raise CondenseError(f"distilled set at {folder} has no samples")
@@ -180,13 +201,64 @@ def _raw_samples(
 
 
 SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+CHECKS = ("shard_sha256", "shard_bytes", "num_samples")
+
+
+def _checked_shards(manifest: Any, folder: str, verify: bool, max_bytes: int) -> list[str]:
+    """The manifest's shard names, each a plain file name, once its checks are all there (unless
+    ``verify`` is off) and the sizes it declares fit in ``max_bytes``."""
+    where = f"distilled set at {folder}: {MANIFEST}"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise CondenseError(f"{where} lists no shards")
+    shards = [names.component(s, "shard", where) for s in manifest["shards"]]
+    if verify:
+        missing = [c for c in CHECKS if c not in manifest]
+        declared = manifest.get("shard_sha256", {}), manifest.get("shard_bytes", {})
+        if missing or not all(isinstance(d, dict) and set(shards) <= set(d) for d in declared):
+            raise CondenseError(
+                f"{where} lacks its checks ({', '.join(missing) or 'a shard without its sha256 or size'}):"
+                " load it with verify=False only if you trust where it came from"
+            )
+    sizes = manifest.get("shard_bytes", {})
+    total = sum(int(sizes.get(s, 0)) for s in shards) if isinstance(sizes, dict) else 0
+    if not isinstance(sizes, dict) or any(
+        type(sizes.get(s, 0)) is not int or sizes.get(s, 0) < 0 for s in shards
+    ):
+        raise CondenseError(f"{where}: shard_bytes must give each shard's size in bytes")
+    if total > max_bytes:
+        raise CondenseError(
+            f"{where} declares {total} bytes of shards, over the cap of {max_bytes} bytes (max_bytes=, or"
+            f" {MAX_BYTES_ENV}, raises it)"
+        )
+    return shards
+
+
+def _bounded_tar(blob: bytes, limit: int, where: str) -> bytes:
+    """The tar in ``blob``, decompressed when it is gzip, never past ``limit`` bytes: a small shard
+    that inflates to gigabytes is refused before it is resident."""
+    if blob[:2] != b"\x1f\x8b":
+        if len(blob) > limit:
+            raise CondenseError(
+                f"distilled set shard {where} is {len(blob)} bytes, its manifest says {limit}"
+            )
+        return blob
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        tar = inflate.decompress(blob, limit + 1)
+    except zlib.error as err:
+        raise CondenseError(f"distilled set shard {where} is unreadable: {err}") from None
+    if len(tar) > limit:
+        raise CondenseError(
+            f"distilled set shard {where} inflates past the {limit} bytes its manifest declares"
+        )
+    return tar
 
 
 def _shard_samples(blob: bytes, where: str) -> dict[str, dict[str, bytes]]:
-    """{sample key: {field: bytes}} of one WebDataset shard (a tar); keys are plain names."""
+    """{sample key: {field: bytes}} of one WebDataset shard (an uncompressed tar); keys are plain names."""
     samples: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue

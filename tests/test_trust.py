@@ -4,6 +4,7 @@ was told, gc never follows a link out of the store or removes what a running pip
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -155,8 +156,10 @@ def test_load_distilled_refuses_a_shard_that_does_not_match_its_manifest(copy):
     del manifest["shard_sha256"]
     (lone / "manifest.json").write_text(json.dumps(manifest))
     shutil.copy(store.root / "export" / export / shard.name, shard)
+    with pytest.raises(CondenseError, match=r"manifest.json lacks its checks \(shard_sha256\)"):
+        condense.load_distilled(lone)  # a manifest that checks nothing is refused, unless told
     with pytest.raises(CondenseError, match="10 samples, its manifest lists 11"):
-        condense.load_distilled(lone)
+        condense.load_distilled(lone, verify=False)
 
 
 def test_a_copied_store_reads_its_own_files_through_its_run_folder(copy, intact):
@@ -251,7 +254,8 @@ def test_a_shard_member_named_with_dots_is_refused_and_nothing_is_written(tmp_pa
     shard = next(source.glob("*.tar"))
     _tar(shard, {"../../evil.png": b"x", "../../evil.cls": b"0"})
     manifest = json.loads((source / "manifest.json").read_text())
-    manifest.pop("shard_sha256")
+    manifest["shard_sha256"][shard.name] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest["shard_bytes"][shard.name] = shard.stat().st_size
     manifest["num_samples"] = 1
     (source / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "out"
@@ -406,3 +410,28 @@ def test_a_dataset_without_a_name_is_named_after_its_folder_not_digits(tmp_path)
     assert cfg.dataset.name == "cifar100"
     with pytest.raises(ConfigError, match="name is needed for source webdataset"):
         load_config("digits-mtt", ["dataset.source=webdataset", "dataset.path=/"])
+
+
+def test_a_small_shard_that_inflates_past_its_declared_size_is_refused_before_it_is_resident(tmp_path):
+    import gzip
+
+    source = _export(tmp_path / "export", ["a", "b"])
+    shard = next(source.glob("*.tar"))
+    # A self-consistent manifest around a gzip bomb: 64 MB of zeros in a member, 64 KB on disk.
+    _tar(shard, {"000000.input.npy": bytes(64 << 20), "000000.cls": b"0"})
+    bomb = source / "distilled-000000.tar.gz"
+    bomb.write_bytes(gzip.compress(shard.read_bytes()))
+    shard.unlink()
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["shards"] = [bomb.name]
+    manifest["shard_sha256"] = {bomb.name: hashlib.sha256(bomb.read_bytes()).hexdigest()}
+    manifest["shard_bytes"] = {bomb.name: 1 << 20}  # what it claims to hold
+    manifest["num_samples"] = 1
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(CondenseError, match="inflates past the 1048576 bytes its manifest declares"):
+        condense.load_distilled(source)
+    manifest["shard_bytes"] = {bomb.name: 128 << 20}  # honest about its size, but over the cap
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CondenseError, match="over the cap of 1000000 bytes"):
+        condense.load_distilled(source, max_bytes=1_000_000)
