@@ -49,10 +49,11 @@ from condense.store import Store, stable_hash, write_json
 
 COMPARE_DIR = PRESET_DIR / "compare"
 VARIANTS = ("main", "hard", "plain")
-CELL_FAILURES = (CondenseError,)
-"""What marks a cell failed instead of stopping the comparison: bad input met only when the stage
-runs (a guard that refuses a teacher, a class too small), divergence (ConfigError, DatasetError and
-DivergenceError are CondenseErrors)."""
+CELL_FAILURES = (Exception,)
+"""What marks a cell failed instead of stopping the comparison: anything one cell's job raises, be it
+bad input met only when the stage runs (a guard that refuses a teacher, a class too small),
+divergence, or a bug or a device fault in one method; the other cells complete. An interrupt
+(KeyboardInterrupt, SystemExit) still stops the whole comparison."""
 UPSTREAM = ("difficulty", "experts", "teacher")
 """Stages whose seconds count as a method's preparation cost when its distillation reads them."""
 
@@ -301,7 +302,10 @@ def failure(cell: Cell, outcomes: dict[str, Outcome]) -> str | None:
         outcome = outcomes.get(name)
         if isinstance(outcome, BaseException):
             stage = name.split("-", 1)[0].split("[", 1)[0]
-            return f"{stage}: {' '.join(str(outcome).split()) or type(outcome).__name__}"
+            message = " ".join(str(outcome).split())
+            if not isinstance(outcome, CondenseError):  # not one of ours: its kind says what went wrong
+                message = f"{type(outcome).__name__}: {message}" if message else type(outcome).__name__
+            return f"{stage}: {message or type(outcome).__name__}"
     if any(outcomes.get(name) is None for name in cell.jobs):
         return "a job it needs did not run"
     return None

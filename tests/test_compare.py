@@ -121,3 +121,29 @@ def test_the_student_names_a_convnets_norm_and_any_size_it_was_given():
     assert student("resnet18", ModelConfig()) == "resnet18"  # its own norm, whatever the preset's
     pinned = load_config("digits-rded", ["evaluate.model.norm=instancenorm"])
     assert pinned.model.norm == "batchnorm" and student("convnet", pinned.student) == "convnet (instancenorm)"
+
+
+class _Raising:
+    """A settled job whose task raised ``error``, as a Prefect future reports it."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
+def test_a_cell_raising_anything_becomes_a_failed_row_with_its_reason_not_a_stopped_comparison():
+    from condense.compare import Cell, failure
+    from condense.errors import DivergenceError
+    from condense_flows.compare import settle
+
+    cell = Cell("mtt", 1, "hard", {}, jobs=["experts-1", "distill-1", "evaluate-1"])
+    bug = settle(_Raising(RuntimeError("CUDA error: an illegal memory access\nwas encountered")))
+    assert failure(cell, {"experts-1": {}, "distill-1": bug, "evaluate-1": None}) == (
+        "distill: RuntimeError: CUDA error: an illegal memory access was encountered"
+    )
+    ours = settle(_Raising(DivergenceError("mtt diverged at iteration 3")))
+    assert failure(cell, {"experts-1": ours}) == "experts: mtt diverged at iteration 3"
+    with pytest.raises(KeyboardInterrupt):  # an interrupt still stops the whole comparison
+        settle(_Raising(KeyboardInterrupt()))
