@@ -27,7 +27,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from condense.errors import CondenseError
-from condense.leases import leased
+from condense.leases import LEASES, STALE_SECONDS, leased
 from condense.stages.base import all_stages
 from condense.store import META, Store, create_exclusive, json_bytes, names
 from condense.store.local import DAMAGED, LOCKS
@@ -35,6 +35,8 @@ from condense.store.local import DAMAGED, LOCKS
 VERSIONS = "versions"
 RUNS = "runs"
 LEADERBOARDS = "leaderboards"
+KEEP_RUNS = 10
+"""Run folders gc keeps per published (dataset, method, IPC), newest first."""
 
 
 def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
@@ -137,7 +139,14 @@ def list_leaderboards(store: Store) -> list[dict[str, Any]]:
     """Every published leaderboard version in the store."""
     root = f"{store.base}/{LEADERBOARDS}"
     store.fs.invalidate_cache(root)
-    return _read(store, store.fs.glob(f"{root}/*/*/v*.json"))
+    records = _read(store, store.fs.glob(f"{root}/*/*/v*.json"))
+    for record in records:  # what it keeps must be known, or gc would take its artifacts
+        if not isinstance(record.get("artifacts"), list):
+            raise CondenseError(
+                f"leaderboard record {record.get('dataset')}/{record.get('name')} v{record['version']} is"
+                " damaged (no artifacts list); restore or remove it"
+            )
+    return records
 
 
 def list_versions(store: Store, latest_only: bool = False) -> list[dict[str, Any]]:
@@ -190,6 +199,8 @@ class Collection:
     partial: list[str] = field(default_factory=list)
     """Unfinished work (resumable checkpoints, uploads no commit marker names); removed only with
     ``partials=True``."""
+    damaged: list[str] = field(default_factory=list)
+    """Entries kept because what would say whether they are needed is unreadable, one line each."""
 
 
 def _referenced(store: Store) -> set[tuple[str, str]]:
@@ -260,11 +271,15 @@ def _remove(store: Store, relative: str) -> None:
         shutil.rmtree(path)  # removes links inside the tree, never what they point to
 
 
-def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -> Collection:
-    """Artifacts no version references: stage directories, their run reports, and (optionally)
-    unfinished work: ``.partial`` checkpoints, ``.tmp`` leftovers, and artifact folders without a
-    commit marker (an upload to object storage that crashed before committing). Anything written in
-    the last ``grace_seconds`` is kept: a run still in progress has not published its version yet."""
+def collect(
+    store: Store, partials: bool = False, grace_seconds: float = 3600, keep_runs: int = KEEP_RUNS
+) -> Collection:
+    """Artifacts no version references: stage directories, their run reports (and, of published
+    sets, all but the newest ``keep_runs`` per dataset/method/IPC), stale leases of killed runs, and
+    (optionally) unfinished work: ``.partial`` checkpoints, ``.tmp`` leftovers, and artifact folders
+    without a commit marker (an upload to object storage that crashed before committing). Anything
+    written in the last ``grace_seconds`` is kept: a run still in progress has not published its
+    version yet."""
     keep = _referenced(store)
     recent = time.time() - grace_seconds
     exports = {key for stage, key in keep if stage == "export"}
@@ -286,24 +301,61 @@ def collect(store: Store, partials: bool = False, grace_seconds: float = 3600) -
                 (found.removable if partials else found.partial).append(entry)
             else:
                 found.removable.append(entry)
+    published: dict[tuple[Any, ...], list[str]] = {}
     for name in _children(store, RUNS):
-        summary = f"{store.base}/{RUNS}/{name}/summary.json"
-        export = (
-            json.loads(store.fs.cat_file(summary)).get("keys", {}).get("export")
-            if store.fs.isfile(summary)
-            else None
-        )
-        if export not in exports and _changed(store, f"{RUNS}/{name}") <= recent:
-            found.removable.append(f"{RUNS}/{name}")
+        entry = f"{RUNS}/{name}"
+        try:
+            summary = _run_summary(store, entry)
+        except ValueError:
+            found.damaged.append(f"{entry}/summary.json is unreadable: kept; remove the folder by hand")
+            continue
+        export = summary.get("keys", {}).get("export") if summary else None
+        if export in exports:
+            series = (summary.get("dataset"), summary.get("method"), summary.get("ipc"))  # type: ignore[union-attr]
+            published.setdefault(series, []).append(name)
+        elif _changed(store, entry) <= recent:
+            found.removable.append(entry)
+    # Every rerun adds a run folder, a fully cached nightly one too: keep each series' newest reports.
+    for names_in_series in published.values():
+        for name in sorted(names_in_series)[:-keep_runs]:  # run ids sort by their start time
+            if _changed(store, f"{RUNS}/{name}") <= recent:
+                found.removable.append(f"{RUNS}/{name}")
+    for name in _children(store, LEASES):  # a killed run's lease protects nothing once stale
+        if name.endswith(".json") and _changed(store, f"{LEASES}/{name}") <= min(
+            recent, time.time() - STALE_SECONDS
+        ):
+            found.removable.append(f"{LEASES}/{name}")
     found.bytes = sum(_size(store, p) for p in found.removable)
     return found
 
 
-def gc(store: Store, dry_run: bool = True, partials: bool = False, grace_seconds: float = 3600) -> Collection:
+def _run_summary(store: Store, entry: str) -> dict[str, Any] | None:
+    """A run folder's summary (None when it has none); ValueError when it is unreadable."""
+    path = f"{store.base}/{entry}/summary.json"
+    if not store.fs.isfile(path):
+        return None
+    try:
+        summary = json.loads(store.fs.cat_file(path))
+    except UnicodeDecodeError as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("keys", {}), dict):
+        raise ValueError("not a run summary")
+    return summary
+
+
+def gc(
+    store: Store,
+    dry_run: bool = True,
+    partials: bool = False,
+    grace_seconds: float = 3600,
+    keep_runs: int = KEEP_RUNS,
+) -> Collection:
     """Remove what :func:`collect` finds (nothing when ``dry_run``)."""
     if not store.fs.isdir(f"{store.base}/{VERSIONS}"):
         raise CondenseError(f"{store.location} has no published versions: nothing marks what to keep")
-    found = collect(store, partials, grace_seconds)
+    if keep_runs < 1:
+        raise CondenseError(f"keep_runs must be at least 1, not {keep_runs}: the latest run's report stays")
+    found = collect(store, partials, grace_seconds, keep_runs)
     if not dry_run:
         leased_now = leased(store)  # a run may have started since the listing
         for path in found.removable:

@@ -452,15 +452,21 @@ def gc(
     grace_minutes: Annotated[
         float, typer.Option(help="Keep anything written this recently (a run may still be using it).")
     ] = 60.0,
+    keep_runs: Annotated[
+        int, typer.Option(help="Run reports kept per published dataset/method/IPC, newest first.")
+    ] = 10,
 ) -> None:
-    """Remove stage artifacts and run reports that no published version references."""
+    """Remove stage artifacts and run reports that no published version references, all but the
+    newest --keep-runs reports of each published set, and stale leases of killed runs."""
     from condense.report import human_bytes
     from condense.versions import gc as collect_garbage
 
     st = _store(store)
     with one_line_errors():
-        found = collect_garbage(st, dry_run=dry_run, partials=partials, grace_seconds=grace_minutes * 60)
+        found = collect_garbage(st, dry_run, partials, grace_minutes * 60, keep_runs)
     verb = "would remove" if dry_run else "removed"
+    for line in found.damaged:
+        typer.echo(f"kept {line}")
     for path in found.removable:
         typer.echo(f"{verb} {path}")
     typer.echo(

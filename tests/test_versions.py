@@ -119,3 +119,60 @@ def test_a_store_copied_to_object_storage_loads_by_url(tmp_path: Path):
         condense.load_distilled("memory://bucket", dataset="digits", method="dm", ipc=1)
     with pytest.raises(CondenseError, match="expected manifest.json"):
         condense.load_distilled("memory://bucket/nowhere")
+
+
+def _run_folder(store: Store, run_id: str, export: str, age: float = 7200, dataset: str = "digits") -> Path:
+    folder = store.root / "runs" / run_id
+    folder.mkdir(parents=True)
+    summary = {"run_id": run_id, "dataset": dataset, "method": "mtt", "ipc": 1, "keys": {"export": export}}
+    write_json(folder / "summary.json", summary)
+    old = time.time() - age
+    for entry in (folder / "summary.json", folder):
+        os.utime(entry, (old, old))
+    return folder
+
+
+def test_gc_keeps_the_newest_runs_of_each_published_set_and_names_damaged_ones(tmp_path: Path):
+    store = Store(tmp_path)
+    _artifact(store, "export", X1)
+    versions.publish(store, _record(X1))
+    # Twelve nightly cached reruns of one published set, and one of another dataset's.
+    runs = [_run_folder(store, f"20261201-0000{i:02d}-aaaaaa", X1) for i in range(12)]
+    other = _run_folder(store, "20261101-000000-bbbbbb", X1, dataset="cifar10")
+    running = _run_folder(store, "20261202-000000-cccccc", X1, age=0)  # still within the grace period
+    broken = _run_folder(store, "20261130-000000-dddddd", X1)
+    (broken / "summary.json").write_text("{not json")
+    found = versions.gc(store, dry_run=True, keep_runs=10)
+    assert found.removable == [f"runs/{r.name}" for r in runs[:3]]  # the newest ten of 13 stay
+    assert found.damaged == [f"runs/{broken.name}/summary.json is unreadable: kept; remove the folder by hand"]
+    versions.gc(store, dry_run=False, keep_runs=10)
+    assert [r.exists() for r in runs] == [False] * 3 + [True] * 9
+    assert other.exists() and running.exists() and broken.exists()
+    with pytest.raises(CondenseError, match="keep_runs must be at least 1"):
+        versions.gc(store, keep_runs=0)
+
+
+def test_gc_removes_the_stale_lease_of_a_killed_run_and_keeps_a_live_one(tmp_path: Path):
+    from condense import leases
+
+    store = Store(tmp_path)
+    versions.publish(store, _record(X1))
+    with leases.Lease(store, "live") as live:
+        live.protect([("distill", S1)])
+        stale = store.root / leases.LEASES / "killed.json"
+        write_json(stale, {"refreshed": time.time() - 7200, "keys": [["distill", S0]]})
+        old = time.time() - 7200
+        os.utime(stale, (old, old))
+        found = versions.gc(store, dry_run=False)
+        assert found.removable == ["leases/killed.json"] and not stale.exists()
+        assert (store.root / leases.LEASES / "live.json").exists()
+
+
+def test_a_leaderboard_record_without_its_artifacts_stops_gc_with_one_line(tmp_path: Path):
+    store = Store(tmp_path)
+    versions.publish(store, _record(X1))
+    series = store.root / "leaderboards" / "digits" / "board"
+    series.mkdir(parents=True)
+    write_json(series / "v0001.json", {"version": 1, "name": "board", "dataset": "digits"})
+    with pytest.raises(CondenseError, match="leaderboard record digits/board v1 is damaged"):
+        versions.gc(store, dry_run=True)
