@@ -369,6 +369,8 @@ def verify(store: Store, move_aside: bool = False) -> tuple[int, list[str]]:
     """Check every committed artifact's files against its checksums, contents included. Returns
     (artifacts checked, one line per damaged one); with ``move_aside`` the damaged are moved aside so
     that the next run recomputes them."""
+    if not store.fs.isdir(store.base):
+        raise CondenseError(f"no store at {store.location}: nothing to verify")
     checked, damaged = 0, []
     for stage in sorted(all_stages()):
         for name in _children(store, stage):

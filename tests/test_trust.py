@@ -142,6 +142,16 @@ def test_verify_reports_every_damaged_artifact(copy):
     assert not _folder(store, summary, "dataset").exists()
 
 
+def test_verify_names_a_link_planted_inside_an_artifact_and_refuses_a_store_that_is_not_there(copy, tmp_path):
+    store, summary = copy
+    (tmp_path / "secret").write_text("not the store's")
+    (_folder(store, summary, "teacher") / "planted").symlink_to(tmp_path / "secret")
+    checked, damaged = versions.verify(store)
+    assert len(damaged) == 1 and "planted is a link, not part of it" in damaged[0]
+    with pytest.raises(CondenseError, match="no store at .*typo: nothing to verify"):
+        versions.verify(Store(tmp_path / "typo"))
+
+
 def test_load_distilled_refuses_a_shard_that_does_not_match_its_manifest(copy):
     store, summary = copy
     export = Path(summary["artifacts"]["manifest"]).parent.name

@@ -144,7 +144,8 @@ def test_gc_keeps_the_newest_runs_of_each_published_set_and_names_damaged_ones(t
     (broken / "summary.json").write_text("{not json")
     found = versions.gc(store, dry_run=True, keep_runs=10)
     assert found.removable == [f"runs/{r.name}" for r in runs[:3]]  # the newest ten of 13 stay
-    assert found.damaged == [f"runs/{broken.name}/summary.json is unreadable: kept; remove the folder by hand"]
+    unreadable = f"runs/{broken.name}/summary.json is unreadable: kept; remove the folder by hand"
+    assert found.damaged == [unreadable]
     versions.gc(store, dry_run=False, keep_runs=10)
     assert [r.exists() for r in runs] == [False] * 3 + [True] * 9
     assert other.exists() and running.exists() and broken.exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from condense.store.files import META
+from condense.store.names import COMPONENT
 
 CHECKSUMS = "checksums"
 DIGEST = "digest"
@@ -81,6 +82,8 @@ def problem(folder: Path, meta: dict[str, Any], hash_up_to: float) -> str | None
     are hashed when the artifact holds at most ``hash_up_to`` bytes (0: sizes only)."""
     recorded: dict[str, list[Any]] = meta[CHECKSUMS]
     for name, (size, _) in sorted(recorded.items()):
+        if not all(COMPONENT.fullmatch(part) for part in name.split("/")):
+            return f"{META} records {name!r}, not a file inside the artifact"
         path = folder / name
         if path.is_symlink() or not path.is_file():
             return f"{name} is missing"
@@ -90,6 +93,9 @@ def problem(folder: Path, meta: dict[str, Any], hash_up_to: float) -> str | None
     extra = sorted(set(_files(folder)) - set(recorded))
     if extra:
         return f"{extra[0]} was not part of it"
+    link = next((p for p in sorted(folder.rglob("*")) if p.is_symlink()), None)
+    if link is not None:  # condense writes none; a reader following one would read outside the store
+        return f"{link.relative_to(folder).as_posix()} is a link, not part of it"
     if sum(size for size, _ in recorded.values()) <= hash_up_to:
         for name, (_, sha) in sorted(recorded.items()):
             if sha256_file(folder / name) != sha:
