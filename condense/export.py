@@ -318,18 +318,50 @@ def _export_folder(
 
 def _to_dataset(samples: list[dict[str, Any]], manifest: dict[str, Any]) -> DistilledDataset:
     """Raw shard samples (bytes per field) -> tensors."""
-    images = torch.from_numpy(np.stack([_array(s["input.npy"]) for s in samples]))
-    labels = torch.tensor([int(s["cls"]) for s in samples])
+    images = _stacked(samples, "input.npy")
+    labels = torch.tensor([_hard_label(s) for s in samples])
     soft = logits = None
     if "soft.npy" in samples[0]:
-        soft = torch.from_numpy(np.stack([_array(s["soft.npy"]) for s in samples]))
+        soft = _stacked(samples, "soft.npy")
     if "logits.npy" in samples[0]:
-        logits = torch.from_numpy(np.stack([_array(s["logits.npy"]) for s in samples]))
+        logits = _stacked(samples, "logits.npy")
     return DistilledDataset(images, labels, soft, manifest, logits)
 
 
-def _array(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
+def _field(sample: dict[str, Any], name: str) -> bytes:
+    """The ``name`` field of a raw sample; one line naming the sample when it has none."""
+    if name not in sample:
+        raise CondenseError(f"distilled sample {sample['__key__']} has no {name} field")
+    return sample[name]
+
+
+def _hard_label(sample: dict[str, Any]) -> int:
+    """A raw sample's hard label; one line naming the sample when it is not a class index."""
+    raw = _field(sample, "cls")
+    try:
+        value = int(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise CondenseError(
+            f"distilled sample {sample['__key__']} has cls {raw!r:.40}, not a class index"
+        ) from None
+    if value < 0:
+        raise CondenseError(f"distilled sample {sample['__key__']} has a negative cls {value}")
+    return value
+
+
+def _array(sample: dict[str, Any], name: str) -> np.ndarray:
+    """The ``.npy`` field ``name`` of a raw sample (never unpickled); one line naming the sample."""
+    try:
+        return np.load(io.BytesIO(_field(sample, name)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CondenseError(f"distilled sample {sample['__key__']}: {name} is not an array ({err})") from None
+
+
+def _stacked(samples: list[dict[str, Any]], name: str) -> torch.Tensor:
+    try:
+        return torch.from_numpy(np.stack([_array(sample, name) for sample in samples]))
+    except ValueError as err:
+        raise CondenseError(f"distilled set: the {name} arrays differ in shape ({err})") from None
 
 
 def _require_all_selectors(dataset: str | None, method: str | None, ipc: int | None) -> None:
@@ -376,11 +408,11 @@ def write_image_folder(
             if not target.is_relative_to(staging.resolve()):
                 raise CondenseError(f"refusing to write {relative} outside {out_dir}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(sample["png"])
-            soft = _array(sample["soft.npy"]).tolist() if "soft.npy" in sample else None
+            target.write_bytes(_field(sample, "png"))
+            soft = _array(sample, "soft.npy").tolist() if "soft.npy" in sample else None
             entry = {"file": relative.as_posix(), "label": label, "soft": soft}
             if "logits.npy" in sample:
-                entry["logits"] = _array(sample["logits.npy"]).tolist()
+                entry["logits"] = _array(sample, "logits.npy").tolist()
             entries.append(entry)
         labels = {
             "classes": classes,
@@ -407,7 +439,7 @@ def _target(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def _label(sample: dict[str, Any], classes: list[str]) -> int:
-    label = int(sample["cls"])
+    label = _hard_label(sample)
     if not 0 <= label < len(classes):
         raise CondenseError(f"sample {sample['__key__']} has class {label}, outside 0..{len(classes) - 1}")
     return label
@@ -447,13 +479,13 @@ def write_hf_dataset(
     manifest, samples = _raw_samples(path, dataset, method, ipc, version)
     classes = [str(c) for c in manifest["classes"]]
     columns: dict[str, list[Any]] = {
-        "image": [{"bytes": s["png"], "path": None} for s in samples],
+        "image": [{"bytes": _field(s, "png"), "path": None} for s in samples],
         "label": [_label(s, classes) for s in samples],
     }
     features = {"image": hf.Image(), "label": hf.ClassLabel(names=classes)}
     for column, field in (("soft_label", "soft.npy"), ("logits", "logits.npy")):
         if field in samples[0]:
-            columns[column] = [_array(s[field]).astype(np.float32).reshape(-1) for s in samples]
+            columns[column] = [_array(s, field).astype(np.float32).reshape(-1) for s in samples]
             features[column] = hf.Sequence(hf.Value("float32"))
     about = {k: manifest.get(k) for k in ("method", "ipc", "source_fingerprint")}
     schema = hf.Features(features)

@@ -260,6 +260,8 @@ def run(
         cfg = load_config(preset, overrides)  # bad config fails here, before any Prefect or store work
         compute.fan_out(cfg.compute.device, cfg.compute.devices)  # a device that is not here, too
         store_dir = open_store(store).location
+        if runner not in ("threads", "dask"):  # bad input: exit 2 before any work, as other options
+            raise CondenseError(f"unknown runner {runner!r}: threads or dask")
     except CondenseError as err:
         _fail(str(err), 2)
 

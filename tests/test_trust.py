@@ -445,3 +445,32 @@ def test_a_small_shard_that_inflates_past_its_declared_size_is_refused_before_it
     (source / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CondenseError, match="over the cap of 1000000 bytes"):
         condense.load_distilled(source, max_bytes=1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"000000.input.npy": None, "000000.png": b"x", "000000.cls": b"abc"}, "000000 has cls b'abc'"),
+        ({"000000.input.npy": None, "000000.cls": b"0"}, "000000 has no png field"),
+        (
+            {"000000.input.npy": b"not npy", "000000.png": b"x", "000000.cls": b"0"},
+            "input.npy is not an array",
+        ),
+    ],
+)
+def test_a_bad_field_of_an_exported_sample_is_one_line_naming_the_sample(tmp_path, members, message):
+    source = _export(tmp_path / "export", ["a", "b"])
+    shard = next(source.glob("*.tar"))
+    array = io.BytesIO()
+    np.save(array, np.zeros((1, 4, 4), dtype=np.float32))
+    _tar(shard, {name: array.getvalue() if data is None else data for name, data in members.items()})
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["shard_sha256"][shard.name] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest["shard_bytes"][shard.name] = shard.stat().st_size
+    manifest["num_samples"] = 1
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CondenseError, match=message):
+        if "png" in message:
+            write_image_folder(source, tmp_path / "out")
+        else:
+            condense.load_distilled(source)
