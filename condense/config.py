@@ -25,6 +25,8 @@ from pydantic import (
 
 from condense.store import names
 
+INFRASTRUCTURE = "schemas: a setting's value, not this code, enters the keys of the stages it shapes"
+
 
 def _numeric(annotation: Any) -> bool:
     """An int or float field (possibly optional or a float-or-literal union)."""

@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints their message as one line, without a traceback."""
 
+INFRASTRUCTURE = "error types and their messages"
+
 
 class CondenseError(Exception):
     """Bad input or a state the user must fix (config, dataset, store)."""

@@ -25,6 +25,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from condense.store import Store, json_bytes, write_json
 
+INFRASTRUCTURE = "what a running pipeline protects from gc"
+
 LEASES = "leases"
 REFRESH_SECONDS = 60.0
 STALE_SECONDS = 15 * 60.0

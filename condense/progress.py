@@ -25,6 +25,8 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+INFRASTRUCTURE = "progress lines"
+
 
 class Bars:
     """A live display of bars, one per running job, shared by every job of the process."""

@@ -32,6 +32,8 @@ from condense.stages.base import all_stages
 from condense.store import META, Store, create_exclusive, json_bytes, names
 from condense.store.local import DAMAGED, LOCKS
 
+INFRASTRUCTURE = "version records and garbage collection"
+
 VERSIONS = "versions"
 RUNS = "runs"
 LEADERBOARDS = "leaderboards"

@@ -411,6 +411,39 @@ def config(
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command()
+def plan(
+    preset: Annotated[str, typer.Argument(help="Preset name or YAML path.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field, as for `run`.")] = None,
+    store: StoreOption = None,
+    why: Annotated[
+        bool, typer.Option("--why", help="Say why each stage that is not cached recomputes.")
+    ] = False,
+) -> None:
+    """Print the jobs a run would do and which are cached, without running anything; with --why, what
+    changed for each that recomputes (a module, a setting, an input), against the closest artifact of
+    its stage in the store."""
+    from condense.configure import load_config
+    from condense.errors import CondenseError
+    from condense.stages.why import explain
+
+    try:
+        cfg = load_config(preset, list(set_ or []))
+    except CondenseError as err:
+        _fail(str(err), 2)
+    st = _store(store)
+    with one_line_errors():
+        verdicts = explain(cfg, st)
+    for verdict in verdicts:
+        typer.echo(
+            verdict.line()
+            if why
+            else verdict.line().split("  recompute:")[0] + ("" if verdict.cached else "  recompute")
+        )
+    if not verdicts[-1].cached and verdicts[-1].job == "dataset":
+        typer.echo("(the later stages are planned once the dataset is prepared: it is not in the store)")
+
+
 def _store(store: str | None) -> Store:
     from condense.errors import CondenseError
     from condense.store import open_store

@@ -151,3 +151,125 @@ def test_the_plan_holds_exactly_the_stages_something_reads(tmp_path, preset, ove
         assert all(position[name] < position[job.name] for name in plan.after[job.name])
     evaluations = plan.keys["evaluate"]  # one job per subject x model, its seeds trained together
     assert isinstance(evaluations, list) and len(set(evaluations)) == len(cfg.evaluate.models) * 3
+
+
+def _package_copy(parent: Path) -> Path:
+    shutil.copytree(ROOT / "condense", parent / "condense", ignore=shutil.ignore_patterns("__pycache__"))
+    return parent
+
+
+def test_comments_docstrings_and_formatting_never_rekey_and_infrastructure_edits_do_not_either(
+    tmp_path: Path,
+):
+    cfg = load_config("digits-dsa")
+    store = tmp_path / "store"
+    dataset_key, _ = prepare(cfg.dataset, Store(store), cfg.ipc)
+    original, edited = _package_copy(tmp_path / "original"), _package_copy(tmp_path / "edited")
+    training = edited / "condense" / "training.py"
+    text = training.read_text()
+    assert '    """One pass over' in text
+    training.write_text(
+        "# a comment at the top\n"
+        + text.replace('    """One pass over', '    """Reworded: one pass over').replace(
+            "def train_on(", "\n\n# a comment between\ndef   train_on("
+        )
+    )
+    config = edited / "condense" / "config.py"  # infrastructure: its code is in no key
+    config.write_text(config.read_text() + "\n\ndef an_unused_helper() -> int:\n    return 1\n")
+    assert _plan_keys(original, store, dataset_key) == _plan_keys(edited, store, dataset_key)
+
+
+PLUGIN = '''
+"""A plugin method: {doc}"""
+import torch
+from condense.config import Strict
+from condense.methods import register_method
+from condense.methods.base import SyntheticSet
+
+
+class MeansConfig(Strict):
+    pass
+
+
+@register_method("plugin-means", config=MeansConfig)
+def means(inputs, checkpoints, progress):
+    data = inputs.data
+    images = torch.stack([data.train_x[data.train_y == c].mean(0) for c in range(data.num_classes)])
+    return SyntheticSet(images=images * {scale}, labels=torch.arange(data.num_classes))
+'''
+
+PLUGIN_KEYS = """
+import json, sys
+sys.path.insert(0, sys.argv[3])
+import plugin_means  # registers plugin-means
+from condense.configure import load_config
+from condense.stages import make_plan
+from condense.store import Store
+cfg = load_config("digits-dsa", ["method=plugin-means", "distill={}"])
+plan = make_plan(cfg, Store(sys.argv[1]), sys.argv[2])
+print(json.dumps({job.name.rsplit("-", 1)[0]: job.key for job in plan.jobs}))
+"""
+
+
+def test_editing_a_plugin_methods_file_rekeys_its_distillation_and_what_follows(tmp_path: Path):
+    cfg = load_config("digits-dsa")
+    store = tmp_path / "store"
+    dataset_key, _ = prepare(cfg.dataset, Store(store), cfg.ipc)
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+
+    def keys(doc: str, scale: str) -> dict[str, str]:
+        (plugins / "plugin_means.py").write_text(PLUGIN.format(doc=doc, scale=scale))
+        out = subprocess.run(
+            [sys.executable, "-c", PLUGIN_KEYS, str(store), dataset_key, str(plugins)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(out.stdout)
+
+    first = keys("class means", "1.0")
+    reworded = keys("the mean image of each class", "1.0")
+    edited = keys("class means", "0.5")
+    assert first == reworded  # its docstring is not its code
+    changed = {name for name in first if first[name] != edited[name]}
+    assert {"distill", "soft_labels", "export"} <= changed and "teacher" not in changed
+    assert any(name.startswith("evaluate-distilled") for name in changed)
+    assert not any(name.startswith("evaluate-random_real") for name in changed)
+
+
+# Modules marked INFRASTRUCTURE whose imports reach hashed modules, and why that is safe: the
+# executor runs stages (prepare's loading, devices' placement); their code stays in every key
+# through the walk, only the executor's own is left out.
+INFRASTRUCTURE_EXCEPTIONS = {
+    "condense.stages.base": {"condense.devices", "condense.prepare"},
+    "condense.versions": {"condense.stages.base"},  # all_stages() only lists the stages' names
+}
+
+
+def test_infrastructure_imports_only_infrastructure_but_for_the_stated_exceptions():
+    marked = [m for m in _modules() if codeversion.infrastructure(m) is not None]
+    assert {"condense.config", "condense.stages.base", "condense.store.local", "condense.errors"} <= set(
+        marked
+    )
+    for module in marked:
+        hashed = {m for m in codeversion.direct_imports(module) if codeversion.infrastructure(m) is None}
+        assert hashed <= INFRASTRUCTURE_EXCEPTIONS.get(module, set()), f"{module} imports {sorted(hashed)}"
+
+
+def test_a_stage_key_holds_no_infrastructure_module_but_still_what_it_reaches_through_one():
+    distill = codeversion.hashed_modules(["condense.stages.distill", "condense.methods.mtt"])
+    assert "condense.stages.base" not in distill and "condense.config" not in distill
+    assert "condense.prepare" in distill  # reached only through the executor
+    assert codeversion.normalised(b'"""doc"""\nx = 1  # note\n') == codeversion.normalised(b"x = (1)\n")
+    assert codeversion.normalised(b"x = 1\n") != codeversion.normalised(b"x = 2\n")
+
+
+def _modules() -> list[str]:
+    return sorted(
+        ".".join(("condense", *p.relative_to(codeversion.ROOT).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for p in codeversion.ROOT.rglob("*.py")
+    )

@@ -29,14 +29,18 @@ from typing import Any
 import torch
 
 from condense import devices
-from condense.codeversion import code_version
+from condense.codeversion import code_version, hashed_modules
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, DamagedArtifactError
 from condense.prepare import RealData, load_once
 from condense.progress import SILENT, Progress
 from condense.store import Store, read_json, stable_hash, write_json
+from condense.store.names import KEY_CHARS
 
-KEY_CHARS = 20
+INFRASTRUCTURE = "the executor (lookup, work folders, resume, commit); what it runs is followed and hashed"
+
+PREIMAGE = "key_preimage"
+"""The meta field recording what an artifact's key was made of (:meth:`Stage.preimage`)."""
 CHECKPOINT = "checkpoint.pt"
 PART_RECORD = "part-{:04d}.json"
 
@@ -100,6 +104,16 @@ class Stage:
     def key(self, cfg: PipelineConfig, keys: InputKeys, params: Params) -> str:
         inputs = {name: input_key(keys[name]) for name in self.reads(cfg, params)}
         return stage_key(self.name, self.config(cfg, params), self.code_version(cfg), inputs)
+
+    def preimage(self, cfg: PipelineConfig, keys: InputKeys, params: Params) -> dict[str, Any]:
+        """What the key is made of, readably: the config slice, each hashed module's digest (the code
+        version hashes exactly these) and the input keys. Recorded in the artifact's meta, so that
+        ``condense plan --why`` can say what changed."""
+        return {
+            "config": self.config(cfg, params),
+            "code": hashed_modules([self.module, *self.code(cfg)]),
+            "inputs": {name: input_key(keys[name]) for name in self.reads(cfg, params)},
+        }
 
     def describe(self, cfg: PipelineConfig, params: Params) -> str:
         return self.label(cfg, params) if self.label else self.name
@@ -271,6 +285,7 @@ def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
     if stage.parts is not None:
         meta = {**meta, "parts": ctx.parts}
     meta["seconds"] = round(time.perf_counter() - started, 3)
+    meta[PREIMAGE] = stage.preimage(ctx.cfg, ctx.keys, ctx.params)
     for scratch in [ctx.work / CHECKPOINT, *ctx.work.glob("part-*.json"), *ctx.work.glob(f"{CHECKPOINT}.*")]:
         scratch.unlink(missing_ok=True)
     ctx.store.commit(stage.name, ctx.key, ctx.work, meta)

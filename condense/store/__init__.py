@@ -23,6 +23,8 @@ from condense.store.files import (
 )
 from condense.store.local import Store
 
+INFRASTRUCTURE = "the store: where artifacts live, not what they hold"
+
 DEFAULT_STORE = "data/store"
 """The store a run uses unless told otherwise, relative to the working directory."""
 

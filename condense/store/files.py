@@ -15,6 +15,8 @@ import zarr
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+INFRASTRUCTURE = "the store: where artifacts live, not what they hold"
+
 META = "meta.json"
 
 

@@ -19,6 +19,8 @@ from typing import Any
 from condense.store.files import META
 from condense.store.names import COMPONENT
 
+INFRASTRUCTURE = "the store: checksums of what was written"
+
 CHECKSUMS = "checksums"
 DIGEST = "digest"
 _CHUNK = 1 << 20

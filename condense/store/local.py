@@ -26,6 +26,8 @@ from condense.errors import CondenseError, DamagedArtifactError
 from condense.store import integrity, names
 from condense.store.files import META, make_dir_racing_cleanup, write_json
 
+INFRASTRUCTURE = "the store: where artifacts live, not what they hold"
+
 LOCKS = ".locks"
 DAMAGED = ".damaged"
 """``<stage>/.damaged/<key>-<id>``: damaged artifacts moved aside (``gc --partials`` removes them)."""

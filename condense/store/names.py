@@ -14,6 +14,8 @@ from typing import Any
 
 from condense.errors import CondenseError
 
+INFRASTRUCTURE = "the store: the grammar of its paths"
+
 KEY_CHARS = 20
 """Hex digits of a stage key (a truncated sha256 of what the artifact is made of)."""
 STAGE_KEY = re.compile(rf"[0-9a-f]{{{KEY_CHARS}}}")

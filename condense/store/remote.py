@@ -39,6 +39,8 @@ from condense.store import integrity, names
 from condense.store.files import META, create_exclusive, json_bytes
 from condense.store.local import Store
 
+INFRASTRUCTURE = "the store: where artifacts live, not what they hold"
+
 DEFAULT_CACHE = Path.home() / ".cache" / "condense"
 
 

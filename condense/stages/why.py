@@ -1,0 +1,121 @@
+"""Why a stage would recompute, without running anything: its key's preimage against the closest
+artifact of that stage in the store.
+
+Every committed artifact records what its key was made of (:meth:`Stage.preimage`: the config
+slice, the digest of each module its code version holds, the keys of its inputs). For a planned job
+whose key is not in the store, the artifact of the same stage whose preimage differs least names the
+change: a module (``condense/training.py changed``), a setting (``iterations 100 -> 200``) or an
+input (``input experts recomputes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from condense.config import PipelineConfig
+from condense.errors import CondenseError
+from condense.prepare import STAGE as DATASET
+from condense.stages.base import PREIMAGE, Job, get_stage
+from condense.stages.plan import make_plan
+from condense.store import Store
+
+
+@dataclass
+class Verdict:
+    """One planned job: cached, or recomputed and why."""
+
+    job: str
+    key: str
+    cached: bool
+    reasons: list[str]
+
+    def line(self) -> str:
+        if self.cached:
+            return f"{self.job:<34} {self.key}  cached"
+        return f"{self.job:<34} {self.key}  recompute: {'; '.join(self.reasons)}"
+
+
+def explain(cfg: PipelineConfig, store: Store) -> list[Verdict]:
+    """Each job of ``cfg``'s plan: cached, or recompute with its reasons. Planning past the dataset
+    needs the prepared dataset's card; without it the later stages are not listed."""
+    dataset = get_stage(DATASET)
+    params = dataset.resolve(cfg) if dataset.resolve else {}
+    dataset_job = Job(DATASET, dataset.key(cfg, {}, params), params)
+    verdicts = [_verdict(store, cfg, dataset_job)]
+    if not verdicts[0].cached:
+        return verdicts
+    plan = make_plan(cfg, store, dataset_job.key)
+    seen: set[str] = set()
+    for job in plan.jobs:
+        if job.part is None and job.name not in seen:
+            seen.add(job.name)
+            verdicts.append(_verdict(store, cfg, job, plan.keys))
+    return verdicts
+
+
+def _verdict(store: Store, cfg: PipelineConfig, job: Job, planned: dict[str, Any] | None = None) -> Verdict:
+    # An instance is named by its params (evaluate-distilled-convnet-0+1); the dataset by its stage.
+    name = job.stage if job.stage == DATASET else job.name.rsplit("-", 1)[0]
+    if store.has(job.stage, job.key):
+        return Verdict(name, job.key, True, [])
+    mine = get_stage(job.stage).preimage(cfg, job.keys, job.params)
+    closest = min(
+        _preimages(store, job.stage),
+        key=lambda found: (len(differences(found[1], mine, store)), -found[0]),
+        default=None,
+    )
+    if closest is None:
+        return Verdict(name, job.key, False, [f"no {job.stage} artifact in the store yet"])
+    return Verdict(
+        name, job.key, False, differences(closest[1], mine, store) or ["an unexplained difference"]
+    )
+
+
+def _preimages(store: Store, stage: str) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(commit time, preimage) of every artifact of ``stage`` that records one."""
+    folder = store.root / stage
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if path.name.startswith(".") or not store.has(stage, path.name):
+            continue
+        try:
+            meta = store.meta(stage, path.name)
+        except CondenseError:
+            continue
+        if isinstance(meta.get(PREIMAGE), dict):
+            yield (path / "meta.json").stat().st_mtime, meta[PREIMAGE]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], store: Store | None = None) -> list[str]:
+    """What changed from preimage ``old`` to ``new``, one phrase each: modules, settings, inputs."""
+    found = []
+    old_code, new_code = old.get("code", {}), new.get("code", {})
+    for module in sorted(old_code.keys() | new_code.keys()):
+        path = module.replace(".", "/") + ".py"
+        if module not in old_code:
+            found.append(f"now runs {path}")
+        elif module not in new_code:
+            found.append(f"no longer runs {path}")
+        elif old_code[module] != new_code[module]:
+            found.append(f"{path} changed")
+    old_config, new_config = dict(_flat(old.get("config"))), dict(_flat(new.get("config")))
+    for field in sorted(old_config.keys() | new_config.keys()):
+        if old_config.get(field, "unset") != new_config.get(field, "unset"):
+            found.append(f"{field} {old_config.get(field, 'unset')} -> {new_config.get(field, 'unset')}")
+    old_inputs, new_inputs = old.get("inputs", {}), new.get("inputs", {})
+    for stage in sorted(old_inputs.keys() | new_inputs.keys()):
+        if old_inputs.get(stage) != new_inputs.get(stage):
+            keys = str(new_inputs.get(stage, "")).split(",")
+            missing = store is not None and not all(store.has(stage, k) for k in keys if k)
+            found.append(f"input {stage} {'recomputes' if missing else 'is another artifact'}")
+    return found
+
+
+def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Dotted leaves of a nested config slice, values as short text."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _flat(child, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix or "config", repr(value) if isinstance(value, str) else str(value)
