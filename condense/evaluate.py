@@ -27,6 +27,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig
+from condense.datasets.common import sample_per_class
 from condense.devices import Compiled
 from condense.labels import kd_loss
 from condense.models import build_model
@@ -39,7 +40,6 @@ from condense.training import (
     cosine_factor,
     predict,
     random_seed,
-    sample_per_class,
     shuffled,
     split_logits,
     train_on,

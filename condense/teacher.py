@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from condense.config import DSAConfig, ModelConfig, TeacherConfig
+from condense.datasets.common import sample_per_class
 from condense.devices import Compiled
 from condense.errors import ConfigError, DatasetError
 from condense.models import build_model
 from condense.prepare import RealData
 from condense.progress import SILENT, Progress
-from condense.training import cosine_factor, predict, sample_per_class, split_accuracy, train_on
+from condense.training import cosine_factor, predict, split_accuracy, train_on
 
 
 def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelConfig:

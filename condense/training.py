@@ -144,17 +144,6 @@ def split_accuracy(model: nn.Module, data: RealData, split: str = "test") -> flo
     return 100.0 * correct / total
 
 
-def sample_per_class(
-    labels: torch.Tensor, num_classes: int, k: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Indices of ``k`` random samples of each class, class-major (k of class 0, then class 1, ...)."""
-    picks = []
-    for c in range(num_classes):
-        members = torch.nonzero(labels == c).flatten()
-        picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    return torch.cat(picks)
-
-
 def cosine_factor(step: float, steps: float, final_fraction: float = 0.0) -> float:
     """Cosine multiplier from 1 at ``step`` 0 to ``final_fraction`` at ``steps``."""
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * step / steps))

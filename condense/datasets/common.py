@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from condense.config import DatasetConfig
@@ -223,3 +224,14 @@ def dataset_root(cfg: DatasetConfig, needs: str = "dataset.path") -> Path:
     if not root.is_dir():
         raise DatasetError(f"dataset path is not a directory: {root}")
     return root
+
+
+def sample_per_class(
+    labels: torch.Tensor, num_classes: int, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of ``k`` random samples of each class, class-major (k of class 0, then class 1, ...)."""
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(picks)

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from condense.datasets.common import sample_per_class
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
 from condense.methods.matching import MatchingConfig, MatchingRun, run_matching
 from condense.models import ConvNet
 from condense.prepare import RealData
-from condense.training import sample_per_class, train_epoch
+from condense.training import train_epoch
 
 DC_LOOPS: dict[int, tuple[int, int]] = {
     1: (1, 1),

@@ -19,12 +19,11 @@ import torch
 from condense import datasets, streaming, zca
 from condense.config import DatasetConfig, PipelineConfig
 from condense.datasets import huggingface, index, shards
-from condense.datasets.common import first_per_class
+from condense.datasets.common import first_per_class, sample_per_class
 from condense.errors import DatasetError
 from condense.prepare import DATA, INDEX, STAGE, WHITENING, check_ipc
 from condense.stages.base import Context, Job, Params, Stage, execute
 from condense.store import Store, save_arrays
-from condense.training import sample_per_class
 
 _decoded: dict[str, datasets.RawDataset | dict[str, index.SplitIndex]] = {}
 """A source decoded (or indexed) to fingerprint it, kept for the ``run`` of the same job (then dropped)."""
