@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -185,10 +184,6 @@ def resolve(
     known = ", ".join(sorted({f"{r['dataset']}/{r['method']}/ipc{r['ipc']}" for r in list_versions(store)}))
     missing = f"no distilled set {name} in {store.location}; published: {known or 'none'}"
     return pick(_records(store, _series(store, dataset, method, ipc)), name, version, missing)
-
-
-def export_dir(store: Store, record: dict[str, Any]) -> Path:
-    return store.path("export", record["keys"]["export"])
 
 
 @dataclass
