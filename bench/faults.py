@@ -1,14 +1,17 @@
 """Fault injection: damage each kind of artifact in every way, rerun, and show what the user sees.
 
-    python bench/faults.py                       # tiny digits-mtt, 7 artifact kinds x 4 faults
-    python bench/faults.py --json bench/out/faults.json
+    python bench/faults.py                       # tiny digits runs, 10 artifact kinds x 4 faults
+    python bench/faults.py --json bench/results/faults.json
 
-One intact run fills a store. Then, per artifact kind (trajectories, synthetic images, soft labels,
-teacher weights, an artifact's meta.json, a version record, an export shard) and per fault (delete
-a file, truncate it, flip bytes in place, delete the commit marker), a copy of that store is damaged
-and the same command rerun, twice if the first rerun failed. The table says what the user saw (the
-last line on stderr, or the note the run printed), the exit codes, and whether the result (accuracy,
-learned lr, the exported images) equals the intact run's. No row may read "exit 0" with "no".
+Intact runs fill one store per pipeline: digits-mtt; digits-pad (EL2N difficulty scores, experts
+trained easy-to-hard, learned label logits); digits-rded with stored relabeling (the replayed KD
+plans and labels). Then, per artifact kind (trajectories, synthetic images, soft labels, teacher
+weights, an artifact's meta.json, a version record, an export shard, learned label logits,
+difficulty scores, stored relabel plans) and per fault (delete a file, truncate it, flip bytes in
+place, delete the commit marker), a copy of that store is damaged and the same command rerun, twice
+if the first rerun failed. The table says what the user saw (the last line on stderr, or the note the
+run printed), the exit codes, and whether the result (accuracy, learned lr, the exported images)
+equals the intact run's. No row may read "exit 0" with "no".
 """
 
 from __future__ import annotations
@@ -39,12 +42,54 @@ TINY = [
     "evaluate.epochs=20",
     "evaluate.full_data_epochs=2",
 ]
+PIPELINES = {
+    "mtt": ("digits-mtt", TINY),
+    "pad": (
+        "digits-pad",
+        [
+            *TINY,
+            "ipc=2",
+            "distill.initial_max_start_epoch=0",
+            "distill.window_growth_iterations=4",
+            "experts.schedule.add_end_epoch=1",
+            "experts.schedule.rm_epoch_first=2",
+            "experts.schedule.rm_epoch_second=3",
+        ],
+    ),
+    "rded": (
+        "digits-rded",
+        [
+            "dataset.train_per_class=20",
+            "teacher.epochs=6",
+            "distill.candidates=10",
+            "relabel.mode=stored",
+            "evaluate.seeds=2",
+            "evaluate.epochs=6",
+            "evaluate.full_data_epochs=1",
+        ],
+    ),
+}
+"""Each pipeline: (preset, overrides)."""
+KINDS = {
+    "trajectories": ("mtt", "experts", "trajectories.zarr/c"),
+    "synthetic images": ("mtt", "distill", "synthetic.zarr/images/c"),
+    "soft labels": ("mtt", "soft_labels", "labels.zarr/probs/c"),
+    "teacher weights": ("mtt", "teacher", "weights.pt"),
+    "meta.json": ("mtt", "distill", "meta.json"),
+    "version record": ("mtt", "versions", ""),
+    "export shard": ("mtt", "export", "distilled-000000.tar"),
+    "learned logits": ("pad", "distill", "synthetic.zarr/label_logits/c"),
+    "difficulty scores": ("pad", "difficulty", "difficulty.zarr"),
+    "relabel plans": ("rded", "relabel", "labels.zarr"),
+}
+"""Each artifact kind: (pipeline, stage, the file or folder under its artifact a fault hits)."""
 FAULTS = ("delete file", "truncate", "flip bytes", "delete marker")
 
 
-def run(store: Path, env: dict[str, str]) -> tuple[int, str, dict[str, Any] | None]:
-    cmd = [sys.executable, "-m", "condense_flows.cli", "run", "digits-mtt", "--store", str(store), "--json"]
-    for item in TINY:
+def run(store: Path, env: dict[str, str], pipeline: str) -> tuple[int, str, dict[str, Any] | None]:
+    preset, overrides = PIPELINES[pipeline]
+    cmd = [sys.executable, "-m", "condense_flows.cli", "run", preset, "--store", str(store), "--json"]
+    for item in overrides:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     notes = [line for line in proc.stderr.splitlines() if "damaged" in line or "error" in line]
@@ -58,14 +103,7 @@ def target(store: Path, summary: dict[str, Any], kind: str) -> tuple[Path, Path]
     if kind == "version record":
         record = next((store / "versions").rglob("v0001.json"))
         return record, record  # a version record is its own marker
-    stage, inner = {
-        "trajectories": ("experts", "trajectories.zarr/c"),
-        "synthetic images": ("distill", "synthetic.zarr/images/c"),
-        "soft labels": ("soft_labels", "labels.zarr/probs/c"),
-        "teacher weights": ("teacher", "weights.pt"),
-        "meta.json": ("distill", "meta.json"),
-        "export shard": ("export", "distilled-000000.tar"),
-    }[kind]
+    _, stage, inner = KINDS[kind]
     folder = store / stage / keys[stage]
     path = folder / inner
     if path.is_dir():
@@ -87,10 +125,16 @@ def damage(path: Path, marker: Path, fault: str) -> None:
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if (a["accuracy"], a["baselines"], a["learned_lr"]) != (b["accuracy"], b["baselines"], b["learned_lr"]):
+    """Whether two runs' results agree: accuracies, the learned lr, and the exported set's images,
+    labels, soft labels and learned label logits."""
+    if any(a.get(k) != b.get(k) for k in ("accuracy", "baselines", "learned_lr")):
         return False
     x, y = (condense.load_distilled(s["artifacts"]["run_dir"]) for s in (a, b))
-    return bool((x.images == y.images).all() and (x.labels == y.labels).all())
+    tensors = [(x.images, y.images), (x.labels, y.labels), (x.soft, y.soft), (x.label_logits, y.label_logits)]
+    return all(
+        (p is None and q is None) or (p is not None and q is not None and bool((p == q).all()))
+        for p, q in tensors
+    )
 
 
 def main() -> None:
@@ -101,22 +145,23 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="condense-faults-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect")}
-    code, _, intact = run(work / "intact", env)
-    assert code == 0 and intact is not None, "the intact run failed"
-    kinds = ("trajectories", "synthetic images", "soft labels", "teacher weights", "meta.json",
-             "version record", "export shard")  # fmt: skip
+    intact: dict[str, dict[str, Any]] = {}
+    for pipeline in dict.fromkeys(p for p, _, _ in KINDS.values()):
+        code, seen, summary = run(work / f"intact-{pipeline}", env, pipeline)
+        assert code == 0 and summary is not None, f"the intact {pipeline} run failed: {seen}"
+        intact[pipeline] = summary
     rows = []
-    for kind in kinds:
+    for kind, (pipeline, _, _) in KINDS.items():
         for fault in FAULTS:
             store = work / f"{kind}-{fault}".replace(" ", "_")
-            shutil.copytree(work / "intact", store)
-            damage(*target(store, intact, kind), fault)
-            first, seen, summary = run(store, env)
+            shutil.copytree(work / f"intact-{pipeline}", store)
+            damage(*target(store, intact[pipeline], kind), fault)
+            first, seen, summary = run(store, env, pipeline)
             codes = [first]
             if summary is None:  # the run stopped; the fault must not stay in the way
-                second, _, summary = run(store, env)
+                second, _, summary = run(store, env, pipeline)
                 codes.append(second)
-            equal = "yes" if summary is not None and same(summary, intact) else "no"
+            equal = "yes" if summary is not None and same(summary, intact[pipeline]) else "no"
             rows.append({"artifact": kind, "fault": fault, "user saw": seen, "exit": codes, "equal": equal})
             print(
                 f"{kind:<17} {fault:<13} exit {'/'.join(map(str, codes)):<5} equal {equal:<3}  {seen}",
