@@ -284,7 +284,10 @@ def collect(
     for stage in sorted(all_stages()):
         for name in _children(store, stage):
             entry = f"{stage}/{name}"
-            if name == LOCKS:  # tiny, and removing one a run holds would let two runs in
+            if name == LOCKS:  # only idle ones, and only here: a remote store's locks are per machine
+                if _local(store):
+                    old = [n for n in _children(store, entry) if _changed(store, f"{entry}/{n}") <= recent]
+                    found.removable.extend(f"{entry}/{n}" for n in old if n.endswith(".lock"))
                 continue
             if _is_link(store, entry):  # not written by condense: a link is garbage, never followed
                 (found.removable if partials else found.partial).append(entry)
@@ -355,10 +358,15 @@ def gc(
     found = collect(store, partials, grace_seconds, keep_runs)
     if not dry_run:
         leased_now = leased(store)  # a run may have started since the listing
+        held = []
         for path in found.removable:
             stage, _, key = path.partition("/")
-            if (stage, key) not in leased_now:
+            if key.startswith(f"{LOCKS}/"):  # a lock a run holds now stays, and is not reported gone
+                if not store.drop_lock(stage, key.removeprefix(f"{LOCKS}/").removesuffix(".lock")):
+                    held.append(path)
+            elif (stage, key) not in leased_now:
                 _remove(store, path)
+        found.removable = [p for p in found.removable if p not in held]
     return found
 
 

@@ -177,3 +177,56 @@ def test_a_leaderboard_record_without_its_artifacts_stops_gc_with_one_line(tmp_p
     write_json(series / "v0001.json", {"version": 1, "name": "board", "dataset": "digits"})
     with pytest.raises(CondenseError, match="leaderboard record digits/board v1 is damaged"):
         versions.gc(store, dry_run=True)
+
+
+def test_gc_removes_idle_lock_files_and_leaves_a_held_one(tmp_path: Path):
+    import threading
+
+    store = Store(tmp_path)
+    versions.publish(store, _record(X1))
+    for name in (S0, S1):
+        with store.lock("distill", name):
+            pass
+    locks = store.root / "distill" / ".locks"
+    old = time.time() - 7200
+    for path in locks.iterdir():
+        os.utime(path, (old, old))
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with store.lock("distill", S1):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait()
+    try:
+        found = versions.gc(store, dry_run=False)
+    finally:
+        release.set()
+        thread.join()
+    assert found.removable == [f"distill/.locks/{S0}.lock"]  # the held one is neither gone nor said to be
+    assert not (locks / f"{S0}.lock").exists() and (locks / f"{S1}.lock").exists()  # held: kept
+
+
+def test_a_lock_whose_file_gc_removed_while_it_waited_is_taken_on_the_new_file(tmp_path: Path, monkeypatch):
+    import fcntl
+
+    from condense.store import local
+
+    store = Store(tmp_path)
+    path = store.root / "distill" / ".locks" / f"{S0}.lock"
+    calls = []
+    real_flock = fcntl.flock
+
+    def flock(handle, operation):  # the first wait ends after gc took the file away
+        calls.append(operation)
+        real_flock(handle, operation)
+        if operation == fcntl.LOCK_EX and calls.count(fcntl.LOCK_EX) == 1:
+            path.unlink()
+
+    monkeypatch.setattr(local.fcntl, "flock", flock)
+    with store.lock("distill", S0):
+        assert path.exists()  # the lock held is the file at the path, made again
+    assert calls.count(fcntl.LOCK_EX) == 2

@@ -180,14 +180,42 @@ class Store:
         """Hold ``<stage>/.locks/<name>`` exclusively (other processes and threads on this machine
         wait): two runs working on the same resumable artifact take turns instead of writing into
         one work folder at once. The lock goes with its holder, even one killed by SIGKILL."""
-        path = self.root / self._stage(stage) / LOCKS / f"{self._name(name)}.lock"
-        make_dir_racing_cleanup(path.parent, exist_ok=True)
-        with open(path, "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        path = self._lock_path(stage, name)
+        while True:
+            make_dir_racing_cleanup(path.parent, exist_ok=True)
+            with open(path, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                if not _is_file_at(handle, path):  # gc removed it while we waited: take the new one
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    continue
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+
+    def _lock_path(self, stage: str, name: str) -> Path:
+        return self.root / self._stage(stage) / LOCKS / f"{self._name(name)}.lock"
+
+    def drop_lock(self, stage: str, name: str) -> bool:
+        """Remove the lock file ``name`` of ``stage`` unless someone holds it; whether it went. A
+        waiter on the removed file notices (:meth:`lock` checks it still holds the file at the path)."""
+        path = self._lock_path(stage, name)
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below, after the unlink
+        except FileNotFoundError:
+            return True
+        with handle:
             try:
-                yield
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                if _is_file_at(handle, path):
+                    path.unlink()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
 
     @contextmanager
     def writing(self, stage: str, key: str) -> Iterator[Path]:
@@ -207,3 +235,13 @@ class Store:
                     empty.rmdir()  # leave no empty scaffolding behind a failed first write
                 except OSError:
                     break
+
+
+def _is_file_at(handle: Any, path: Path) -> bool:
+    """Whether the open ``handle`` is still the file at ``path`` (not one removed meanwhile)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
