@@ -323,8 +323,8 @@ def plan(
             if why
             else verdict.line().split("  recompute:")[0] + ("" if verdict.cached else "  recompute")
         )
-    if not verdicts[-1].cached and verdicts[-1].job == "dataset":
-        typer.echo("(the later stages are planned once the dataset is prepared: it is not in the store)")
+    if len(verdicts) == 1 and not verdicts[0].cached:
+        typer.echo("(no stored dataset of this content: the later stages are planned once it is prepared)")
 
 
 def _store(store: str | None) -> Store:

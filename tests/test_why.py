@@ -84,3 +84,15 @@ def test_the_command_prints_the_reasons(store, ephemeral_env):
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
     assert lines["experts"].endswith("cached")
     assert lines["distill"].endswith("recompute: distill.iterations 6 -> 7")
+
+
+def test_when_the_dataset_recomputes_the_later_stages_are_still_explained(store, monkeypatch):
+    digest = codeversion.module_digest
+
+    def edited(name: str) -> str:
+        return "0" * 16 if name == "condense.zca" else digest(name)
+
+    monkeypatch.setattr(codeversion, "module_digest", edited)
+    verdicts = _verdicts(store)
+    assert verdicts["dataset"] == "condense/zca.py changed"
+    assert "input dataset recomputes" in verdicts["experts"] and "export" in verdicts

@@ -71,9 +71,12 @@ def dataset_job() -> Job:
     return Job(stage=DATASET, key="")
 
 
-def make_plan(cfg: PipelineConfig, store: Store, dataset_key: str) -> Plan:
-    """Every job after the dataset stage, for ``cfg``, given the prepared dataset's key."""
-    card = store.meta(DATASET, dataset_key)["card"]
+def make_plan(
+    cfg: PipelineConfig, store: Store, dataset_key: str, card: dict[str, Any] | None = None
+) -> Plan:
+    """Every job after the dataset stage, for ``cfg``, given the prepared dataset's key (and its card,
+    read from the store when not given: a plan made before the dataset is prepared passes one)."""
+    card = store.meta(DATASET, dataset_key)["card"] if card is None else card
     check_ipc(card, cfg.ipc)
     if cfg.evaluate.recipe == "kd":
         check_top_k(cfg, len(card["classes"]))  # before any work, not after the distillation

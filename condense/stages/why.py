@@ -39,14 +39,16 @@ class Verdict:
 
 def explain(cfg: PipelineConfig, store: Store) -> list[Verdict]:
     """Each job of ``cfg``'s plan: cached, or recompute with its reasons. Planning past the dataset
-    needs the prepared dataset's card; without it the later stages are not listed."""
+    needs its card; when the dataset itself recomputes, the card of a stored dataset of the same
+    content (its source fingerprint) stands in, and without one the later stages are not listed."""
     dataset = get_stage(DATASET)
     params = dataset.resolve(cfg) if dataset.resolve else {}
     dataset_job = Job(DATASET, dataset.key(cfg, {}, params), params)
     verdicts = [_verdict(store, cfg, dataset_job)]
-    if not verdicts[0].cached:
+    card = None if verdicts[0].cached else _card_of_same_content(store, params)
+    if not verdicts[0].cached and card is None:
         return verdicts
-    plan = make_plan(cfg, store, dataset_job.key)
+    plan = make_plan(cfg, store, dataset_job.key, card)
     seen: set[str] = set()
     for job in plan.jobs:
         if job.part is None and job.name not in seen:
@@ -71,6 +73,23 @@ def _verdict(store: Store, cfg: PipelineConfig, job: Job, planned: dict[str, Any
     return Verdict(
         name, job.key, False, differences(closest[1], mine, store) or ["an unexplained difference"]
     )
+
+
+def _card_of_same_content(store: Store, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The card of a stored dataset prepared from the same source (fingerprint) and load mode: what
+    the recomputed one will describe, unless the preparing code changed what it computes."""
+    folder = store.root / DATASET
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith(".") or not store.has(DATASET, path.name):
+            continue
+        try:
+            meta = store.meta(DATASET, path.name)
+        except CondenseError:
+            continue
+        config = meta.get(PREIMAGE, {}).get("config", {})
+        if params and all(config.get(k) == v for k, v in params.items()):
+            return meta["card"]
+    return None
 
 
 def _preimages(store: Store, stage: str) -> Iterator[tuple[float, dict[str, Any]]]:
