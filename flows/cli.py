@@ -318,11 +318,7 @@ def plan(
     with one_line_errors():
         verdicts = explain(cfg, st)
     for verdict in verdicts:
-        typer.echo(
-            verdict.line()
-            if why
-            else verdict.line().split("  recompute:")[0] + ("" if verdict.cached else "  recompute")
-        )
+        typer.echo(verdict.line(why))
     if len(verdicts) == 1 and not verdicts[0].cached:
         typer.echo("(no stored dataset of this content: the later stages are planned once it is prepared)")
 

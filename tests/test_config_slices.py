@@ -111,7 +111,6 @@ def recording(monkeypatch: pytest.MonkeyPatch, stages: dict[str, Stage]) -> dict
 
 def unlisted(cfg: Any, stages: dict[str, Stage], read: dict[str, set[str]]) -> dict[str, list[str]]:
     """Per stage, the settings its runs read that no slice of its key holds."""
-    from condense.stages import make_plan  # noqa: F401 - the plan's reads decide the inputs
 
     def allowed(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
         stage = stages[name]
@@ -126,10 +125,10 @@ def unlisted(cfg: Any, stages: dict[str, Stage], read: dict[str, set[str]]) -> d
                     out |= allowed(upstream, seen | {name})
         return out
 
-    found = {
-        name: sorted(r for r in reads if not covered(r, allowed(name) | GUARDS.get(name, set())))
-        for name, reads in read.items()
-    }
+    found = {}
+    for name, reads in read.items():
+        keyed = allowed(name) | GUARDS.get(name, set()) if reads else set()
+        found[name] = sorted(r for r in reads if not covered(r, keyed))
     return {name: reads for name, reads in found.items() if reads}
 
 

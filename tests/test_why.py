@@ -20,6 +20,14 @@ def store(tmp_path_factory) -> Store:
     return store
 
 
+def _edit(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    """As if ``module``'s code had changed: its digest differs from the one the store recorded."""
+    digest = codeversion.module_digest
+    monkeypatch.setattr(
+        codeversion, "module_digest", lambda name: "0" * 16 if name == module else digest(name)
+    )
+
+
 def _verdicts(store: Store, *overrides: str) -> dict[str, str]:
     found = explain(load_config("digits-mtt", [*TINY, *overrides]), store)
     return {v.job: "cached" if v.cached else "; ".join(v.reasons) for v in found}
@@ -53,12 +61,7 @@ def test_an_input_that_recomputes_is_named(store):
 
 
 def test_a_changed_module_is_named(store, monkeypatch):
-    digest = codeversion.module_digest
-
-    def edited(name: str) -> str:
-        return "0" * 16 if name == "condense.experts" else digest(name)
-
-    monkeypatch.setattr(codeversion, "module_digest", edited)
+    _edit(monkeypatch, "condense.experts")
     verdicts = _verdicts(store)
     assert verdicts["dataset"] == "cached"  # the dataset stage does not run the experts' code
     assert verdicts["experts"] == "condense/experts.py changed"
@@ -87,12 +90,7 @@ def test_the_command_prints_the_reasons(store, ephemeral_env):
 
 
 def test_when_the_dataset_recomputes_the_later_stages_are_still_explained(store, monkeypatch):
-    digest = codeversion.module_digest
-
-    def edited(name: str) -> str:
-        return "0" * 16 if name == "condense.zca" else digest(name)
-
-    monkeypatch.setattr(codeversion, "module_digest", edited)
+    _edit(monkeypatch, "condense.zca")
     verdicts = _verdicts(store)
     assert verdicts["dataset"] == "condense/zca.py changed"
     assert "input dataset recomputes" in verdicts["experts"] and "export" in verdicts

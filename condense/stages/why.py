@@ -31,10 +31,12 @@ class Verdict:
     cached: bool
     reasons: list[str]
 
-    def line(self) -> str:
-        if self.cached:
-            return f"{self.job:<34} {self.key}  cached"
-        return f"{self.job:<34} {self.key}  recompute: {'; '.join(self.reasons)}"
+    def line(self, why: bool = True) -> str:
+        """The job, its key and ``cached`` or ``recompute`` (with the reasons when ``why``)."""
+        verdict = "cached" if self.cached else "recompute"
+        if why and not self.cached:
+            verdict += f": {'; '.join(self.reasons)}"
+        return f"{self.job:<34} {self.key}  {verdict}"
 
 
 def explain(cfg: PipelineConfig, store: Store) -> list[Verdict]:
@@ -49,61 +51,48 @@ def explain(cfg: PipelineConfig, store: Store) -> list[Verdict]:
     if not verdicts[0].cached and card is None:
         return verdicts
     plan = make_plan(cfg, store, dataset_job.key, card)
-    seen: set[str] = set()
-    for job in plan.jobs:
-        if job.part is None and job.name not in seen:
-            seen.add(job.name)
-            verdicts.append(_verdict(store, cfg, job, plan.keys))
+    verdicts += [_verdict(store, cfg, job) for job in plan.jobs if job.part is None]
     return verdicts
 
 
-def _verdict(store: Store, cfg: PipelineConfig, job: Job, planned: dict[str, Any] | None = None) -> Verdict:
+def _verdict(store: Store, cfg: PipelineConfig, job: Job) -> Verdict:
     # An instance is named by its params (evaluate-distilled-convnet-0+1); the dataset by its stage.
     name = job.stage if job.stage == DATASET else job.name.rsplit("-", 1)[0]
     if store.has(job.stage, job.key):
         return Verdict(name, job.key, True, [])
     mine = get_stage(job.stage).preimage(cfg, job.keys, job.params)
-    closest = min(
-        _preimages(store, job.stage),
-        key=lambda found: (len(differences(found[1], mine, store)), -found[0]),
-        default=None,
-    )
-    if closest is None:
+    # The artifact whose preimage differs least (the newest of equals) explains the recompute.
+    found = [
+        (differences(meta[PREIMAGE], mine, store), -changed)
+        for changed, meta in _committed(store, job.stage)
+        if isinstance(meta.get(PREIMAGE), dict)
+    ]
+    if not found:
         return Verdict(name, job.key, False, [f"no {job.stage} artifact in the store yet"])
-    return Verdict(
-        name, job.key, False, differences(closest[1], mine, store) or ["an unexplained difference"]
-    )
+    reasons, _ = min(found, key=lambda entry: (len(entry[0]), entry[1]))
+    return Verdict(name, job.key, False, reasons or ["an unexplained difference"])
 
 
 def _card_of_same_content(store: Store, params: dict[str, Any]) -> dict[str, Any] | None:
     """The card of a stored dataset prepared from the same source (fingerprint) and load mode: what
     the recomputed one will describe, unless the preparing code changed what it computes."""
-    folder = store.root / DATASET
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.name.startswith(".") or not store.has(DATASET, path.name):
-            continue
-        try:
-            meta = store.meta(DATASET, path.name)
-        except CondenseError:
-            continue
+    for _, meta in sorted(_committed(store, DATASET), key=lambda entry: -entry[0]):
         config = meta.get(PREIMAGE, {}).get("config", {})
         if params and all(config.get(k) == v for k, v in params.items()):
             return meta["card"]
     return None
 
 
-def _preimages(store: Store, stage: str) -> Iterator[tuple[float, dict[str, Any]]]:
-    """(commit time, preimage) of every artifact of ``stage`` that records one."""
+def _committed(store: Store, stage: str) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(commit time, meta) of every intact committed artifact of ``stage`` in the store."""
     folder = store.root / stage
     for path in folder.iterdir() if folder.is_dir() else []:
         if path.name.startswith(".") or not store.has(stage, path.name):
             continue
         try:
-            meta = store.meta(stage, path.name)
+            yield (path / "meta.json").stat().st_mtime, store.meta(stage, path.name)
         except CondenseError:
             continue
-        if isinstance(meta.get(PREIMAGE), dict):
-            yield (path / "meta.json").stat().st_mtime, meta[PREIMAGE]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], store: Store | None = None) -> list[str]:
