@@ -220,11 +220,11 @@ def _checked_shards(manifest: Any, folder: str, verify: bool, max_bytes: int) ->
                 " load it with verify=False only if you trust where it came from"
             )
     sizes = manifest.get("shard_bytes", {})
-    total = sum(int(sizes.get(s, 0)) for s in shards) if isinstance(sizes, dict) else 0
     if not isinstance(sizes, dict) or any(
         type(sizes.get(s, 0)) is not int or sizes.get(s, 0) < 0 for s in shards
     ):
         raise CondenseError(f"{where}: shard_bytes must give each shard's size in bytes")
+    total = sum(sizes.get(s, 0) for s in shards)
     if total > max_bytes:
         raise CondenseError(
             f"{where} declares {total} bytes of shards, over the cap of {max_bytes} bytes (max_bytes=, or"

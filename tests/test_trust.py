@@ -445,6 +445,10 @@ def test_a_small_shard_that_inflates_past_its_declared_size_is_refused_before_it
     (source / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CondenseError, match="over the cap of 1000000 bytes"):
         condense.load_distilled(source, max_bytes=1_000_000)
+    manifest["shard_bytes"] = {bomb.name: "a lot"}  # not a size: one line, not a traceback
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CondenseError, match="shard_bytes must give each shard's size in bytes"):
+        condense.load_distilled(source)
 
 
 @pytest.mark.parametrize(
