@@ -140,14 +140,14 @@ def load_once(store: Store, key: str, cfg: DatasetConfig, device: torch.device) 
     whitening the whole dataset again. A key names its content, so a kept copy never goes stale;
     the last :data:`RESIDENT_DATASETS` are kept. Streamed datasets are opened per job (they hold
     open shard readers, and their point is to keep nothing resident)."""
-    if store.meta(STAGE, key)["card"].get("load") == "stream":
-        return load(store, key, cfg, device)
     name = (store.location, key, str(device))
     with _resident_lock:  # one reader per process: concurrent jobs wait for the first's copy
         data = _resident.pop(name, None)
         if data is None:
-            data = load(store, key, cfg, device)
-            assert isinstance(data, PreparedDataset)
+            loaded = load(store, key, cfg, device)
+            if not isinstance(loaded, PreparedDataset):
+                return loaded
+            data = loaded
         _resident[name] = data  # most recently used last
         while len(_resident) > RESIDENT_DATASETS:
             del _resident[next(iter(_resident))]
