@@ -31,17 +31,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = [
-    "dataset",
-    "difficulty",
-    "experts",
-    "teacher",
-    "distill",
-    "soft_labels",
-    "relabel",
-    "evaluate",
-    "export",
-]
+from condense.stages import all_stages  # noqa: E402
+
+STAGES = sorted(all_stages())
+"""Today's stages; a commit's tree is asked for each that it has."""
 
 
 def walker(package: Path) -> ModuleType:
