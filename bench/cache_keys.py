@@ -42,7 +42,8 @@ def walker(package: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(
         f"codeversion_{abs(hash(package))}", ROOT / "condense" / "codeversion.py"
     )
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"error: cannot load {ROOT / 'condense' / 'codeversion.py'}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.ROOT = package
