@@ -23,6 +23,6 @@ class DamagedArtifactError(CondenseError):
     """A stored artifact whose files do not match what was recorded when it was committed."""
 
     def __init__(self, stage: str, key: str, problem: str, moved_to: str | None = None):
-        self.stage, self.key, self.problem = stage, key, problem
+        self.stage, self.key, self.problem, self.moved_to = stage, key, problem, moved_to
         where = f"; moved aside to {moved_to}, rerun to recompute it" if moved_to else ""
         super().__init__(f"artifact {stage}/{key} is damaged: {problem}{where}")

@@ -478,3 +478,45 @@ def test_a_bad_field_of_an_exported_sample_is_one_line_naming_the_sample(tmp_pat
             write_image_folder(source, tmp_path / "out")
         else:
             condense.load_distilled(source)
+
+
+def _committed_elsewhere(tmp_path: Path) -> Store:
+    """A store with one committed artifact ``chunks/<key>`` that this process has not checked yet
+    (committing marks it checked, so it is committed in one folder and read from a copy)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "chunk.bin").write_bytes(b"\x01" * 64)
+    Store(tmp_path / "first").commit("chunks", fake_key("chunk"), work, {})
+    shutil.copytree(tmp_path / "first", tmp_path / "store")
+    return Store(tmp_path / "store")
+
+
+def test_a_damage_check_that_raced_a_fresh_commit_moves_nothing(tmp_path, monkeypatch):
+    # The first look saw damage (a read racing another job's set-aside or commit), but the artifact
+    # is intact when checked again: it is read, not moved aside.
+    store, key = _committed_elsewhere(tmp_path), fake_key("chunk")
+    intact_verify, looks = store.verify, []
+
+    def first_look_sees_damage(stage, key, hash_up_to=0):
+        looks.append(stage)
+        if len(looks) == 1:
+            raise DamagedArtifactError(stage, key, "chunk.bin is missing")
+        intact_verify(stage, key, hash_up_to)
+
+    monkeypatch.setattr(store, "verify", first_look_sees_damage)
+    assert store.path("chunks", key) == store.root / "chunks" / key
+    assert (store.root / "chunks" / key / "chunk.bin").is_file()
+    assert not (store.root / "chunks" / ".damaged").exists()
+    assert looks == ["chunks", "chunks"]
+
+
+def test_two_jobs_that_find_one_damaged_artifact_move_it_aside_once_and_say_where_it_went(tmp_path):
+    store, key = _committed_elsewhere(tmp_path), fake_key("chunk")
+    (store.root / "chunks" / key / "chunk.bin").write_bytes(b"\x02" * 64)  # same size, other bytes
+    first = store.set_aside_if_damaged("chunks", key, float("inf"))
+    second = store.set_aside_if_damaged("chunks", key, float("inf"))
+    assert first is not None and first.moved_to is not None and Path(first.moved_to).is_dir()
+    assert first.problem == "chunk.bin does not hold what was written (sha256 differs)"
+    assert second is not None and second.moved_to is None
+    assert "another job moved it aside" in str(second)
+    assert len(list((store.root / "chunks" / ".damaged").iterdir())) == 1

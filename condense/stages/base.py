@@ -311,8 +311,12 @@ def _intact(store: Store, stage: str, key: str, progress: Progress) -> bool:
         return False
     try:
         store.verify(stage, key)
-    except DamagedArtifactError as err:
-        progress.note(f"{err}; moved aside to {store.quarantine(stage, key)}, recomputing it")
+    except DamagedArtifactError:
+        damaged = store.set_aside_if_damaged(stage, key)
+        if damaged is None:  # replaced by another job since the first look
+            return True
+        moved = f"; moved aside to {damaged.moved_to}" if damaged.moved_to else ""
+        progress.note(f"artifact {stage}/{key} is damaged: {damaged.problem}{moved}, recomputing it")
         return False
     return True
 

@@ -67,12 +67,33 @@ class Store:
         moved aside and raises :class:`DamagedArtifactError`."""
         folder = self._local(stage, key)
         if (str(self.root), stage, key) not in _verified:
+            limit = integrity.content_limit()
             try:
-                self.verify(stage, key, integrity.content_limit())
-            except DamagedArtifactError as err:
-                raise DamagedArtifactError(stage, key, err.problem, self.quarantine(stage, key)) from None
+                self.verify(stage, key, limit)
+            except DamagedArtifactError:
+                damaged = self.set_aside_if_damaged(stage, key, limit)
+                if damaged is not None:
+                    raise damaged from None
             _verified.add((str(self.root), stage, key))
         return folder
+
+    def set_aside_if_damaged(
+        self, stage: str, key: str, hash_up_to: float = 0
+    ) -> DamagedArtifactError | None:
+        """Check the artifact again, alone, and move it aside if it is still damaged; returns the
+        damage (None when it is intact now).
+
+        A check that found damage may have raced another job: one that moved the same artifact aside
+        (its files vanish mid-read and look damaged) or committed a fresh copy since. Checking again
+        under a lock means only the job that holds it judges, and nothing intact is moved."""
+        with self.lock(stage, f"{key}.check"):
+            if not os.path.lexists(self._local(stage, key)):
+                return DamagedArtifactError(stage, key, "another job moved it aside")
+            try:
+                self.verify(stage, key, hash_up_to)
+            except DamagedArtifactError as err:
+                return DamagedArtifactError(stage, key, err.problem, self.quarantine(stage, key))
+            return None
 
     def verify(self, stage: str, key: str, hash_up_to: float = 0) -> None:
         """Raise :class:`DamagedArtifactError` unless the artifact's meta is intact and its files have
