@@ -358,13 +358,15 @@ def gc(
     found = collect(store, partials, grace_seconds, keep_runs)
     if not dry_run:
         leased_now = leased(store)  # a run may have started since the listing
-        held = []
+        held = []  # what stays after all, and is not reported gone
         for path in found.removable:
             stage, _, key = path.partition("/")
-            if key.startswith(f"{LOCKS}/"):  # a lock a run holds now stays, and is not reported gone
+            if key.startswith(f"{LOCKS}/"):  # a lock a run holds now stays
                 if not store.drop_lock(stage, key.removeprefix(f"{LOCKS}/").removesuffix(".lock")):
                     held.append(path)
-            elif (stage, key) not in leased_now:
+            elif (stage, key) in leased_now:
+                held.append(path)
+            else:
                 _remove(store, path)
         found.removable = [p for p in found.removable if p not in held]
     return found

@@ -3,6 +3,7 @@ its inputs, SIGTERM mid-run, and every bad input or bad file as one line, never 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,23 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from condense.configure import load_config
 from condense.store import Store
-from tests.conftest import ROOT, TINY, last_json, plan_for, run_cli, run_jobs, run_pipeline, tiny_args, tree
+from tests.conftest import (
+    ROOT,
+    TINY,
+    fake_key,
+    last_json,
+    plan_for,
+    run_cli,
+    run_jobs,
+    run_pipeline,
+    tiny_args,
+    tree,
+)
+from tests.test_compare import TINY_COMPARISON
 
 RUN_TINY = """
 import json, sys
@@ -238,3 +252,65 @@ def test_an_s3_store_without_credentials_is_one_line(s3, prefect_env, tmp_path):
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
     line = _one_line_failure(run_cli(["ls", "--store", "s3://bucket/nocreds"], env, check=False))
     assert "NoCredentialsError" in line or "credentials" in line.lower()
+
+
+def _comparison(tmp_path: Path, **dm_distill: int) -> Path:
+    """A one-cell comparison (DM, IPC 1) as a YAML file, its distillation settings replaced."""
+    spec = {**TINY_COMPARISON, "methods": ["dm"]}
+    spec["settings"] = {"dm": {"distill": {"iterations": 2, "checkpoint_every": 2, **dm_distill}}}
+    path = tmp_path / "one-cell.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _compare_proc(comparison: Path, store: Path, env: dict[str, str]) -> subprocess.Popen:
+    args = ["compare", str(comparison), "--store", str(store), "--json", "-q"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "condense_flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_identical_comparisons_started_together_both_complete_alike(prefect_env, tmp_path):
+    comparison, store = _comparison(tmp_path), tmp_path / "store"
+    procs = [_compare_proc(comparison, store, prefect_env) for _ in range(2)]
+    results = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in results]
+    boards = [last_json(out) for out, _ in results]
+    assert [cell["status"] for board in boards for cell in board["cells"]] == ["ok", "ok"]
+    first, second = (board["cells"][0] for board in boards)
+    assert first["distill_key"] == second["distill_key"] and first["accuracy"] == second["accuracy"]
+    # One leaderboard version: whichever published second found the same record and kept it.
+    assert sorted(board["version"]["new"] for board in boards) == [False, True]
+    assert {board["version"]["number"] for board in boards} == {1}
+    assert not any((store / "distill" / ".partial").glob("*/*"))
+
+
+def test_gc_during_a_live_comparison_keeps_everything_the_comparison_uses(prefect_env, tmp_path):
+    store = tmp_path / "store"
+    (store / "versions").mkdir(parents=True)  # nothing published: only the lease protects the run
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "weights.bin").write_bytes(b"\x00" * 16)
+    Store(store).commit("experts", fake_key("abandoned"), work, {})
+    _age(store)
+    proc = _compare_proc(_comparison(tmp_path, iterations=300, checkpoint_every=5), store, prefect_env)
+    lease = _wait_for("leases/*.json", store, proc)
+    deadline = time.monotonic() + 300
+    while not any(stage == "distill" for stage, _ in json.loads(lease.read_text())["keys"]):
+        assert proc.poll() is None and time.monotonic() < deadline, "the comparison never planned its cell"
+        time.sleep(0.2)
+    gc = run_cli(["gc", "--store", str(store), "--grace-minutes", "0", "--partials"], prefect_env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"experts/{fake_key('abandoned')}" in gc.stdout  # gc did remove what nothing uses
+    assert not (store / "experts" / fake_key("abandoned")).exists()
+    cell = last_json(out)["cells"][0]
+    assert cell["status"] == "ok", cell["reason"]
+    assert (store / "distill" / cell["distill_key"] / "meta.json").is_file()
+    assert [p.name for p in (store / "dataset").iterdir() if (p / "meta.json").is_file()] != []
+    assert not (store / "leases").exists() or not any((store / "leases").iterdir())
