@@ -1,17 +1,18 @@
 """Fault injection: damage each kind of artifact in every way, rerun, and show what the user sees.
 
-    python bench/faults.py                       # tiny digits runs, 10 artifact kinds x 4 faults
+    python bench/faults.py                       # tiny digits runs, 11 artifact kinds x 4 faults
     python bench/faults.py --json bench/results/faults.json
 
 Intact runs fill one store per pipeline: digits-mtt; digits-pad (EL2N difficulty scores, experts
 trained easy-to-hard, learned label logits); digits-rded with stored relabeling (the replayed KD
-plans and labels). Then, per artifact kind (trajectories, synthetic images, soft labels, teacher
-weights, an artifact's meta.json, a version record, an export shard, learned label logits,
-difficulty scores, stored relabel plans) and per fault (delete a file, truncate it, flip bytes in
-place, delete the commit marker), a copy of that store is damaged and the same command rerun, twice
-if the first rerun failed. The table says what the user saw (the last line on stderr, or the note the
-run printed), the exit codes, and whether the result (accuracy, learned lr, the exported images)
-equals the intact run's. No row may read "exit 0" with "no".
+plans and labels); a one-cell comparison (DM, IPC 1) and its leaderboard record. Then, per artifact
+kind (trajectories, synthetic images, soft labels, teacher weights, an artifact's meta.json, a
+version record, an export shard, learned label logits, difficulty scores, stored relabel plans, a
+leaderboard record) and per fault (delete a file, truncate it, flip bytes in place, delete the
+commit marker), a copy of that store is damaged and the same command rerun, twice if the first rerun
+failed. The table says what the user saw (the last line on stderr, or the note the run printed), the
+exit codes, and whether the result (accuracy, learned lr, the exported images; a leaderboard's
+cells) equals the intact run's. No row may read "exit 0" with "no".
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ PIPELINES = {
     ),
 }
 """Each pipeline: (preset, overrides)."""
+COMPARISON = {
+    "name": "faults",
+    "presets": "digits-{method}",
+    "methods": ["dm"],
+    "ipc": [1],
+    "models": ["convnet"],
+    "dataset": {"source": "digits", "name": "digits", "train_per_class": 20},
+    "evaluate": {"seeds": 2, "full_data_epochs": 1},
+    "recipes": {"hard": {"epochs": 4}},
+    "settings": {"dm": {"distill": {"iterations": 4, "checkpoint_every": 2}}},
+}
+"""The ``compare`` pipeline: ``condense compare`` on this comparison."""
 KINDS = {
     "trajectories": ("mtt", "experts", "trajectories.zarr/c"),
     "synthetic images": ("mtt", "distill", "synthetic.zarr/images/c"),
@@ -81,16 +94,23 @@ KINDS = {
     "learned logits": ("pad", "distill", "synthetic.zarr/label_logits/c"),
     "difficulty scores": ("pad", "difficulty", "difficulty.zarr"),
     "relabel plans": ("rded", "relabel", "labels.zarr"),
+    "leaderboard record": ("compare", "leaderboards", ""),
 }
 """Each artifact kind: (pipeline, stage, the file or folder under its artifact a fault hits)."""
 FAULTS = ("delete file", "truncate", "flip bytes", "delete marker")
 
 
 def run(store: Path, env: dict[str, str], pipeline: str) -> tuple[int, str, dict[str, Any] | None]:
-    preset, overrides = PIPELINES[pipeline]
-    cmd = [sys.executable, "-m", "condense_flows.cli", "run", preset, "--store", str(store), "--json"]
-    for item in overrides:
-        cmd += ["--set", item]
+    cli = [sys.executable, "-m", "condense_flows.cli"]
+    if pipeline == "compare":
+        spec = store.parent / "comparison.json"  # YAML's subset: the CLI reads it as YAML
+        spec.write_text(json.dumps(COMPARISON))
+        cmd = [*cli, "compare", str(spec), "--store", str(store), "--json"]
+    else:
+        preset, overrides = PIPELINES[pipeline]
+        cmd = [*cli, "run", preset, "--store", str(store), "--json"]
+        for item in overrides:
+            cmd += ["--set", item]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     notes = [line for line in proc.stderr.splitlines() if "damaged" in line or "error" in line]
     summary = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
@@ -99,12 +119,11 @@ def run(store: Path, env: dict[str, str], pipeline: str) -> tuple[int, str, dict
 
 def target(store: Path, summary: dict[str, Any], kind: str) -> tuple[Path, Path]:
     """(the file a fault hits, the commit marker that vouches for it)."""
-    keys = summary["keys"]
-    if kind == "version record":
-        record = next((store / "versions").rglob("v0001.json"))
-        return record, record  # a version record is its own marker
     _, stage, inner = KINDS[kind]
-    folder = store / stage / keys[stage]
+    if kind in ("version record", "leaderboard record"):
+        record = next((store / stage).rglob("v0001.json"))
+        return record, record  # a record is its own marker
+    folder = store / stage / summary["keys"][stage]
     path = folder / inner
     if path.is_dir():
         path = sorted(p for p in path.rglob("*") if p.is_file())[0]
@@ -126,7 +145,9 @@ def damage(path: Path, marker: Path, fault: str) -> None:
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two runs' results agree: accuracies, the learned lr, and the exported set's images,
-    labels, soft labels and learned label logits."""
+    labels, soft labels and learned label logits; of two comparisons, every cell's result."""
+    if "cells" in a:
+        return [_cell(c) for c in a["cells"]] == [_cell(c) for c in b["cells"]]
     if any(a.get(k) != b.get(k) for k in ("accuracy", "baselines", "learned_lr")):
         return False
     x, y = (condense.load_distilled(s["artifacts"]["run_dir"]) for s in (a, b))
@@ -137,21 +158,34 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+def _cell(cell: dict[str, Any]) -> tuple[Any, ...]:
+    return cell["method"], cell["ipc"], cell["status"], cell["distill_key"], cell["accuracy"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=list(KINDS),
+        default=list(KINDS),
+        metavar="KIND",
+        help="artifact kinds to damage (default: all); quote names with spaces",
+    )
     args = parser.parse_args()
+    kinds = {kind: KINDS[kind] for kind in args.kinds}
     work = Path(tempfile.mkdtemp(prefix="condense-faults-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect")}
     intact: dict[str, dict[str, Any]] = {}
-    for pipeline in dict.fromkeys(p for p, _, _ in KINDS.values()):
+    for pipeline in dict.fromkeys(p for p, _, _ in kinds.values()):
         code, seen, summary = run(work / f"intact-{pipeline}", env, pipeline)
         assert code == 0 and summary is not None, f"the intact {pipeline} run failed: {seen}"
         intact[pipeline] = summary
     rows = []
-    for kind, (pipeline, _, _) in KINDS.items():
+    for kind, (pipeline, _, _) in kinds.items():
         for fault in FAULTS:
             store = work / f"{kind}-{fault}".replace(" ", "_")
             shutil.copytree(work / f"intact-{pipeline}", store)

@@ -47,15 +47,13 @@ def _series(store: Store, dataset: str, method: str, ipc: int) -> str:
 def _record(store: Store, path: str) -> dict[str, Any]:
     """The record at ``path``, every name in it that becomes a path checked first: a store may be
     shared, and a crafted key such as ``../../etc`` must never reach a rename or a delete."""
+    where = f"{'leaderboard' if f'/{LEADERBOARDS}/' in path else 'version'} record {path}"
     try:
         record = json.loads(store.fs.cat_file(path))
         if not isinstance(record, dict) or type(record["version"]) is not int or record["version"] < 1:
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise CondenseError(
-            f"version record {path} is damaged (not a version record); restore or remove it"
-        ) from None
-    where = f"version record {path}"
+        raise CondenseError(f"{where} is damaged (not a record); restore or remove it") from None
     if "ipc" in record and (type(record["ipc"]) is not int or record["ipc"] < 1):
         raise CondenseError(f"{where}: ipc {record['ipc']!r} is not a positive whole number")
     for name in ("dataset", "method", "name"):

@@ -177,6 +177,9 @@ def test_a_leaderboard_record_without_its_artifacts_stops_gc_with_one_line(tmp_p
     write_json(series / "v0001.json", {"version": 1, "name": "board", "dataset": "digits"})
     with pytest.raises(CondenseError, match="leaderboard record digits/board v1 is damaged"):
         versions.gc(store, dry_run=True)
+    (series / "v0001.json").write_text('{"version": 1, "name": "bo')  # cut short
+    with pytest.raises(CondenseError, match=r"leaderboard record \S+/board/v0001.json is damaged"):
+        versions.gc(store, dry_run=True)
 
 
 def test_gc_removes_idle_lock_files_and_leaves_a_held_one(tmp_path: Path):
