@@ -17,9 +17,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -37,11 +40,45 @@ def _numeric(annotation: Any) -> bool:
     )
 
 
+NEUTRAL = "key_neutral"
+"""Schema mark of a field left out of stage keys while it holds this value (see :func:`added`)."""
+KEYING = {"keying": True}
+"""Serialisation context of a stage key's config slice (see :func:`keyed`)."""
+_SAME = object()
+
+
+def added(neutral: Any, default: Any = _SAME, **field: Any) -> Any:
+    """A field added to a schema after artifacts were keyed without it, whose value ``neutral`` does
+    what the code did before the field existed: at that value the field is left out of stage keys,
+    so adding it re-keys nothing already stored; any other value enters them. ``default`` is
+    ``neutral`` unless given: a default changed later is a change of behaviour, and enters every key
+    that holds the field."""
+    return Field(neutral if default is _SAME else default, json_schema_extra={NEUTRAL: neutral}, **field)
+
+
+def keyed(model: BaseModel, **dump: Any) -> dict[str, Any]:
+    """``model`` dumped for a stage key: as ``model_dump(**dump)``, without the fields (nested
+    sections too) that hold their :func:`added` neutral value."""
+    return model.model_dump(context=KEYING, **dump)
+
+
 class Strict(BaseModel):
     """Unknown keys are errors; so is ``true``/``false`` where a number belongs (``ipc: true`` is a
     slip, not 1)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_serializer(mode="wrap")
+    def _neutral_fields_out_of_keys(
+        self, serialize: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> Any:
+        dumped = serialize(self)
+        if info.context == KEYING and isinstance(dumped, dict):
+            for name, field in type(self).model_fields.items():
+                extra = field.json_schema_extra
+                if isinstance(extra, dict) and NEUTRAL in extra and getattr(self, name) == extra[NEUTRAL]:
+                    dumped.pop(name, None)
+        return dumped
 
     @field_validator("*", mode="before")
     @classmethod
@@ -69,7 +106,7 @@ class DatasetConfig(Strict):
     train_urls: str | None = None
     """WebDataset URL/brace pattern for the train split; overrides ``path`` (local or remote)."""
     test_urls: str | None = None
-    class_names: list[str] | None = None
+    class_names: list[str] | None = added(None)
     """``source: webdataset``: the classes' names in ``cls`` order, since shards store only the index
     (``[airplane, automobile, ...]``); they label the reports and pictures. None: the indices."""
     hf_name: str | None = None

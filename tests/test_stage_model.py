@@ -179,6 +179,39 @@ def test_comments_docstrings_and_formatting_never_rekey_and_infrastructure_edits
     assert _plan_keys(original, store, dataset_key) == _plan_keys(edited, store, dataset_key)
 
 
+def _with_model_option(parent: Path, field: str) -> Path:
+    """A package copy whose ModelConfig (in the key of every stage that builds a ConvNet) has one
+    more field, declared as ``field``."""
+    config = _package_copy(parent) / "condense" / "config.py"
+    text = config.read_text()
+    anchor = '    norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"\n'
+    assert anchor in text
+    config.write_text(text.replace(anchor, f"{anchor}    new_option: bool = {field}\n"))
+    return parent
+
+
+def test_adding_a_field_at_its_neutral_value_rekeys_nothing_and_a_changed_default_rekeys_its_holders(
+    tmp_path: Path,
+):
+    cfg = load_config("digits-dsa")
+    store = tmp_path / "store"
+    dataset_key, _ = prepare(cfg.dataset, Store(store), cfg.ipc)
+    original = _plan_keys(_package_copy(tmp_path / "original"), store, dataset_key)
+    added = _plan_keys(_with_model_option(tmp_path / "added", "added(False)"), store, dataset_key)
+    assert added == original
+    # The same field whose default no longer reproduces the old behaviour enters the keys of the
+    # stages that build a ConvNet (and of what follows them); the dataset's stays.
+    flipped = _plan_keys(
+        _with_model_option(tmp_path / "flipped", "added(False, default=True)"), store, dataset_key
+    )
+    changed = {stage for stage in original if flipped[stage] != original[stage]}
+    assert "dataset" not in changed and "distill" in changed, changed
+    assert any(stage.startswith("evaluate-") for stage in changed), changed
+    # A plain field (no neutral value declared) is a new setting like any other: it re-keys.
+    plain = _plan_keys(_with_model_option(tmp_path / "plain", "False"), store, dataset_key)
+    assert plain["distill"] != original["distill"]
+
+
 PLUGIN = '''
 """A plugin method: {doc}"""
 import torch

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from condense import datasets, streaming, zca
-from condense.config import DatasetConfig, PipelineConfig
+from condense.config import DatasetConfig, PipelineConfig, keyed
 from condense.datasets import huggingface, index, shards
 from condense.datasets.common import first_per_class, sample_per_class
 from condense.errors import DatasetError
@@ -125,11 +125,9 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     # was made does not matter, only its outcome; workers and the buffer decide a streamed epoch's
     # order, so they are part of a streamed dataset's key.
     unused = {"path", "train_urls", "test_urls", "stream_above_mb", "load"}
-    if cfg.dataset.class_names is None:  # (unset, the section reads as it did before the option)
-        unused.add("class_names")
     if params["load"] == "memory":
         unused |= _STREAM_ONLY
-    section = cfg.dataset.model_dump(exclude=unused)
+    section = keyed(cfg.dataset, exclude=unused)
     return {**section, "fingerprint": params["fingerprint"], "load": params["load"]}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from condense import difficulty
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.errors import ConfigError
 from condense.stages.base import Context, Params, Stage
 
@@ -20,12 +20,12 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
         raise ConfigError("the difficulty stage needs experts.schedule")
     section = {
         "el2n": {"models": schedule.el2n_models, "epochs": schedule.el2n_epochs},
-        "recipe": cfg.experts.model_dump(include={"lr", "momentum", "weight_decay", "batch_size", "dsa"}),
-        "model": cfg.model.model_dump(),
+        "recipe": keyed(cfg.experts, include={"lr", "momentum", "weight_decay", "batch_size", "dsa"}),
+        "model": keyed(cfg.model),
         "seed": cfg.seed,
     }
     if cfg.experts.dsa:
-        section["dsa"] = cfg.dsa.model_dump()
+        section["dsa"] = keyed(cfg.dsa)
     return section
 
 

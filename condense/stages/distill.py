@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from condense import artifacts
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.methods import get_method
 from condense.methods.base import DistillInputs
 from condense.prepare import input_std
@@ -19,11 +19,11 @@ from condense.stages.base import Context, Params, Stage
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     return {
         "method": cfg.method,
-        "distill": cfg.distill.model_dump(),
+        "distill": keyed(cfg.distill),
         "ipc": cfg.ipc,
         "seed": cfg.seed,
-        "model": cfg.model.model_dump(),
-        "dsa": cfg.dsa.model_dump(),
+        "model": keyed(cfg.model),
+        "dsa": keyed(cfg.dsa),
     }
 
 

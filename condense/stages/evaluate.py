@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from condense import artifacts, evaluate, labels, models, relabel
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.errors import ConfigError
 from condense.evaluate import KDRecipe, Recipe
 from condense.prepare import RealData
@@ -99,7 +99,7 @@ def _kd_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
     stored = subject == "distilled" and uses_stored_labels(cfg)
     return {
         "recipe": "kd",
-        "kd": cfg.evaluate.kd.model_dump(),
+        "kd": keyed(cfg.evaluate.kd),
         "epochs": cfg.evaluate.full_data_epochs if subject == "full_data" else cfg.evaluate.epochs,
         "batch_size": cfg.evaluate.batch_size,
         "top_k": cfg.relabel.top_k,
@@ -116,14 +116,14 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
         fields = _kd_fields(cfg, subject)
     else:
         fields = _recipe_fields(cfg, subject)
-        fields["dsa"] = fields["dsa"].model_dump() if fields["dsa"] else None
+        fields["dsa"] = keyed(fields["dsa"]) if fields["dsa"] else None
         fields["labels"] = "hard" if subject == "full_data" else cfg.evaluate.labels
     return {
         "subject": subject,
         "arch": arch,
         "seeds": [eval_seed(cfg, index) for index in params["indices"]],
         "recipe": fields,
-        "model": cfg.student.model_dump() if arch == models.CONVNET else None,
+        "model": keyed(cfg.student) if arch == models.CONVNET else None,
         "ipc": cfg.ipc if subject == "random_real" else None,
     }
 

@@ -17,7 +17,7 @@ import zarr
 
 from condense import difficulty, models
 from condense.artifacts import BUFFER, create_buffer, expert_chunks
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.experts import expert_seed, train_expert
 from condense.stages.base import Context, Params, Stage
 
@@ -28,10 +28,10 @@ GSAM_FIELDS = {"rho", "gsam_alpha", "adaptive"}
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     # GSAM's settings shape plain-SGD experts not at all: they stay out of an SGD expert's key.
     unused = GSAM_FIELDS if cfg.experts.optimizer == "sgd" else set()
-    experts = cfg.experts.model_dump(exclude=unused)
-    section = {"experts": experts, "model": cfg.model.model_dump(), "seed": cfg.seed}
+    experts = keyed(cfg.experts, exclude=unused)
+    section = {"experts": experts, "model": keyed(cfg.model), "seed": cfg.seed}
     if cfg.experts.dsa:
-        section["dsa"] = cfg.dsa.model_dump()
+        section["dsa"] = keyed(cfg.dsa)
     return section
 
 

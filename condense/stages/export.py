@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from condense import artifacts, export
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.evaluate import summarize
 from condense.stages.base import Context, Params, Stage
 from condense.store import Store
@@ -35,7 +35,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "classes": card["classes"],
         "preprocessing": {"mean": card["mean"], "std": card["std"], "zca": card["zca"]},
         "learned_lr": ctx.meta("distill")["lr"],
-        "config": cfg.model_dump(mode="json", exclude={"compute"}),
+        "config": keyed(cfg, mode="json", exclude={"compute"}),
         "accuracy": accuracy_table(store, list(keys["evaluate"])),
         "keys": {name: key for name, key in keys.items() if isinstance(key, str)},
     }
@@ -54,7 +54,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude={"compute"})  # the manifest records the config
+    return keyed(cfg, mode="json", exclude={"compute"})  # the manifest records the config
 
 
 STAGE = Stage(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from condense import artifacts, relabel
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.errors import ConfigError
 from condense.stages.base import Context, Params, Stage
 from condense.store import disk_bytes
@@ -23,8 +23,8 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     """Everything that shapes the labels: augmentation, temperature, batches, epochs, and the whole
     ``relabel`` section (top-k, fp16, quantize, stored_epochs: a new field changes the key)."""
     return {
-        "kd": cfg.evaluate.kd.model_dump(),
-        "relabel": cfg.relabel.model_dump(),
+        "kd": keyed(cfg.evaluate.kd),
+        "relabel": keyed(cfg.relabel),
         "epochs": cfg.evaluate.epochs,
         "batch_size": cfg.evaluate.batch_size,
         "seed": cfg.seed,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from condense import artifacts, labels
-from condense.config import PipelineConfig
+from condense.config import PipelineConfig, keyed
 from condense.stages.base import Context, Params, Stage
 
 
@@ -20,7 +20,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
-    return cfg.soft_labels.model_dump()
+    return keyed(cfg.soft_labels)
 
 
 STAGE = Stage(name="soft_labels", run=run, config=config, reads=lambda cfg, params: ("distill", "teacher"))

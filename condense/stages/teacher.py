@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from condense import artifacts, models, teacher, training
-from condense.config import ModelConfig, PipelineConfig
+from condense.config import ModelConfig, PipelineConfig, keyed
 from condense.errors import ConfigError
 from condense.stages.base import Context, Params, Stage
 
@@ -34,11 +34,11 @@ def _file_digest(path: str) -> str:
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     t = cfg.teacher
     arch, model_cfg = architecture(cfg)
-    section: dict[str, Any] = {"source": t.source, "arch": arch, "model": model_cfg.model_dump()}
+    section: dict[str, Any] = {"source": t.source, "arch": arch, "model": keyed(model_cfg)}
     if t.source == "train":
-        section.update(t.model_dump(exclude={"path", "source"}), seed=cfg.seed)
+        section.update(keyed(t, exclude={"path", "source"}), seed=cfg.seed)
         if t.dsa:
-            section["dsa"] = cfg.dsa.model_dump()
+            section["dsa"] = keyed(cfg.dsa)
     elif t.source == "file":
         section["file"] = _file_digest(t.path or "")  # the weights' content, not where they are
     return section
