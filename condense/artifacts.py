@@ -18,9 +18,9 @@ import zarr
 
 from condense import devices, models
 from condense.config import ModelConfig
-from condense.methods.base import SyntheticSet
 from condense.relabel import StoredLabels
 from condense.store import Store, load_arrays, read_json, save_arrays, write_json
+from condense.synthetic import SyntheticSet
 
 BUFFER = "trajectories.zarr"
 TEACHER_WEIGHTS = "weights.pt"

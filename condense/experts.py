@@ -22,9 +22,9 @@ from condense.devices import Compiled
 from condense.difficulty import DifficultyOrder, epoch_indices
 from condense.errors import DivergenceError
 from condense.gsam import GSAM, BatchReplay
-from condense.models import CONVNET, FlatParams, build_model
+from condense.models import FlatParams
 from condense.prepare import RealData
-from condense.training import LossFn, drawn_batches, split_accuracy, train_on
+from condense.training import LossFn, drawn_batches, split_accuracy, student_model, train_on
 
 EpochCallback = Callable[[int, float], None]
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -44,12 +44,6 @@ class Trajectory:
 
 def expert_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
-
-
-def student_model(data: RealData, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """The distillation architecture (ConvNet) for this dataset."""
-    model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
-    return model.to(data.device, non_blocking=True)  # built on the CPU (its seeded init); no wait
 
 
 def expert_optimizer(

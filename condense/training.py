@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from condense.augment import dsa
-from condense.config import DSAConfig
+from condense.config import DSAConfig, ModelConfig
 from condense.devices import upload
+from condense.models import CONVNET, build_model
 
 if TYPE_CHECKING:
     from condense.prepare import RealData
@@ -147,3 +148,9 @@ def split_accuracy(model: nn.Module, data: RealData, split: str = "test") -> flo
 def cosine_factor(step: float, steps: float, final_fraction: float = 0.0) -> float:
     """Cosine multiplier from 1 at ``step`` 0 to ``final_fraction`` at ``steps``."""
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def student_model(data: RealData, model_cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """The distillation architecture (ConvNet) for this dataset."""
+    model = build_model(CONVNET, data.channels, data.num_classes, data.resolution, model_cfg, seed)
+    return model.to(data.device, non_blocking=True)  # built on the CPU (its seeded init); no wait

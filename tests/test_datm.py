@@ -12,7 +12,6 @@ from condense import artifacts
 from condense import evaluate as evaluate_lib
 from condense.configure import load_config
 from condense.errors import ConfigError
-from condense.experts import student_model
 from condense.export import load_distilled
 from condense.methods import configure
 from condense.methods import mtt as mtt_module
@@ -22,6 +21,7 @@ from condense.models import FlatParams
 from condense.prepare import load
 from condense.stages import base
 from condense.store import Store
+from condense.training import student_model
 from condense.trajectory import shallow_cut
 from tests.conftest import TINY, Notes, kill_distillation_at_first_checkpoint, plan_for, run_jobs
 

@@ -13,7 +13,6 @@ import torch
 from condense.config import DatasetConfig, ModelConfig
 from condense.configure import load_config
 from condense.errors import DivergenceError
-from condense.experts import student_model
 from condense.methods import dm, dream, dsa
 from condense.methods.base import DistillInputs
 from condense.methods.initial import initial_images
@@ -24,6 +23,7 @@ from condense.progress import SILENT
 from condense.stages.base import TorchCheckpoints
 from condense.stages.dataset import prepare
 from condense.store import Store
+from condense.training import student_model
 from tests.conftest import KillAfter, Notes
 
 IPC = 2

@@ -47,46 +47,49 @@ def _plan_keys(package_parent: Path, store: Path, dataset_key: str) -> dict[str,
     return json.loads(out.stdout)
 
 
+def _edited(parent: Path, module: str, anchor: str) -> Path:
+    """A package copy in which the function whose docstring ends in ``anchor`` (in ``module``) has
+    one more statement."""
+    source = _package_copy(parent) / "condense" / module
+    text = source.read_text()
+    assert text.count(anchor) == 1, anchor
+    source.write_text(text.replace(anchor, f"{anchor}\n    seed = int(seed)"))
+    return parent
+
+
 def test_editing_a_module_rekeys_what_imports_it_and_everything_downstream_and_nothing_else(tmp_path: Path):
     cfg = load_config("digits-dsa")
     store = tmp_path / "store"
     dataset_key, _ = prepare(cfg.dataset, Store(store), cfg.ipc)
-    original, edited = tmp_path / "original", tmp_path / "edited"
-    for copy in (original, edited):
-        shutil.copytree(ROOT / "condense", copy / "condense", ignore=shutil.ignore_patterns("__pycache__"))
-    # One function changed in experts.py. DSA never reads trajectories, but its matching loop builds
-    # its networks with experts.student_model: a dependency no hand-kept list had.
-    source = edited / "condense" / "experts.py"
-    text = source.read_text()
-    assert "def student_model(" in text
-    source.write_text(
-        text.replace(
-            '    """The distillation architecture (ConvNet) for this dataset."""\n',
-            '    """The distillation architecture (ConvNet) for this dataset."""\n    seed = int(seed)\n',
-        )
-    )
-    before = _plan_keys(original, store, dataset_key)
-    after = _plan_keys(edited, store, dataset_key)
+    before = _plan_keys(_package_copy(tmp_path / "original"), store, dataset_key)
+    # One function changed in experts.py: the experts, the teacher picked from them and what reads
+    # the teacher. Not the DSA set: its matching loop builds networks with training.student_model,
+    # and nothing of the expert code (where that factory used to live, in every DSA key).
+    anchor = '(each epoch then trains on the slice :func:`condense.difficulty.epoch_indices` picks)."""'
+    after = _plan_keys(_edited(tmp_path / "experts", "experts.py", anchor), store, dataset_key)
     changed = sorted(name for name in before if before[name] != after[name])
-    print("\nkeys changed by editing experts.student_model (digits-dsa):")
+    print("\nkeys changed by editing experts.train_expert (digits-dsa):")
     for name in before:
-        print(
-            f"  {name:<32} {before[name]} -> {after[name]}{'' if before[name] != after[name] else '  (same)'}"
-        )
-
+        print(f"  {name:<32} {before[name]} -> {after[name]}{'' if name in changed else '  (same)'}")
     assert before.keys() == after.keys() and before["dataset"] == dataset_key
     # Upstream (the dataset) and unrelated (the baselines train on the dataset alone): unchanged.
     unchanged = [n for n in before if n.startswith(("dataset", "evaluate-full_data", "evaluate-random_real"))]
     assert unchanged and all(before[n] == after[n] for n in unchanged)
-    # The experts (train_expert), their teacher, the DSA set (through matching.py) and all downstream.
-    expected = {"experts", "teacher", "distill", "soft_labels", "export"}
-    expected |= {n for n in before if n.startswith(("experts[", "evaluate-distilled"))}
+    # The distilled set's evaluation trains on hard labels: the teacher's soft labels only reach
+    # the export.
+    expected = {"experts", "teacher", "soft_labels", "export"} | {
+        n for n in before if n.startswith("experts[")
+    }
     assert set(changed) == expected
+    # The factory itself still re-keys the DSA set it builds networks for.
+    anchor = '"""The distillation architecture (ConvNet) for this dataset."""'
+    factory = _plan_keys(_edited(tmp_path / "factory", "training.py", anchor), store, dataset_key)
+    assert factory["distill"] != before["distill"] and factory["dataset"] == before["dataset"]
 
 
 def test_the_code_version_follows_imports_but_not_registries():
     distill_mtt = codeversion.code_modules(["condense.stages.distill", "condense.methods.mtt"])
-    assert "condense.experts" in distill_mtt and "condense.methods.dsa" not in distill_mtt
+    assert "condense.trajectory" in distill_mtt and "condense.methods.dsa" not in distill_mtt
     evaluate = codeversion.code_modules(["condense.stages.evaluate"])
     # Evaluation reads teachers and synthetic sets but runs none of the code that makes them.
     assert not {"condense.teacher", "condense.experts", "condense.methods.mtt"} & set(evaluate)

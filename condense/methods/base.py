@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from condense.config import DSAConfig, ModelConfig
 from condense.prepare import RealData
 from condense.progress import Progress
+from condense.synthetic import SyntheticSet
 
 
 @dataclass
@@ -24,21 +25,6 @@ class DistillInputs:
     """An ``ExpertBuffer`` for trajectory methods, None otherwise."""
     teacher: torch.nn.Module | None = None
     """The trained teacher, for methods that distil against one (RDED, SRe2L); None otherwise."""
-
-
-@dataclass
-class SyntheticSet:
-    images: torch.Tensor
-    """(n, C, H, W) network inputs (normalised or whitened like the real data)."""
-    labels: torch.Tensor
-    """(n,) hard labels, class-major: ipc images of class 0, then class 1, ..."""
-    label_logits: torch.Tensor | None = None
-    """(n, classes) learned label logits (DATM), trained on with soft cross-entropy; None: hard labels."""
-    lr: float | None = None
-    """A learned training step size (MTT's alpha), used by evaluation when ``evaluate.lr: learned``."""
-    history: list[dict[str, float]] = field(default_factory=list)
-    stats: dict[str, float] = field(default_factory=dict)
-    """Cost accounting the run summary reports (e.g. feature-extraction and k-means seconds)."""
 
 
 class Checkpoints(Protocol):

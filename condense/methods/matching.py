@@ -20,13 +20,12 @@ from pydantic import Field
 from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig, Strict
 from condense.errors import DivergenceError
-from condense.experts import student_model
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.models import ConvNet
 from condense.prepare import RealData
 from condense.sampling import Embed, make_sampler
-from condense.training import random_seed
+from condense.training import random_seed, student_model
 
 
 class MatchingConfig(Strict):

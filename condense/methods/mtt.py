@@ -36,12 +36,12 @@ from condense import devices
 from condense.artifacts import ExpertBuffer
 from condense.config import Strict
 from condense.errors import DivergenceError
-from condense.experts import student_model
 from condense.labels import expert_logits, final_experts
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.models import ConvNet, FlatParams
+from condense.training import student_model
 from condense.trajectory import (
     Segment,
     draw_steps,
