@@ -372,8 +372,8 @@ def gc(
 ) -> None:
     """Remove stage artifacts and run reports that no published version references, all but the
     newest --keep-runs reports of each published set, and stale leases of killed runs."""
+    from condense.garbage import gc as collect_garbage
     from condense.report import human_bytes
-    from condense.versions import gc as collect_garbage
 
     st = _store(store)
     with one_line_errors():
@@ -398,7 +398,7 @@ def verify(
     ] = False,
 ) -> None:
     """Check every artifact in a store against the sizes and sha256 recorded when it was committed."""
-    from condense.versions import verify as verify_store
+    from condense.garbage import verify as verify_store
 
     st = _store(store)
     with one_line_errors():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import condense
-from condense import artifacts, versions
+from condense import artifacts, garbage, versions
 from condense.configure import load_config
 from condense.stages import execute
 from condense.store import Store, load_arrays, save_arrays
@@ -101,9 +101,9 @@ def test_an_upload_killed_before_its_marker_is_invisible_and_gc_calls_it_unfinis
 
     _write(a, "export", fake_key("x1"), 1.0)
     versions.publish(a, {"dataset": "d", "method": "m", "ipc": 1, "keys": {"export": fake_key("x1")}})
-    found = versions.collect(b, grace_seconds=0)
+    found = garbage.collect(b, grace_seconds=0)
     assert found.partial == ["distill/half"] and found.removable == []
-    versions.gc(b, dry_run=False, partials=True, grace_seconds=0)
+    garbage.gc(b, dry_run=False, partials=True, grace_seconds=0)
     assert not Path(url.removeprefix("file://"), "distill", "half").exists()
     assert b.has("export", fake_key("x1"))
 

@@ -280,7 +280,6 @@ def test_editing_a_plugin_methods_file_rekeys_its_distillation_and_what_follows(
 # through the walk, only the executor's own is left out.
 INFRASTRUCTURE_EXCEPTIONS = {
     "condense.stages.base": {"condense.devices", "condense.prepare"},
-    "condense.versions": {"condense.stages.base"},  # all_stages() only lists the stages' names
 }
 
 

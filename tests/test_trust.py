@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import condense
-from condense import leases, versions
+from condense import garbage, leases, versions
 from condense.configure import load_config
 from condense.errors import CondenseError, ConfigError, DamagedArtifactError
 from condense.export import write_distilled, write_image_folder
@@ -128,7 +128,7 @@ def test_a_flipped_byte_is_caught_when_the_artifact_is_read(copy):
     with pytest.raises(DamagedArtifactError, match=r"teacher/\w+ is damaged: weights.pt does not hold"):
         Store(store.root).path("teacher", summary["keys"]["teacher"])
     assert not weights.exists()  # moved aside: the next run trains or picks it again
-    checked, damaged = versions.verify(store)
+    checked, damaged = garbage.verify(store)
     assert checked > 5 and damaged == []
 
 
@@ -136,9 +136,9 @@ def test_verify_reports_every_damaged_artifact(copy):
     store, summary = copy
     chunk = _files(_folder(store, summary, "dataset") / "data.zarr" / "train_x" / "c")[0]
     chunk.write_bytes(b"\0" * chunk.stat().st_size)
-    checked, damaged = versions.verify(store)
+    checked, damaged = garbage.verify(store)
     assert len(damaged) == 1 and f"dataset/{summary['keys']['dataset']} is damaged" in damaged[0]
-    versions.verify(store, move_aside=True)
+    garbage.verify(store, move_aside=True)
     assert not _folder(store, summary, "dataset").exists()
 
 
@@ -146,10 +146,10 @@ def test_verify_names_a_link_planted_inside_an_artifact_and_refuses_a_store_that
     store, summary = copy
     (tmp_path / "secret").write_text("not the store's")
     (_folder(store, summary, "teacher") / "planted").symlink_to(tmp_path / "secret")
-    checked, damaged = versions.verify(store)
+    checked, damaged = garbage.verify(store)
     assert len(damaged) == 1 and "planted is a link, not part of it" in damaged[0]
     with pytest.raises(CondenseError, match="no store at .*typo: nothing to verify"):
-        versions.verify(Store(tmp_path / "typo"))
+        garbage.verify(Store(tmp_path / "typo"))
 
 
 def test_load_distilled_refuses_a_shard_that_does_not_match_its_manifest(copy):
@@ -326,7 +326,7 @@ def test_gc_never_follows_a_link_out_of_the_store(tmp_path):
     (store.root / "teacher").mkdir()
     (store.root / "teacher" / "abc").symlink_to(outside, target_is_directory=True)
     _old(store.root)
-    found = versions.gc(store, dry_run=False, partials=True, grace_seconds=0)
+    found = garbage.gc(store, dry_run=False, partials=True, grace_seconds=0)
     assert sorted(found.removable) == ["distill/.partial", "teacher/abc"]
     assert (outside / "sub" / "data.bin").read_bytes() == b"keep me" and (outside / "file.bin").exists()
     assert (
@@ -343,13 +343,13 @@ def test_gc_keeps_what_a_running_pipeline_leases_and_only_while_it_runs(copy):
     dataset = ("dataset", summary["keys"]["dataset"])
     with leases.Lease(store, "run-1") as lease:
         lease.protect([dataset])
-        versions.gc(store, dry_run=False, grace_seconds=0)
+        garbage.gc(store, dry_run=False, grace_seconds=0)
         assert store.has(*dataset) and not store.has("distill", summary["keys"]["distill"])
     assert not (store.root / "leases").exists()  # the run's lease ends with it
     stale = {"run_id": "gone", "refreshed": time.time() - leases.STALE_SECONDS - 1, "keys": [list(dataset)]}
     (store.root / "leases").mkdir()
     (store.root / "leases" / "gone.json").write_text(json.dumps(stale))
-    versions.gc(store, dry_run=False, grace_seconds=0)
+    garbage.gc(store, dry_run=False, grace_seconds=0)
     assert not store.has(*dataset)  # a run killed long ago protects nothing
 
 
@@ -378,7 +378,7 @@ def test_a_crafted_version_record_never_moves_or_reads_a_folder_outside_the_stor
     with pytest.raises(CondenseError, match="is not a stage key"):
         write_image_folder(str(store.root), tmp_path / "out", "digits", "mtt", 1, "latest", False)
     with pytest.raises(CondenseError, match="is not a stage key"):
-        versions.gc(store, dry_run=True)
+        garbage.gc(store, dry_run=True)
     assert (victim / "precious.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing made, nothing moved
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from condense import versions
+from condense import garbage, versions
 from condense.errors import CondenseError
 from condense.store import Store, write_json
 from tests.conftest import fake_key
@@ -70,18 +70,18 @@ def test_gc_removes_only_what_no_version_references(tmp_path: Path):
     partial = store.partial("distill", "half")
     os.utime(partial, (time.time() - 7200,) * 2)
     with pytest.raises(CondenseError, match="no published versions"):
-        versions.gc(store)
+        garbage.gc(store)
     versions.publish(store, _record(X1))
 
-    dry = versions.gc(store, dry_run=True)
+    dry = garbage.gc(store, dry_run=True)
     assert dry.removable == [f"distill/{S0}", f"evaluate/{E0}"]
     assert dry.partial == ["distill/.partial/half"] and all(p.exists() for p in stale)
 
-    done = versions.gc(store, dry_run=False)
+    done = garbage.gc(store, dry_run=False)
     assert not any(p.exists() for p in stale) and done.bytes > 0
     assert fresh.exists() and partial.exists()
     assert all(store.has(stage, key) for stage, key in [("dataset", D1), ("distill", S1), ("export", X1)])
-    versions.gc(store, dry_run=False, partials=True)
+    garbage.gc(store, dry_run=False, partials=True)
     assert not partial.exists()
 
 
@@ -142,15 +142,15 @@ def test_gc_keeps_the_newest_runs_of_each_published_set_and_names_damaged_ones(t
     running = _run_folder(store, "20261202-000000-cccccc", X1, age=0)  # still within the grace period
     broken = _run_folder(store, "20261130-000000-dddddd", X1)
     (broken / "summary.json").write_text("{not json")
-    found = versions.gc(store, dry_run=True, keep_runs=10)
+    found = garbage.gc(store, dry_run=True, keep_runs=10)
     assert found.removable == [f"runs/{r.name}" for r in runs[:3]]  # the newest ten of 13 stay
     unreadable = f"runs/{broken.name}/summary.json is unreadable: kept; remove the folder by hand"
     assert found.damaged == [unreadable]
-    versions.gc(store, dry_run=False, keep_runs=10)
+    garbage.gc(store, dry_run=False, keep_runs=10)
     assert [r.exists() for r in runs] == [False] * 3 + [True] * 9
     assert other.exists() and running.exists() and broken.exists()
     with pytest.raises(CondenseError, match="keep_runs must be at least 1"):
-        versions.gc(store, keep_runs=0)
+        garbage.gc(store, keep_runs=0)
 
 
 def test_gc_removes_the_stale_lease_of_a_killed_run_and_keeps_a_live_one(tmp_path: Path):
@@ -164,7 +164,7 @@ def test_gc_removes_the_stale_lease_of_a_killed_run_and_keeps_a_live_one(tmp_pat
         write_json(stale, {"refreshed": time.time() - 7200, "keys": [["distill", S0]]})
         old = time.time() - 7200
         os.utime(stale, (old, old))
-        found = versions.gc(store, dry_run=False)
+        found = garbage.gc(store, dry_run=False)
         assert found.removable == ["leases/killed.json"] and not stale.exists()
         assert (store.root / leases.LEASES / "live.json").exists()
 
@@ -176,10 +176,10 @@ def test_a_leaderboard_record_without_its_artifacts_stops_gc_with_one_line(tmp_p
     series.mkdir(parents=True)
     write_json(series / "v0001.json", {"version": 1, "name": "board", "dataset": "digits"})
     with pytest.raises(CondenseError, match="leaderboard record digits/board v1 is damaged"):
-        versions.gc(store, dry_run=True)
+        garbage.gc(store, dry_run=True)
     (series / "v0001.json").write_text('{"version": 1, "name": "bo')  # cut short
     with pytest.raises(CondenseError, match=r"leaderboard record \S+/board/v0001.json is damaged"):
-        versions.gc(store, dry_run=True)
+        garbage.gc(store, dry_run=True)
 
 
 def test_gc_removes_idle_lock_files_and_leaves_a_held_one(tmp_path: Path):
@@ -205,7 +205,7 @@ def test_gc_removes_idle_lock_files_and_leaves_a_held_one(tmp_path: Path):
     thread.start()
     held.wait()
     try:
-        found = versions.gc(store, dry_run=False)
+        found = garbage.gc(store, dry_run=False)
     finally:
         release.set()
         thread.join()
