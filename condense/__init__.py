@@ -14,8 +14,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_distilled": "condense.export",
-    "DistilledDataset": "condense.export",
+    "load_distilled": "condense.distilled",
+    "DistilledDataset": "condense.distilled",
     "load_config": "condense.configure",
     "preset_names": "condense.configure",
     "PipelineConfig": "condense.config",

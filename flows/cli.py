@@ -442,7 +442,7 @@ def export(
     Publish an hf export with: python -c "import datasets;
     datasets.DatasetDict.load_from_disk('<to>').push_to_hub('<user>/<name>')" (after hf auth login).
     """
-    from condense.export import write_hf_dataset, write_image_folder
+    from condense.convert import write_hf_dataset, write_image_folder
 
     if version != "latest" and not (version.isascii() and version.isdigit()):
         _fail(f"--version must be 'latest' or a number, not {version!r}", 2)

@@ -11,8 +11,8 @@ import webdataset as wds
 from condense import artifacts
 from condense import evaluate as evaluate_lib
 from condense.configure import load_config
+from condense.distilled import load_distilled
 from condense.errors import ConfigError
-from condense.export import load_distilled
 from condense.methods import configure
 from condense.methods import mtt as mtt_module
 from condense.methods.base import DistillInputs

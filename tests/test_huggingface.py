@@ -229,7 +229,8 @@ def test_without_the_datasets_package_one_line_says_how_to_install_it(tmp_path, 
 
 
 def test_importing_condense_does_not_import_datasets():
-    code = "import sys, condense, condense.datasets, condense.export; print('datasets' in sys.modules)"
+    modules = "condense, condense.datasets, condense.export, condense.distilled, condense.convert"
+    code = f"import sys, {modules}; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

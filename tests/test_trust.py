@@ -20,8 +20,9 @@ import torch
 import condense
 from condense import garbage, leases, versions
 from condense.configure import load_config
+from condense.convert import write_image_folder
 from condense.errors import CondenseError, ConfigError, DamagedArtifactError
-from condense.export import write_distilled, write_image_folder
+from condense.export import write_distilled
 from condense.stages.base import TorchCheckpoints
 from condense.store import Store, load_arrays
 from condense.teacher import load_teacher_file
