@@ -6,7 +6,7 @@
 
 Each (memory, syn_steps) cell runs in a fresh process: build a ConvNet-3 student (CIFAR size,
 3x32x32, 10 classes), a random expert segment and ``ipc`` x 10 synthetic images, then run one
-iteration (:func:`condense.trajectory.matched_gradient`) and report its peak memory: on a CPU the
+iteration (:func:`condense.methods.trajectory.matched_gradient`) and report its peak memory: on a CPU the
 process's peak resident set size, from the moment before the iteration (``/proc/self/clear_refs``
 resets the high-water mark) and the growth over the resident size just before it; on CUDA
 ``torch.cuda.max_memory_allocated``. Also the iteration's seconds, and the two modes' gradients'
@@ -37,8 +37,8 @@ def child(memory: str, steps: int, batch: int, ipc: int, device_name: str) -> di
     import torch
 
     from condense.config import DSAConfig
+    from condense.methods.trajectory import Segment, draw_steps, matched_gradient
     from condense.models import ConvNet, FlatParams
-    from condense.trajectory import Segment, draw_steps, matched_gradient
 
     torch.manual_seed(0)
     device = torch.device(device_name)

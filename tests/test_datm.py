@@ -17,12 +17,12 @@ from condense.methods import configure
 from condense.methods import mtt as mtt_module
 from condense.methods.base import DistillInputs
 from condense.methods.initial import initial_images
+from condense.methods.trajectory import shallow_cut
 from condense.models import FlatParams
 from condense.prepare import load
 from condense.stages import base
 from condense.store import Store
 from condense.training import student_model
-from condense.trajectory import shallow_cut
 from tests.conftest import TINY, Notes, kill_distillation_at_first_checkpoint, plan_for, run_jobs
 
 # DATM on TINY's 4-epoch experts: the window starts at 0..0 and reaches 0..2 after 4 iterations.

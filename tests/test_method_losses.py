@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from condense import artifacts, recover
+from condense import artifacts
 from condense.config import ModelConfig
 from condense.configure import load_config
-from condense.methods import cda, cudd, get_method
+from condense.methods import cda, cudd, get_method, recover
 from condense.methods.base import DistillInputs
 from condense.prepare import PreparedDataset, load
 from condense.progress import SILENT

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from condense import recover, teacher
+from condense import teacher
 from condense.config import DSAConfig, ModelConfig
 from condense.configure import load_config
 from condense.errors import ConfigError
-from condense.methods import cda, cudd, sre2l
+from condense.methods import cda, cudd, recover, sre2l
 from condense.methods.base import DistillInputs
 from condense.models import build_model
 from condense.prepare import PreparedDataset

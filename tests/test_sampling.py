@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from condense.sampling import (
+from condense.methods.sampling import (
     RandomSampler,
     RepresentativeSampler,
     kmeans_init,
@@ -203,7 +203,7 @@ def test_make_sampler() -> None:
 
 
 def test_kmeans_seed_varies_with_class_and_clustering(monkeypatch: pytest.MonkeyPatch) -> None:
-    import condense.sampling as sampling
+    import condense.methods.sampling as sampling
 
     seeds = []
     real = sampling.kmeans_nearest

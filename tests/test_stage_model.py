@@ -89,7 +89,7 @@ def test_editing_a_module_rekeys_what_imports_it_and_everything_downstream_and_n
 
 def test_the_code_version_follows_imports_but_not_registries():
     distill_mtt = codeversion.code_modules(["condense.stages.distill", "condense.methods.mtt"])
-    assert "condense.trajectory" in distill_mtt and "condense.methods.dsa" not in distill_mtt
+    assert "condense.methods.trajectory" in distill_mtt and "condense.methods.dsa" not in distill_mtt
     evaluate = codeversion.code_modules(["condense.stages.evaluate"])
     # Evaluation reads teachers and synthetic sets but runs none of the code that makes them.
     assert not {"condense.teacher", "condense.experts", "condense.methods.mtt"} & set(evaluate)

@@ -6,8 +6,7 @@ import torch
 
 from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig
-from condense.models import ConvNet, FlatParams
-from condense.trajectory import (
+from condense.methods.trajectory import (
     Segment,
     draw_steps,
     inner_loss,
@@ -16,6 +15,7 @@ from condense.trajectory import (
     start_window,
     trajectory_loss,
 )
+from condense.models import ConvNet, FlatParams
 
 
 def test_trajectory_loss_is_normalised_by_the_expert_segment():

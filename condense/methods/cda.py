@@ -3,7 +3,7 @@
 Identical to SRe2L (:mod:`condense.methods.sre2l`) except step 1: the random resized crop's minimum
 area scale follows a curriculum from 1.0 (the whole image, easy) down to ``crop_min_scale`` (local,
 hard) over the first ``milestone`` fraction of the iterations, by a ``step``, ``linear`` or
-``cosine`` schedule (:func:`condense.recover.crop_min_scale`); CDA's runs use cosine over the whole
+``cosine`` schedule (:func:`condense.methods.recover.crop_min_scale`); CDA's runs use cosine over the whole
 run.
 """
 
@@ -13,8 +13,8 @@ from typing import Literal
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
+from condense.methods.recover import RecoverConfig, check_teacher_settings, recover_set
 from condense.progress import SILENT, Progress
-from condense.recover import RecoverConfig, check_teacher_settings, recover_set
 
 
 class CDAConfig(RecoverConfig):

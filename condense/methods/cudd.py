@@ -12,7 +12,7 @@ few). Its loss adds
   robustness);
 - ``l2_weight`` * MSE between the image and its initial real image, under the same crop and shift.
 
-The recover loop is SRe2L's (:mod:`condense.recover`); the two terms are passed to it as extra
+The recover loop is SRe2L's (:mod:`condense.methods.recover`); the two terms are passed to it as extra
 terms (:func:`cudd_terms`). Each curriculum's student (weights and test accuracy), its initial
 picks and every finished batch are checkpointed, so a run that stops resumes in the curriculum,
 even in the batch, it was in.
@@ -31,10 +31,7 @@ from condense.errors import ConfigError
 from condense.evaluate import KDRecipe, train_kd
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
-from condense.models import CONVNET, build_model
-from condense.prepare import RealData
-from condense.progress import SILENT, Progress
-from condense.recover import (
+from condense.methods.recover import (
     ExtraTerms,
     RecoverConfig,
     RecoverStep,
@@ -49,6 +46,9 @@ from condense.recover import (
     summarize_recovery,
     with_batch,
 )
+from condense.models import CONVNET, build_model
+from condense.prepare import RealData
+from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, online_labels, online_plans
 from condense.training import indexed_logits, split_accuracy
 

@@ -2,7 +2,7 @@
 
 DREAM is a matching method whose real batches are representative: per class, the real samples nearest
 the k-means centroids of the current network's features, re-clustered every ``interval`` matching
-steps (``condense.sampling.RepresentativeSampler``); the synthetic set starts from the real images
+steps (``condense.methods.sampling.RepresentativeSampler``); the synthetic set starts from the real images
 nearest k-means centroids. Here it runs on top of DSA gradient matching (``base: dsa``, the paper's
 main setting) or distribution matching (``base: dm``).
 

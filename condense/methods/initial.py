@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 
 from condense.datasets.common import sample_per_class
+from condense.methods.sampling import kmeans_init
 from condense.models import ConvNet
 from condense.prepare import RealData
-from condense.sampling import kmeans_init
 from condense.training import indexed_logits, random_seed
 
 CHUNK = 256

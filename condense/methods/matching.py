@@ -22,9 +22,9 @@ from condense.config import DSAConfig, ModelConfig, Strict
 from condense.errors import DivergenceError
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
 from condense.methods.initial import initial_images
+from condense.methods.sampling import Embed, make_sampler
 from condense.models import ConvNet
 from condense.prepare import RealData
-from condense.sampling import Embed, make_sampler
 from condense.training import random_seed, student_model
 
 
@@ -48,7 +48,7 @@ class MatchingConfig(Strict):
 
 
 class Sampler(Protocol):
-    """A source of real batches (``condense.sampling``): global indices of k samples of class c."""
+    """A source of real batches (``condense.methods.sampling``): global indices of k samples of class c."""
 
     stats: dict[str, float]
 

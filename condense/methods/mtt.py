@@ -13,7 +13,7 @@ Each outer iteration:
    over the parameters PAD keeps (all but the shallowest ``shallow_fraction``; all for MTT);
 5. its gradient reaches the pixels, alpha and the learned labels, through the whole unroll
    (``memory: unrolled``) or by TESLA's constant-memory walk (``memory: constant``, the same
-   gradient: :mod:`condense.trajectory`);
+   gradient: :mod:`condense.methods.trajectory`);
 6. unless the loss exceeds ``skip_above`` (DATM's threshold), step the pixels and alpha (SGD,
    momentum 0.5) and the labels (SGD, ``lr_labels``, ``momentum_labels``); with ``ema_decay``
    (FTD), update the exponential moving average of the images, which is what is stored.
@@ -40,15 +40,15 @@ from condense.labels import expert_logits, final_experts
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
 from condense.methods.initial import initial_images
-from condense.models import ConvNet, FlatParams
-from condense.training import student_model
-from condense.trajectory import (
+from condense.methods.trajectory import (
     Segment,
     draw_steps,
     matched_gradient,
     shallow_cut,
     start_window,
 )
+from condense.models import ConvNet, FlatParams
+from condense.training import student_model
 
 
 class MTTConfig(Strict):

@@ -9,7 +9,7 @@ Per IPC index, a batch of one image per class starts from N(0, 1) noise and, for
    + ||var_l(x) - var_l^running||_2), s_1 = ``first_bn_multiplier``, the others 1;
 4. an Adam step (betas 0.5/0.9, cosine learning rate to 0), then pixels clipped to the valid range.
 
-The loop is :func:`condense.recover.recover_batch`; the squeeze (teacher) and relabel steps are the
+The loop is :func:`condense.methods.recover.recover_batch`; the squeeze (teacher) and relabel steps are the
 pipeline's teacher and relabel stages.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
+from condense.methods.recover import RecoverConfig, check_teacher_settings, recover_set
 from condense.progress import SILENT, Progress
-from condense.recover import RecoverConfig, check_teacher_settings, recover_set
 
 
 @register_method(
