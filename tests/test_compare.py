@@ -134,7 +134,8 @@ class _Raising:
 
 
 def test_a_cell_raising_anything_becomes_a_failed_row_with_its_reason_not_a_stopped_comparison():
-    from condense.compare import Cell, failure
+    from condense.compare.score import failure
+    from condense.compare.spec import Cell
     from condense.errors import DivergenceError
     from condense_flows.compare import settle
 
