@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from condense.config import DSAConfig, ModelConfig
+from condense.errors import DivergenceError
 from condense.prepare import RealData
 from condense.progress import Progress
 from condense.synthetic import SyntheticSet
@@ -35,7 +38,7 @@ class Checkpoints(Protocol):
     def save(self, state: dict[str, Any]) -> None: ...
 
 
-__all__ = ["Checkpoints", "DistillInputs", "Progress", "Resumable", "SyntheticSet"]
+__all__ = ["Checkpoints", "DistillInputs", "Progress", "Resumable", "ResumableLoop", "SyntheticSet"]
 
 
 class Resumable:
@@ -72,3 +75,59 @@ class Resumable:
             opt.load_state_dict(state[name])
         self.generator.set_state(state["rng"])
         return state["iteration"], state["history"]
+
+
+@dataclass
+class ResumableLoop:
+    """The machinery around an iterative optimisation, written once: where it starts (a snapshot of
+    :class:`Resumable` state, or iteration 0), when it checkpoints (every ``checkpoint_every``
+    iterations but the last, whose result is the artifact), and the one line a non-finite loss
+    raises, naming the last good checkpoint and what to lower::
+
+        loop = ResumableLoop("MTT", cfg.iterations, cfg.checkpoint_every, checkpoints.save, resumable,
+                             "lower distill.lr_img")
+        start, history = loop.resume(checkpoints.load(), progress)
+        for it in range(start, cfg.iterations):
+            loss = ...
+            loop.check(it, loss)
+            ...
+            loop.checkpoint(it, history)
+
+    Loops whose unit of work is not an iteration (RDED's classes, the recover set's batches, CUDD's
+    curricula) checkpoint their finished units themselves; a batch inside them uses this loop."""
+
+    label: str
+    iterations: int
+    checkpoint_every: int
+    save: Callable[[dict[str, Any]], None]
+    state: Resumable
+    remedy: str
+    saved_at: int | None = None
+    """The iteration of the last checkpoint this run saved or resumed from."""
+
+    def resume(
+        self, snapshot: dict[str, Any] | None, progress: Progress
+    ) -> tuple[int, list[dict[str, float]]]:
+        """(first iteration to run, history so far): ``snapshot`` restored in place, or a fresh start."""
+        if snapshot is None:
+            return 0, []
+        start, history = self.state.restore(snapshot)
+        self.saved_at = start
+        progress.note(f"resuming {self.label} from checkpoint at iteration {start}/{self.iterations}")
+        return start, history
+
+    def check(self, it: int, loss: float) -> None:
+        """Raise :class:`DivergenceError` when iteration ``it`` (0-based) produced a non-finite loss."""
+        if not math.isfinite(loss):
+            kept = f"iteration {self.saved_at}" if self.saved_at else "none yet"
+            raise DivergenceError(
+                f"{self.label} diverged at iteration {it + 1} (loss={loss}); last good checkpoint: {kept};"
+                f" {self.remedy}"
+            )
+
+    def checkpoint(self, it: int, history: list[dict[str, float]], **extra: Any) -> None:
+        """Save a snapshot after iteration ``it`` (0-based) when one is due."""
+        done = it + 1
+        if done % self.checkpoint_every == 0 and done < self.iterations:
+            self.save(self.state.snapshot(done, history, **extra))
+            self.saved_at = done

@@ -9,7 +9,6 @@ have, the synthetic-set initialisation (real, noise or DREAM's k-means), the rea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -19,8 +18,7 @@ from pydantic import Field
 
 from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig, Strict
-from condense.errors import DivergenceError
-from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
+from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, ResumableLoop, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.methods.sampling import Embed, make_sampler
 from condense.models import ConvNet
@@ -137,14 +135,12 @@ def run_matching(
     ).requires_grad_(True)
     optimizer = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
     resumable = Resumable({"images": images}, {"opt_img": optimizer}, generator)
-    history: list[dict[str, float]] = []
-    stats: dict[str, float] = {}
-    start_it = 0
+    loop = ResumableLoop(
+        label, cfg.iterations, cfg.checkpoint_every, checkpoints.save, resumable, "lower distill.lr_img"
+    )
     state = checkpoints.load()
-    if state is not None:
-        start_it, history = resumable.restore(state)
-        stats = state["sampler_stats"]
-        progress.note(f"resuming {label} from checkpoint at iteration {start_it}/{cfg.iterations}")
+    start_it, history = loop.resume(state, progress)
+    stats: dict[str, float] = state["sampler_stats"] if state is not None else {}
 
     run = MatchingRun(
         data=data,
@@ -167,17 +163,10 @@ def run_matching(
             # per checkpoint_every iterations).
             run.sampler = new_sampler(data, cfg, generator, run.sampler.stats)
         loss = step(run, it)
-        if not math.isfinite(loss):
-            last = checkpoints.load()
-            kept = f"iteration {last['iteration']}" if last else "none yet"
-            raise DivergenceError(
-                f"{label} diverged at iteration {it + 1} (loss={loss}); last good checkpoint: {kept};"
-                " lower distill.lr_img"
-            )
+        loop.check(it, loss)
         history.append({"iteration": it + 1, "loss": loss, **run.sampler.stats})
         progress.step(it + 1, cfg.iterations, f"loss {loss:.4f}")
-        if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            checkpoints.save(resumable.snapshot(it + 1, history, sampler_stats=dict(run.sampler.stats)))
+        loop.checkpoint(it, history, sampler_stats=dict(run.sampler.stats))
 
     return SyntheticSet(
         images=images.detach().clone(),

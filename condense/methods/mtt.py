@@ -26,7 +26,6 @@ drawn with both ends inclusive (the official ``randint(low, high)`` excludes ``h
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -35,10 +34,9 @@ from pydantic import Field, model_validator
 from condense import devices
 from condense.artifacts import ExpertBuffer
 from condense.config import Strict
-from condense.errors import DivergenceError
 from condense.labels import expert_logits, final_experts
 from condense.methods import register_method
-from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, SyntheticSet
+from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, ResumableLoop, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.methods.trajectory import (
     Segment,
@@ -150,12 +148,15 @@ def match_trajectories(
     if cfg.ema_decay is not None:
         tensors["ema"] = images.detach().clone()
     resumable = Resumable(tensors, optimizers, generator)
-    history: list[dict[str, float]] = []
-    start_it = 0
-    state = checkpoints.load()
-    if state is not None:
-        start_it, history = resumable.restore(state)
-        progress.note(f"resuming {name} from checkpoint at iteration {start_it}/{cfg.iterations}")
+    loop = ResumableLoop(
+        name,
+        cfg.iterations,
+        cfg.checkpoint_every,
+        checkpoints.save,
+        resumable,
+        "lower distill.lr_img or distill.lr_lr",
+    )
+    start_it, history = loop.resume(checkpoints.load(), progress)
 
     net = FlatParams(student_model(data, inputs.model_cfg, inputs.seed))
     matched_from = shallow_cut(net, cfg.shallow_fraction)
@@ -184,13 +185,7 @@ def match_trajectories(
         # The iteration's one read from the device: the loss decides what happens next (divergence,
         # DATM's skip), so it is read before the step, together with the step size it reports.
         loss, lr = torch.stack([loss_tensor.detach(), syn_lr.detach()]).tolist()
-        if not math.isfinite(loss):
-            last = checkpoints.load()
-            kept = f"iteration {last['iteration']}" if last else "none yet"
-            raise DivergenceError(
-                f"{name} diverged at iteration {it + 1} (loss={loss}); last good checkpoint: {kept};"
-                " lower distill.lr_img or distill.lr_lr"
-            )
+        loop.check(it, loss)
         skipped = cfg.skip_above is not None and loss > cfg.skip_above
         if not skipped:
             for optimizer in optimizers.values():
@@ -202,8 +197,7 @@ def match_trajectories(
         # ``lr``: the step size this iteration's unroll used (the update above moves it for the next).
         history.append({"iteration": it + 1, "loss": loss, "lr": lr, "start_epoch": t, "skipped": skipped})
         progress.step(it + 1, cfg.iterations, f"loss {loss:.4f} lr {lr:.4g} start {t} of {low}..{high}")
-        if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            checkpoints.save(resumable.snapshot(it + 1, history))
+        loop.checkpoint(it, history)
 
     kept_images = tensors["ema"] if cfg.ema_decay is not None else images
     # What each option did, measurably: how far the labels moved, how far the average trails.

@@ -21,7 +21,6 @@ down to ``crop_min_scale`` (local, hard), by step, linear or cosine schedule ove
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +33,8 @@ from torch import nn
 
 from condense import crops
 from condense.config import Strict
-from condense.errors import ConfigError, DivergenceError
-from condense.methods.base import Checkpoints, DistillInputs, Resumable, SyntheticSet
+from condense.errors import ConfigError
+from condense.methods.base import Checkpoints, DistillInputs, Resumable, ResumableLoop, SyntheticSet
 from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.teacher import check_class_order
@@ -181,7 +180,10 @@ def recover_batch(
     images = images.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=cfg.betas)
     resumable = Resumable({"images": images}, {"optimizer": optimizer}, generator)
-    start, history = resumable.restore(resume) if resume is not None else (0, [])
+    loop = ResumableLoop(
+        label, cfg.iterations, cfg.checkpoint_every, checkpoint, resumable, "lower distill.lr"
+    )
+    start, history = loop.resume(resume, progress)
     side = images.shape[-1]
     low, high = bounds
     for it in range(start, cfg.iterations):
@@ -219,8 +221,7 @@ def recover_batch(
         values = torch.stack([t.detach().float() for t in terms.values()]).tolist()
         read = dict(zip(terms, values, strict=True))
         record = {"it": it + 1, "ce": read.pop("ce"), "bn": read.pop("bn"), "crop_min_scale": scale, **read}
-        if not math.isfinite(record["loss"]):
-            raise DivergenceError(f"{label} diverged at step {it + 1} (loss={record['loss']}); lower lr")
+        loop.check(it, record["loss"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -228,8 +229,7 @@ def recover_batch(
             images.copy_(torch.maximum(torch.minimum(images, high), low))
         history.append(record)
         progress.step(it + 1, cfg.iterations, f"{label} ce {record['ce']:.3f} bn {record['bn']:.3f}")
-        if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            checkpoint(resumable.snapshot(it + 1, history))
+        loop.checkpoint(it, history)
     return images.detach(), history
 
 
