@@ -219,10 +219,10 @@ def child(step: str, shards: Path, store_root: Path, load_mode: str, key: str, a
             )
         elif step == "dream":
             from condense.methods.base import DistillInputs
-            from condense.methods.dream import DREAMConfig
+            from condense.methods.dream import CONFIG as DREAM_CONFIG
             from condense.methods.dream import distill as dream
 
-            method_cfg = DREAMConfig(base="dm", iterations=1, batch_real=args.ipc, interval=1)
+            method_cfg = DREAM_CONFIG(base="dm", iterations=1, batch_real=args.ipc, interval=1)
             inputs = DistillInputs(data, 1, 0, method_cfg, model_cfg, DSAConfig())
             synthetic = dream(inputs, _NoCheckpoints(), _EpochClock())
             row.update(

@@ -12,7 +12,7 @@ import torch
 
 from condense.config import DatasetConfig, ModelConfig
 from condense.configure import load_config
-from condense.errors import DivergenceError
+from condense.errors import ConfigError, DivergenceError
 from condense.methods import dm, dream, dsa
 from condense.methods.base import DistillInputs
 from condense.methods.initial import initial_images
@@ -42,8 +42,8 @@ TINY: dict[str, dict[str, Any]] = {
 METHODS = {
     "dsa": (dsa.DSAMatchConfig, dsa.distill),
     "dm": (dm.DMConfig, dm.distill),
-    "dream-dsa": (dream.DREAMConfig, dream.distill),
-    "dream-dm": (dream.DREAMConfig, dream.distill),
+    "dream-dsa": (dream.CONFIG, dream.distill),
+    "dream-dm": (dream.CONFIG, dream.distill),
 }
 LABELS = {"dsa": "DSA", "dm": "DM", "dream-dsa": "DREAM (DSA)", "dream-dm": "DREAM (DM)"}
 
@@ -149,7 +149,7 @@ def test_a_tiny_run_changes_the_images_and_records_every_iteration(digits: Prepa
     inputs = make_inputs(digits, name)
     cfg = inputs.method_cfg
     result = METHODS[name][1](inputs, MemoryCheckpoints(), SILENT)
-    init = cfg.base_config().init if name.startswith("dream") else cfg.init
+    init = cfg.init
     start = initial_images(digits, IPC, init, torch.Generator().manual_seed(0), _random_net(digits))
     assert result.images.shape == start.shape
     assert torch.isfinite(result.images).all()
@@ -207,30 +207,34 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(digits: PreparedDat
 # ----------------------------------------------------------------------------- DREAM's config
 
 
-def test_dream_config_takes_each_base_defaults_and_fixes_the_sampler():
-    on_dsa = dream.DREAMConfig().base_config()
-    assert isinstance(on_dsa, dsa.DSAMatchConfig)
+def test_dream_is_its_base_with_representative_batches_and_kmeans_init():
+    on_dsa = dream.CONFIG()
+    assert isinstance(on_dsa, dsa.DSAMatchConfig) and on_dsa.base == "dsa"
     assert (on_dsa.sampler, on_dsa.init, on_dsa.lr_img, on_dsa.lr_net) == (
         "representative",
         "kmeans",
         0.1,
         0.01,
     )
-    on_dm = dream.DREAMConfig(base="dm", interval=3).base_config()
-    assert isinstance(on_dm, dm.DMConfig)
+    on_dm = dream.CONFIG(base="dm", interval=3)
+    assert isinstance(on_dm, dm.DMConfig) and not isinstance(on_dm, dsa.DSAMatchConfig)
     assert (on_dm.sampler, on_dm.lr_img, on_dm.interval) == ("representative", 1.0, 3)
-    assert dream.DREAMConfig(lr_img=0.5, init="real").base_config().lr_img == 0.5
+    assert dream.CONFIG(lr_img=0.5, init="real").lr_img == 0.5
+    # Every setting of each base is DREAM's, and nothing else is (but ``base``).
+    for base, config in (("dsa", dsa.DSAMatchConfig), ("dm", dm.DMConfig)):
+        assert set(type(dream.CONFIG(base=base)).model_fields) == {*config.model_fields, "base"}
 
 
 @pytest.mark.parametrize(
     ("values", "error"),
     [
-        ({"base": "dm", "lr_net": 0.1}, "lr_net\n.*not a setting of base 'dm'"),
-        ({"base": "dm", "outer_loop": 2}, "outer_loop\n.*not a setting of base 'dm'"),
-        ({"sampler": "random"}, "sampler\n.*Extra inputs"),
+        ({"base": "dm", "lr_net": 0.1}, "lr_net\n.*Extra inputs"),
+        ({"base": "dm", "outer_loop": 2}, "outer_loop\n.*Extra inputs"),
+        ({"sampler": "random"}, "sampler\n.*Input should be 'representative'"),
         ({"lr_img": -1}, "lr_img\n.*greater than 0"),
+        ({"base": "idc"}, "distill.base: 'idc' is not one of dsa, dm"),
     ],
 )
 def test_dream_config_rejects_settings_its_base_does_not_have(values: dict[str, Any], error: str):
-    with pytest.raises(ValueError, match=error):
-        dream.DREAMConfig(**values)
+    with pytest.raises((ValueError, ConfigError), match=error):
+        dream.CONFIG(**values)

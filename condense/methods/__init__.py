@@ -16,10 +16,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import MappingProxyType
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -32,9 +33,29 @@ INPUTS = ("experts", "teacher")
 
 
 @dataclass(frozen=True)
+class Variants:
+    """The config of a method that runs on one of several base methods, picked by one setting
+    (DREAM's ``base``): each variant is a config class of its own, typically its base's with a few
+    fields fixed. Called with settings, it builds the variant they pick."""
+
+    field: str
+    classes: Mapping[str, type[BaseModel]]
+    default: str
+
+    def pick(self, values: Mapping[str, Any]) -> type[BaseModel]:
+        choice = values.get(self.field, self.default)
+        if choice not in self.classes:
+            raise ConfigError(f"distill.{self.field}: {choice!r} is not one of {', '.join(self.classes)}")
+        return self.classes[choice]
+
+    def __call__(self, **values: Any) -> BaseModel:
+        return self.pick(values)(**values)
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
-    config_cls: type[BaseModel]
+    config_cls: type[BaseModel] | Variants
     distill: Callable[..., SyntheticSet]
     check: Callable[[PipelineConfig], None]
     """Cross-field validation against the whole pipeline config; raises ValueError."""
@@ -67,7 +88,7 @@ def _no_check(cfg: PipelineConfig) -> None:
 def register_method(
     name: str,
     *,
-    config: type[BaseModel],
+    config: type[BaseModel] | Variants,
     needs: Iterable[str] = (),
     check: Callable[[PipelineConfig], None] = _no_check,
     streams: bool = False,
@@ -120,11 +141,14 @@ def configure(cfg: PipelineConfig) -> PipelineConfig:
     """``cfg`` with its ``distill`` section typed by the method's config class and the method's
     cross-field checks passed; every error is one :class:`ConfigError` line."""
     method = get_method(cfg.method)
-    raw = cfg.distill.model_dump() if isinstance(cfg.distill, BaseModel) else cfg.distill
+    raw = (cfg.distill.model_dump() if isinstance(cfg.distill, BaseModel) else cfg.distill) or {}
+    config_cls = method.config_cls
+    if isinstance(config_cls, Variants):
+        config_cls = config_cls.pick(raw)
     try:
-        section = method.config_cls.model_validate(raw or {})
+        section = config_cls.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(explain(err, method.config_cls, "distill.")) from None
+        raise ConfigError(explain(err, config_cls, "distill.")) from None
     typed = cfg.model_copy(update={"distill": section})
     if cfg.evaluate.labels == "learned" and getattr(section, "labels", "hard") != "learned":
         raise ConfigError(
@@ -144,6 +168,7 @@ __all__ = [
     "DistillInputs",
     "Method",
     "SyntheticSet",
+    "Variants",
     "configure",
     "get_method",
     "method_names",

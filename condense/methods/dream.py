@@ -9,89 +9,53 @@ main setting) or distribution matching (``base: dm``).
 Deviation from the released code (built on IDC): the matching itself is our DSA or DM, not IDC's
 multi-formation gradient matching with its network-training schedule.
 
-``DREAMConfig`` is generated from the base methods' configs, so it never repeats their fields: a field
-both bases default alike keeps that default; any other is ``None``, meaning the chosen base's default
-(``lr_img``: 0.1 for DSA, 1.0 for DM), and setting a field the chosen base lacks is an error.
+DREAM is a variant of its base, not a method of its own: its config is the base method's (DSA's or
+DM's, with their defaults) plus ``base``, with the sampler fixed to ``representative`` and the
+initialisation defaulting to ``kmeans``; its loop is the base's loop. A setting the chosen base lacks
+is an unknown setting, as it would be for the base itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
-from pydantic import ValidationInfo, create_model, field_validator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel
 
-from condense.config import Strict
-from condense.methods import dm, dsa, register_method
+from condense.methods import Variants, dm, dsa, register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.matching import MatchingConfig
+
+
+class _Representative(BaseModel):
+    """What makes a matching method DREAM: representative real batches, k-means initialisation."""
+
+    sampler: Literal["representative"] = "representative"
+    init: Literal["real", "noise", "kmeans"] = "kmeans"
+
+
+class DREAMOnDSA(_Representative, dsa.DSAMatchConfig):
+    """DREAM on DSA's gradient matching (the paper's main setting)."""
+
+    base: Literal["dsa"] = "dsa"
+
+
+class DREAMOnDM(_Representative, dm.DMConfig):
+    """DREAM on distribution matching."""
+
+    base: Literal["dm"] = "dm"
 
 
 class Base(NamedTuple):
-    config: type[MatchingConfig]
+    config: type[BaseModel]
     distill: Callable[..., SyntheticSet]
 
 
-BASES = {
-    "dsa": Base(dsa.DSAMatchConfig, dsa.distill),
-    "dm": Base(dm.DMConfig, dm.distill),
-}
-FIXED = {"sampler": "representative"}
-"""What makes a matching method DREAM; not settable."""
+BASES = {"dsa": Base(DREAMOnDSA, dsa.distill), "dm": Base(DREAMOnDM, dm.distill)}
+CONFIG = Variants("base", {name: base.config for name, base in BASES.items()}, default="dsa")
+"""DREAM's settings: those of the base that ``base`` names."""
 
 
-def _field(infos: list[FieldInfo]) -> tuple[Any, Any]:
-    """One base field as a DREAM field: the shared default, or None (= the base's default)."""
-    first = infos[0]
-    annotation = Annotated[(first.annotation, *first.metadata)] if first.metadata else first.annotation
-    if len(infos) == len(BASES) and all(info.default == first.default for info in infos):
-        return annotation, first.default
-    return annotation | None, None
-
-
-def _dream_fields() -> dict[str, Any]:
-    infos: dict[str, list[FieldInfo]] = {}
-    for base in BASES.values():
-        for name, info in base.config.model_fields.items():
-            if name not in FIXED:
-                infos.setdefault(name, []).append(info)
-    fields = {name: _field(group) for name, group in infos.items()}
-    fields["init"] = (fields["init"][0], "kmeans")
-    return fields
-
-
-_DREAMFields: type[Strict] = create_model(
-    "_DREAMFields",
-    __base__=Strict,
-    base=(Literal["dsa", "dm"], "dsa"),
-    **_dream_fields(),
-)
-
-
-class DREAMConfig(_DREAMFields):
-    """``base`` plus every field of the base methods' configs except ``sampler`` (always representative);
-    ``init`` defaults to k-means."""
-
-    @field_validator("*")
-    @classmethod
-    def _in_base(cls, value: Any, info: ValidationInfo) -> Any:
-        # ``base`` is the first field, so it is validated (and in ``info.data``) before the others.
-        base = info.data.get("base")
-        name = info.field_name
-        if value is not None and base in BASES and name not in BASES[base].config.model_fields:
-            raise ValueError(f"not a setting of base {base!r}")
-        return value
-
-    def base_config(self) -> MatchingConfig:
-        """The chosen base method's config with DREAM's settings."""
-        values = {k: v for k, v in self.model_dump(exclude={"base"}).items() if v is not None}
-        return BASES[self.base].config.model_validate(values | FIXED)
-
-
-@register_method("dream", config=DREAMConfig, streams=True)
+@register_method("dream", config=CONFIG, streams=True)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
-    cfg: DREAMConfig = inputs.method_cfg
-    base_inputs = replace(inputs, method_cfg=cfg.base_config())
-    return BASES[cfg.base].distill(base_inputs, checkpoints, progress, label=f"DREAM ({cfg.base.upper()})")
+    base = inputs.method_cfg.base
+    return BASES[base].distill(inputs, checkpoints, progress, label=f"DREAM ({base.upper()})")
