@@ -30,7 +30,14 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
         node = child
-    node[keys[-1]] = value
+    last = keys[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        # ``--set experts={epochs: 3}`` changes one setting of the preset's section; it does not
+        # reset the others to the schema's defaults (``experts={}`` changes nothing).
+        for key, item in value.items():
+            _set_path(node[last], str(key), item)
+        return
+    node[last] = value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

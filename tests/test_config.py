@@ -23,6 +23,16 @@ def test_overrides_reach_nested_fields_and_parse_yaml_values():
     assert parse_override("dataset.path=/x/y") == ("dataset.path", "/x/y")
 
 
+def test_a_section_given_as_a_mapping_changes_only_what_it_names():
+    preset = load_config("digits-mtt")
+    assert preset.experts.epochs != 20  # the schema's default: the preset sets its own
+    assert load_config("digits-mtt", ["experts={}"]).experts == preset.experts
+    changed = load_config("digits-mtt", ["experts={num_experts: 3}"]).experts
+    assert changed == preset.experts.model_copy(update={"num_experts": 3})
+    nested = load_config("digits-mtt", ["evaluate={kd: {temperature: 2.0}}"]).evaluate
+    assert nested.kd.temperature == 2.0 and nested.epochs == preset.evaluate.epochs
+
+
 def test_typo_in_key_is_an_error_with_a_suggestion():
     with pytest.raises(
         ConfigError, match=r"unknown config key 'distill.iteratons' \(did you mean 'distill.iterations'"
