@@ -150,8 +150,8 @@ def loops(data: Any, trained: torch.nn.Module, experts: ExpertBuffer, device: to
         def run(d: Any, iterations: int) -> None:
             m = get_method(name)
             cfg = m.config_cls(**{**settings, "iterations": iterations})
-            needs = {"experts": experts if m.needs_experts else None}
-            needs["teacher"] = copy.deepcopy(trained).to(device) if m.needs_teacher else None
+            needs = {"experts": experts if "experts" in m.needs else None}
+            needs["teacher"] = copy.deepcopy(trained).to(device) if "teacher" in m.needs else None
             m.distill(DistillInputs(d, 1, 0, cfg, MODEL, DSA, **needs), Memory(), SILENT)
 
         return run

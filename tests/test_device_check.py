@@ -113,8 +113,8 @@ def _distil(data, name: str, experts: ExpertBuffer, trained: torch.nn.Module, **
             cfg,
             MODEL,
             DSA,
-            experts=experts if method.needs_experts else None,
-            teacher=copy.deepcopy(trained).to(devicecheck.DEVICE) if method.needs_teacher else None,
+            experts=experts if "experts" in method.needs else None,
+            teacher=copy.deepcopy(trained).to(devicecheck.DEVICE) if "teacher" in method.needs else None,
         )
         return method.distill(inputs, MemoryCheckpoints(), SILENT).images.cpu()
 
@@ -214,8 +214,8 @@ def test_a_distillation_iteration_waits_for_the_device_at_most_once(both, expert
                 cfg,
                 MODEL,
                 DSA,
-                experts=experts if method.needs_experts else None,
-                teacher=copy.deepcopy(trained).to(devicecheck.DEVICE) if method.needs_teacher else None,
+                experts=experts if "experts" in method.needs else None,
+                teacher=copy.deepcopy(trained).to(devicecheck.DEVICE) if "teacher" in method.needs else None,
             )
             method.distill(inputs, MemoryCheckpoints(), SILENT)
             waits.append(syncs.total)

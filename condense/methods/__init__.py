@@ -65,14 +65,6 @@ class Method:
     streams: bool = False
     """Reads real data only through draws by index and epochs, so it runs on a streamed dataset."""
 
-    @property
-    def needs_experts(self) -> bool:
-        return "experts" in self.needs
-
-    @property
-    def needs_teacher(self) -> bool:
-        return "teacher" in self.needs
-
 
 _registry: dict[str, Method] = {}
 METHODS = MappingProxyType(_registry)
