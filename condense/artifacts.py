@@ -18,7 +18,6 @@ import zarr
 
 from condense import devices, models
 from condense.config import ModelConfig
-from condense.relabel import StoredLabels
 from condense.store import Store, load_arrays, read_json, save_arrays, write_json
 from condense.synthetic import SyntheticSet
 
@@ -164,6 +163,7 @@ def save_stored_labels(work: Path, arrays: dict[str, np.ndarray]) -> None:
     save_arrays(work / STORED_LABELS, arrays, chunks={n: (1, *a.shape[1:]) for n, a in arrays.items()})
 
 
-def load_stored_labels(store: Store, key: str, num_classes: int, batch_size: int) -> StoredLabels:
+def load_stored_labels(store: Store, key: str) -> dict[str, zarr.Array]:
+    """Relabeling's columns, opened lazily (``relabel.StoredLabels`` reads one epoch at a time)."""
     group = zarr.open_group(str(store.path("relabel", key) / STORED_LABELS), mode="r", zarr_format=3)
-    return StoredLabels({name: group[name] for name in group.array_keys()}, num_classes, batch_size)
+    return {name: group[name] for name in group.array_keys()}

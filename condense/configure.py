@@ -31,10 +31,13 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
         node = child
     last = keys[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
-        # ``--set experts={epochs: 3}`` changes one setting of the preset's section; it does not
-        # reset the others to the schema's defaults (``experts={}`` changes nothing).
-        for key, item in value.items():
+    if isinstance(node.get(last), dict) and (value is None or isinstance(value, dict)):
+        # ``--set experts={epochs: 3}`` changes one setting of the preset's section, not the others
+        # (``experts={}`` changes nothing); ``experts=null`` resets the section to the schema's
+        # defaults (``method=x distill=null``: the new method's settings, not the preset's method's).
+        if value is None:
+            del node[last]
+        for key, item in (value or {}).items():
             _set_path(node[last], str(key), item)
         return
     node[last] = value

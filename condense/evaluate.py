@@ -358,13 +358,3 @@ def held_out_split(data: RealData, seed: int, trained_on: torch.Tensor | None = 
     if trained_on is not None:
         idx = idx[~torch.isin(idx, trained_on.to(idx.device))]
     return data.images(idx), data.train_y[idx]
-
-
-def summarize(accuracies: list[float]) -> dict[str, float | list[float]]:
-    t = torch.tensor(accuracies, dtype=torch.float64)
-    std = float(t.std(unbiased=False)) if len(accuracies) > 1 else 0.0
-    return {
-        "mean": round(float(t.mean()), 2),
-        "std": round(std, 2),
-        "runs": [round(a, 2) for a in accuracies],
-    }

@@ -118,3 +118,14 @@ def calibration(
         "temperature": temperature,
         "ece_scaled": expected_calibration_error(test_logits / temperature, test_labels),
     }
+
+
+def summarize(accuracies: list[float]) -> dict[str, float | list[float]]:
+    """Mean, population std and the runs of some accuracies (percent), rounded to 2 digits."""
+    t = torch.tensor(accuracies, dtype=torch.float64)
+    std = float(t.std(unbiased=False)) if len(accuracies) > 1 else 0.0
+    return {
+        "mean": round(float(t.mean()), 2),
+        "std": round(std, 2),
+        "runs": [round(a, 2) for a in accuracies],
+    }

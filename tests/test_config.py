@@ -31,6 +31,10 @@ def test_a_section_given_as_a_mapping_changes_only_what_it_names():
     assert changed == preset.experts.model_copy(update={"num_experts": 3})
     nested = load_config("digits-mtt", ["evaluate={kd: {temperature: 2.0}}"]).evaluate
     assert nested.kd.temperature == 2.0 and nested.epochs == preset.evaluate.epochs
+    # null resets a section to the schema's defaults: a new method's settings, not the preset's.
+    assert load_config("digits-mtt", ["experts=null"]).experts.epochs == 20
+    switched = load_config("digits-dsa", ["method=dm", "distill=null"])
+    assert switched.distill.lr_img == 1.0  # DM's default, not digits-dsa's 0.1
 
 
 def test_typo_in_key_is_an_error_with_a_suggestion():

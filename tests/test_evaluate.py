@@ -1,10 +1,11 @@
 import torch
 
 from condense.config import DatasetConfig, DSAConfig
-from condense.evaluate import Recipe, random_real_subset, summarize, train_and_test
+from condense.evaluate import Recipe, random_real_subset, train_and_test
 from condense.labels import kd_loss, soft_labels
 from condense.models import ConvNet, build_model
 from condense.prepare import load
+from condense.scores import summarize
 from condense.stages.dataset import prepare
 from condense.store import Store
 

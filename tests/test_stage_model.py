@@ -241,7 +241,7 @@ import plugin_means  # registers plugin-means
 from condense.configure import load_config
 from condense.stages import make_plan
 from condense.store import Store
-cfg = load_config("digits-dsa", ["method=plugin-means", "distill={}"])
+cfg = load_config("digits-dsa", ["method=plugin-means", "distill=null"])
 plan = make_plan(cfg, Store(sys.argv[1]), sys.argv[2])
 print(json.dumps({job.name.rsplit("-", 1)[0]: job.key for job in plan.jobs}))
 """

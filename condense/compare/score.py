@@ -9,7 +9,6 @@ from condense import artifacts, scores
 from condense.compare.spec import Cell, Comparison
 from condense.config import ModelConfig
 from condense.errors import CondenseError
-from condense.evaluate import summarize
 from condense.models import CONVNET
 from condense.report import input_scale
 from condense.stages import Plan
@@ -49,7 +48,7 @@ def _by_subject(store: Store, plan: Plan, arch: str) -> dict[str, dict[str, Any]
             runs.setdefault(meta["subject"], []).extend(meta["runs"])
     out = {}
     for subject, found in runs.items():
-        entry: dict[str, Any] = summarize([r["accuracy"] for r in found])
+        entry: dict[str, Any] = scores.summarize([r["accuracy"] for r in found])
         for name in ("ece", "ece_scaled"):
             values = [r.get(name) for r in found]
             entry[name] = None if None in values else round(sum(values) / len(values), 2)

@@ -183,9 +183,8 @@ def _train_kd(
     factor = artifacts.stitch_factor(ctx.store, str(ctx.keys["distill"])) if subject == "distilled" else 1
     kd = kd_recipe(cfg, subject, factor)
     if "relabel" in ctx.keys:
-        stored = artifacts.load_stored_labels(
-            ctx.store, str(ctx.keys["relabel"]), data.num_classes, kd.batch_size
-        )
+        columns = artifacts.load_stored_labels(ctx.store, str(ctx.keys["relabel"]))
+        stored = relabel.StoredLabels(columns, data.num_classes, kd.batch_size)
         plans, targets = stored.plan, stored.targets
     else:
         model = artifacts.load_teacher(ctx.store, str(ctx.keys["teacher"])).to(ctx.device)

@@ -7,7 +7,7 @@ from typing import Any
 
 from condense import artifacts, export
 from condense.config import PipelineConfig, keyed
-from condense.evaluate import summarize
+from condense.scores import summarize
 from condense.stages.base import Context, Params, Stage
 from condense.store import Store
 
