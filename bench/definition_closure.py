@@ -63,7 +63,7 @@ class Definitions:
             path = self.walk.source_file(name)
             tree = ast.parse(path.read_bytes()) if path is not None else ast.Module(body=[])
             for node in tree.body:
-                self._top(name, node, found, path is not None and path.name == "__init__.py")
+                self._top(name, node, found, self._is_package(name))
             self.modules[name] = found
         return self.modules[name]
 
@@ -115,6 +115,10 @@ class Definitions:
                     attribute_bases.add(id(base))
                     found.add(self._resolve_chain(own.imports[base.id][0], list(reversed(chain))))
         for inner in ast.walk(node):
+            if isinstance(inner, ast.Import | ast.ImportFrom):  # an import inside a function
+                local = Module()
+                self._imports(module, inner, local, self._is_package(module))
+                found.update((target, attr or WHOLE) for target, attr in local.imports.values())
             if isinstance(inner, ast.Name) and id(inner) not in attribute_bases:
                 if inner.id in own.definitions:
                     found.add((module, inner.id))
@@ -122,6 +126,10 @@ class Definitions:
                     target, attr = own.imports[inner.id]
                     found.add((target, attr if attr is not None else WHOLE))
         return found
+
+    def _is_package(self, module: str) -> bool:
+        path = self.walk.source_file(module)
+        return path is not None and path.name == "__init__.py"
 
     def _resolve_chain(self, module: str, chain: list[str]) -> tuple[str, str]:
         """``module.a.b...``: the longest module prefix, then the first attribute of what remains."""
