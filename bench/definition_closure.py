@@ -92,7 +92,7 @@ class Definitions:
                     local = alias.asname or alias.name.split(".")[0]
                     found.imports[local] = (alias.asname and alias.name or local, None)
             return
-        source = self.walk._absolute(node, name, package)
+        source = self.walk.absolute(node.module, node.level, name, package)
         if not source.startswith("condense"):
             return
         for alias in node.names:

@@ -12,10 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from condense import methods
 from condense.config import PipelineConfig, explain
 from condense.errors import ConfigError
-from condense.models import check_architecture
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -123,11 +121,17 @@ def build_config(data: dict[str, Any]) -> PipelineConfig:
     except ValidationError as err:
         raise ConfigError(explain(err, PipelineConfig)) from None
     _check_architectures(cfg)
+    # Here, not at the top: the methods (and torch) load only when a config is built, so listing the
+    # presets stays instant.
+    from condense import methods
+
     return methods.configure(cfg)
 
 
 def _check_architectures(cfg: PipelineConfig) -> None:
     """Every network name is checked now, not when its stage runs after hours of others."""
+    from condense.models import check_architecture
+
     named = [(f"evaluate.models[{i}]", name) for i, name in enumerate(cfg.evaluate.models)]
     if cfg.teacher.source != "best_expert":
         named.append(("teacher.arch", cfg.teacher.arch))

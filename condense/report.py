@@ -100,16 +100,17 @@ def context_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def stage_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """stage, cached, seconds, device(s), peak device memory (GPUs only), key."""
+    """stage, compute seconds (``reused`` for a stage whose every artifact was in the store), wall
+    seconds, device(s), peak device memory (GPUs only), key."""
     gpu = any("peak_memory_bytes" in s for s in summary["stages"].values())
-    rows = [["stage", "cached", "seconds", "device", *(["peak memory"] if gpu else []), "key"]]
+    rows = [["stage", "compute s", "wall s", "device", *(["peak memory"] if gpu else []), "key"]]
     for name, stage in summary["stages"].items():
         peak = stage.get("peak_memory_bytes")
         rows.append(
             [
                 name,
-                "yes" if stage["cached"] else "no",
-                f"{stage['seconds']:.1f}",
+                "reused" if stage["cached"] else f"{stage['seconds']:.1f}",
+                f"{stage.get('wall_seconds', stage['seconds']):.1f}",
                 ",".join(stage.get("devices", [])) or "-",
                 *([human_bytes(peak) if peak is not None else "-"] if gpu else []),
                 stage["key"],

@@ -14,15 +14,19 @@ from typing import Any
 
 from condense import report, versions
 from condense.config import PipelineConfig
+from condense.errors import DamagedArtifactError
 from condense.export import GRID
+from condense.leases import Lease
+from condense.stages import dataset_job, execute, get_stage, make_plan
 from condense.stages.export import accuracy_table
 from condense.stages.plan import Plan
 from condense.store import Store, write_json
 
 
 def stage_table(plan: Plan, outcomes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per stage, in plan order: cached (every job was), wall seconds (first start to last end), key,
-    the devices its jobs ran on and (on GPUs) the peak device memory of any of its jobs."""
+    """Per stage, in plan order: cached (every job was), compute seconds (the work inside its jobs,
+    summed; waiting for a device turn or another job is not work), wall seconds (first start to last
+    end), key, the devices its jobs ran on and (on GPUs) the peak device memory of any of its jobs."""
     table: dict[str, dict[str, Any]] = {}
     for stage in ["dataset", *plan.stages()]:
         mine = [o for o in outcomes if o["stage"] == stage]
@@ -30,7 +34,8 @@ def stage_table(plan: Plan, outcomes: list[dict[str, Any]]) -> dict[str, dict[st
         end = max(o["started"] + o["seconds"] for o in mine)
         table[stage] = {
             "cached": all(o["cached"] for o in mine),
-            "seconds": round(end - begin, 3),
+            "seconds": round(sum(o.get("compute_seconds", 0.0) for o in mine), 3),
+            "wall_seconds": round(end - begin, 3),
             "key": plan.summary_key(stage),
             "devices": sorted({o["device"]["device"] for o in mine}),
         }
@@ -141,3 +146,31 @@ def finish_run(
     (run_dir / "report.md").write_text(report.markdown(summary))
     store.share(f"{versions.RUNS}/{run_id}")
     return summary
+
+
+def finish_cached(cfg: PipelineConfig, store: Store) -> tuple[dict[str, Any], int] | None:
+    """A run whose every job is already in the store, finished without a flow run: the same
+    summary, version and run folder as the pipeline flow writes, and the number of jobs; None when
+    any job has something to compute (then the flow runs). The check is what the executor itself
+    does first (the artifact is committed, its meta intact and its files of their recorded sizes),
+    so nothing that would be recomputed is taken as done."""
+    started, run_id = time.time(), new_run_id()
+    dataset = get_stage("dataset")
+    params = dataset.resolve(cfg) if dataset.resolve is not None else {}
+    dataset_key = dataset.key(cfg, {}, params)
+    if not _intact(store, "dataset", dataset_key):
+        return None
+    plan = make_plan(cfg, store, dataset_key)
+    if not all(_intact(store, job.stage, job.key) for job in plan.jobs):
+        return None
+    with Lease(store, run_id) as lease:  # gc keeps what the summary reads until it is written
+        lease.protect([("dataset", dataset_key), *plan.artifacts()])
+        outcomes = [execute(job, cfg, store) for job in [dataset_job(), *plan.jobs]]
+        return finish_run(cfg, store, plan, outcomes, started, run_id), len(outcomes)
+
+
+def _intact(store: Store, stage: str, key: str) -> bool:
+    try:
+        return store.has(stage, key) and store.verify(stage, key) is None
+    except DamagedArtifactError:
+        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,10 @@ StoreOption = Annotated[
         "gs://..., file:///mnt/...). Default: $CONDENSE_STORE, else ./data/store."
     ),
 ]
+
+
+_finished_from_store = False
+"""Set when ``run`` finished from the store, with nothing started that needs an orderly exit."""
 
 
 def task_runner(runner: str = "threads", dask_address: str | None = None, workers: int = 2) -> Any:
@@ -123,6 +128,14 @@ def run(
             "0,1 or cuda:0,cuda:1 (compute.devices; default: every visible GPU)."
         ),
     ] = None,
+    flow: Annotated[
+        bool,
+        typer.Option(
+            "--flow",
+            help="Start a Prefect flow run even when every job is cached (by default such a run "
+            "is finished from the store without one: same summary, version and run folder).",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole pipeline; a rerun reuses every stage whose inputs did not change."""
     configure_prefect(debug)
@@ -148,14 +161,33 @@ def run(
     except CondenseError as err:
         _fail(str(err), 2)
 
+    from condense.report import text_table
+
+    if not flow:  # nothing to compute: no Prefect import, server or flow run (seconds, not tens)
+        from condense.summary import finish_cached
+
+        with one_line_errors(debug):
+            done = finish_cached(cfg, open_store(store_dir))
+        if done is not None:
+            global _finished_from_store
+            _finished_from_store = True
+            summary, jobs = done
+            if not quiet:
+                typer.echo(
+                    f"all {jobs} jobs cached: nothing to run (no Prefect flow run; --flow starts one)",
+                    err=True,
+                )
+            typer.echo(text_table(summary))
+            if as_json:
+                typer.echo(json.dumps(summary, separators=(",", ":")))
+            return
+
     from condense_flows.pipeline import pipeline
 
     with one_line_errors(debug):
         runs_on = task_runner(runner, dask_address)
-    flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
-    summary = _run_flow(flow, debug, preset, overrides, store_dir, quiet)
-
-    from condense.report import text_table
+    pipeline_flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
+    summary = _run_flow(pipeline_flow, debug, preset, overrides, store_dir, quiet)
 
     typer.echo(text_table(summary))
     if as_json:
@@ -466,7 +498,16 @@ def main() -> None:
     # cuBLAS reads its workspace setting at the process's first call: set before any work (see
     # condense.devices.prepare_process; importing torch here would slow every command down).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if done.code in (0, None) and _finished_from_store:
+            # A run finished from the store started no server, thread or process: torch's teardown
+            # (half a second of a three-second rerun) guards nothing. Output is flushed first.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 
 from condense.config import DatasetConfig
@@ -36,11 +39,26 @@ def load(cfg: DatasetConfig) -> RawDataset:
     )
 
 
+def _data_file() -> Path | None:
+    """scikit-learn's digits file, found without importing scikit-learn (over a second)."""
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
 def fingerprint(cfg: DatasetConfig) -> str:
-    """A hash of scikit-learn's arrays (and the settings that change the decoded data)."""
+    """A hash of scikit-learn's digits file (else of its decoded arrays), and of the settings that
+    change the decoded data."""
+    h = settings_hash(cfg)
+    path = _data_file()
+    if path is not None:
+        h.update(path.read_bytes())
+        return h.hexdigest()
     from sklearn.datasets import load_digits
 
-    h = settings_hash(cfg)
     digits = load_digits()
     hash_array(h, digits.images)
     hash_array(h, digits.target)

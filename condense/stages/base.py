@@ -323,8 +323,10 @@ def _intact(store: Store, stage: str, key: str, progress: Progress) -> bool:
 
 def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SILENT) -> dict[str, Any]:
     """Run ``job`` unless its artifact exists; returns what happened, as JSON-able data:
-    ``{"job", "stage", "key", "params", "part", "cached", "started", "seconds", "meta"}`` (``meta``
-    is the part's record for a part job; ``cached``: nothing had to be computed)."""
+    ``{"job", "stage", "key", "params", "part", "cached", "started", "seconds", "compute_seconds",
+    "meta"}`` (``meta`` is the part's record for a part job; ``cached``: nothing had to be computed;
+    ``seconds`` from start to end, ``compute_seconds`` only the computing, after any wait for the
+    device)."""
     stage = get_stage(job.stage)
     if stage.resolve is not None and not job.key:
         params = {**job.params, **stage.resolve(cfg)}
@@ -335,13 +337,16 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
     meta: dict[str, Any] | None = None  # set when this job computed (or found its part's record)
     memory: dict[str, Any] = {}
     cached = _intact(store, stage.name, job.key, progress)
+    compute_seconds = 0.0  # inside the job, once its device turn came: never the wait for it
     if not cached:
         with (
             devices.exclusive(device, cfg.compute.cpu_jobs),
             devices.configured(device, cfg.compute.deterministic),
             devices.measured(device, stage.name, _lower_memory(stage.name, cfg)) as memory,
         ):
+            turn = time.time()
             meta, cached = _compute(stage, job, cfg, store, progress, device)
+            compute_seconds = time.time() - turn
     if meta is None:  # committed, by an earlier run or by another one while this job waited
         meta = store.meta(stage.name, job.key)
         if job.part is not None:
@@ -355,6 +360,7 @@ def execute(job: Job, cfg: PipelineConfig, store: Store, progress: Progress = SI
         "cached": cached,
         "started": started,
         "seconds": round(time.time() - started, 3),
+        "compute_seconds": round(compute_seconds, 3),
         "meta": meta,
         "device": devices.describe(device),
         **memory,

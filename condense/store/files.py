@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -80,6 +79,8 @@ def save_arrays(
     path: Path, arrays: Mapping[str, np.ndarray], chunks: Mapping[str, tuple] | None = None
 ) -> None:
     """Write numpy arrays as one zarr v3 group (replacing what is there)."""
+    import zarr  # here, not at the top: listings and config commands never touch an array
+
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, value in arrays.items():
         value = np.ascontiguousarray(value)
@@ -90,6 +91,8 @@ def save_arrays(
 
 
 def load_arrays(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    import zarr
+
     # Version 3 only: a version-2 group could name numcodecs' pickle codec, i.e. run code on read.
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     return {name: group[name][...] for name in (names or sorted(group.array_keys()))}
