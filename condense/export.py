@@ -46,25 +46,6 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def image_grid(pixels: np.ndarray, per_row: int, min_side: int = 32) -> Image.Image:
-    """A grid of (n, C, H, W) [0, 1] images, ``per_row`` per row (one row per class), upscaled so
-    tiny images (8 px digits) stay visible."""
-    n, channels, height, width = pixels.shape
-    scale = max(1, -(-min_side // height))
-    pad = 2
-    rows = -(-n // per_row)
-    canvas = np.ones((rows * (height * scale + pad) + pad, per_row * (width * scale + pad) + pad, 3))
-    for i, img in enumerate(pixels):
-        tile = np.clip(img, 0, 1).transpose(1, 2, 0)
-        tile = np.repeat(np.repeat(tile, scale, 0), scale, 1)
-        if channels == 1:
-            tile = np.repeat(tile, 3, 2)
-        r, c = divmod(i, per_row)
-        y, x = pad + r * (height * scale + pad), pad + c * (width * scale + pad)
-        canvas[y : y + height * scale, x : x + width * scale] = tile
-    return Image.fromarray((canvas * 255 + 0.5).astype(np.uint8))
-
-
 def write_distilled(
     out_dir: Path,
     images: np.ndarray,

@@ -233,3 +233,76 @@ def image_rows(
             image = Image.fromarray((tile * 255 + 0.5).astype(np.uint8))
             canvas.paste(image, (int(label_width + c * column + (column - tile_w) / 2), top))
     return canvas
+
+
+def class_grid(
+    pixels: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    title: str,
+    side: int = 64,
+    per_row: int = 10,
+    max_classes: int = 100,
+) -> Image.Image:
+    """A distilled set as people look at it: ``pixels`` (n, C, H, W) in [0, 1] (already mapped back
+    from normalised or whitened inputs), each image scaled by a whole factor to at least ``side``
+    pixels (nearest neighbour: an 8 px digit stays crisp), never shrunk.
+
+    One image per class: ``per_row`` classes a row, each name above its image. More: one row per
+    class, its name on the left, its first ``per_row`` images and how many more it has. At most
+    ``max_classes`` classes; the title says how many more there are."""
+    _, channels, height, width = pixels.shape
+    scale = max(1, -(-side // max(height, width)))
+    tile_h, tile_w = height * scale, width * scale
+    pad, header, caption = 4, 32, 16
+    present = [c for c in range(len(classes)) if np.any(labels == c)]
+    shown = present[:max_classes]
+    members = {c: np.nonzero(labels == c)[0] for c in shown}
+    single = all(len(found) == 1 for found in members.values())
+    more = f" (first {len(shown)} of {len(present)} classes)" if len(present) > len(shown) else ""
+
+    if single:
+        column = max(tile_w + 12, 56)
+        rows = -(-len(shown) // per_row)
+        size = (max(pad + column * min(len(shown), per_row), 320), header + rows * (caption + tile_h + pad))
+    else:
+        column = tile_w + pad
+        label_width = 12 + 7 * max(len(str(classes[c])[:16]) for c in shown)
+        counted = 56 if any(len(found) > per_row for found in members.values()) else 0
+        longest = min(max(len(found) for found in members.values()), per_row)
+        size = (max(label_width + column * longest + counted, 320), header + len(shown) * (tile_h + pad))
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 8), f"{title}{more}", fill="black", font=_font(14))
+
+    def paste(index: int, x: float, y: float) -> None:
+        tile = np.clip(pixels[index], 0, 1).transpose(1, 2, 0)
+        tile = np.repeat(np.repeat(tile, scale, 0), scale, 1)
+        if channels == 1:
+            tile = np.repeat(tile, 3, 2)
+        canvas.paste(Image.fromarray((tile[..., :3] * 255 + 0.5).astype(np.uint8)), (int(x), int(y)))
+
+    for i, c in enumerate(shown):
+        name = str(classes[c])
+        if single:
+            row, col = divmod(i, per_row)
+            x, top = pad + col * column, header + row * (caption + tile_h + pad)
+            draw.text(
+                (x + column / 2, top + caption - 3), name[:10], fill="black", font=_font(12), anchor="mb"
+            )
+            paste(int(members[c][0]), x + (column - tile_w) / 2, top + caption)
+            continue
+        top = header + i * (tile_h + pad)
+        draw.text((pad, top + tile_h / 2), name[:16], fill="black", font=_font(12), anchor="lm")
+        for j, index in enumerate(members[c][:per_row]):
+            paste(int(index), label_width + j * column, top)
+        if len(members[c]) > per_row:
+            x = label_width + per_row * column + 4
+            draw.text(
+                (x, top + tile_h / 2),
+                f"+{len(members[c]) - per_row}",
+                fill="black",
+                font=_font(12),
+                anchor="lm",
+            )
+    return canvas

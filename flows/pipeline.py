@@ -10,10 +10,12 @@ so the thread pool, a Dask cluster or a work pool's workers take it unchanged. R
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -70,6 +72,13 @@ def publish_artifacts(summary: dict[str, Any]) -> None:
         link=link,
         link_text=f"synthetic images: {summary['dataset']} / {summary['method']} / ipc {summary['ipc']}",
         description="grid of the distilled images",
+    )
+    with fsspec.open(grid, "rb") as picture:  # the picture itself, for a UI that cannot reach the file
+        encoded = base64.b64encode(picture.read()).decode()
+    create_markdown_artifact(
+        key="condense-grid-image",
+        markdown=f"![the distilled images](data:image/png;base64,{encoded})",
+        description="the distilled images, one row per class",
     )
     create_table_artifact(
         key="condense-accuracy",

@@ -4,6 +4,7 @@ digits at a tiny budget, its artifacts checked through the API, and nothing left
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -112,6 +113,9 @@ def test_a_deployment_runs_on_a_worker_and_publishes_its_report(server, tmp_path
     assert (
         artifacts["condense-grid"]["type"] == "markdown" and "grid.png" in artifacts["condense-grid"]["data"]
     )
+    picture = artifacts["condense-grid-image"]["data"]  # the picture itself, not only its path
+    assert picture.startswith("![the distilled images](data:image/png;base64,")
+    assert base64.b64decode(picture.split(",", 1)[1].rstrip(")"))[:8] == b"\x89PNG\r\n\x1a\n"
     progress = artifacts["condense-distill-progress"]
     assert progress["type"] == "progress" and float(progress["data"]) == 100.0
     assert all(a["flow_run_id"] == runs[0]["id"] for a in artifacts.values())

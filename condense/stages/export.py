@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from condense import artifacts, export
+from condense import artifacts, export, plots
 from condense.config import PipelineConfig, keyed
 from condense.scores import summarize
 from condense.stages.base import Context, Params, Stage
@@ -48,8 +48,9 @@ def run(ctx: Context) -> dict[str, Any]:
         manifest,
         label_logits=arrays.get("label_logits"),
     )
-    per_row = cfg.ipc if cfg.ipc > 1 else len(card["classes"])  # one row per class; IPC 1 as one row
-    export.image_grid(arrays["pixels"], per_row=per_row).save(ctx.work / export.GRID)
+    title = f"{card['name']} / {cfg.method} / ipc {cfg.ipc}: the distilled images"
+    grid = plots.class_grid(arrays["pixels"], arrays["labels"], card["classes"], title)
+    grid.save(ctx.work / export.GRID)
     return {"shards": [p.name for p in shards]}
 
 
