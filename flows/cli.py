@@ -34,13 +34,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 StoreOption = Annotated[
     str | None,
     typer.Option(
+        metavar="DIR|URL",
         help="Artifact store: a directory, or an fsspec URL shared by all workers (s3://bucket/store, "
-        "gs://..., file:///mnt/...). Default: $CONDENSE_STORE, else ./data/store."
+        "gs://..., file:///mnt/...). Default: $CONDENSE_STORE, else ./data/store.",
     ),
 ]
 
@@ -100,32 +102,48 @@ def one_line_errors(debug: bool = False) -> Iterator[None]:
 @app.command()
 def run(
     preset: Annotated[
-        str, typer.Argument(help="Preset name (see `condense presets`) or a YAML config path.")
+        str,
+        typer.Argument(metavar="PRESET", help="Preset name (see `condense presets`) or a YAML config path."),
     ],
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a config field: --set ipc=10 --set distill.iterations=300."),
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a config field: --set ipc=10 --set distill.iterations=300.",
+        ),
     ] = None,
     store: StoreOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line at the end.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks and Prefect's logs.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and Prefect's logs.")] = False,
     runner: Annotated[
-        str, typer.Option(help="Task runner for the fan-out: 'threads' (default) or 'dask' (prefect-dask).")
+        str,
+        typer.Option(
+            metavar="threads|dask",
+            help="Task runner for the fan-out: Prefect's threads, or Dask (prefect-dask).",
+        ),
     ] = "threads",
     dask_address: Annotated[
-        str | None, typer.Option(help="Scheduler of an existing Dask cluster (default: a local cluster).")
+        str | None,
+        typer.Option(
+            metavar="ADDRESS", help="Scheduler of an existing Dask cluster (default: a local cluster)."
+        ),
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto (a GPU when there is one), cpu, cuda or cuda:N: compute.device.")
+        str | None,
+        typer.Option(
+            metavar="DEVICE", help="auto (a GPU when there is one), cpu, cuda or cuda:N: compute.device."
+        ),
     ] = None,
     devices: Annotated[
         str | None,
         typer.Option(
+            metavar="LIST",
             help="Spread experts and evaluation runs over these devices, one job per GPU at a time: "
-            "0,1 or cuda:0,cuda:1 (compute.devices; default: every visible GPU)."
+            "0,1 or cuda:0,cuda:1 (compute.devices; default: every visible GPU).",
         ),
     ] = None,
     flow: Annotated[
@@ -240,18 +258,26 @@ def compare(
     preset: Annotated[
         str,
         typer.Argument(
-            help="Comparison name (condense/presets/compare/, e.g. digits-compare) or a YAML path."
+            metavar="COMPARISON",
+            help="Comparison name (condense/presets/compare/, e.g. digits-compare) or a YAML path.",
         ),
     ],
-    methods: Annotated[str | None, typer.Option(help="Methods, comma-separated: mtt,dm,rded.")] = None,
-    ipc: Annotated[str | None, typer.Option(help="Images per class, comma-separated: 1,10.")] = None,
+    methods: Annotated[
+        str | None, typer.Option(metavar="LIST", help="Methods, comma-separated: mtt,dm,rded.")
+    ] = None,
+    ipc: Annotated[
+        str | None, typer.Option(metavar="LIST", help="Images per class, comma-separated: 1,10.")
+    ] = None,
     models: Annotated[
-        str | None, typer.Option(help="Evaluation architectures, comma-separated: convnet,resnet18.")
+        str | None,
+        typer.Option(metavar="LIST", help="Evaluation architectures, comma-separated: convnet,resnet18."),
     ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", help="Override a field of every cell: --set evaluate.seeds=2, --set budget=paper."
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a field of every cell: --set evaluate.seeds=2, --set budget=paper.",
         ),
     ] = None,
     store: StoreOption = None,
@@ -259,7 +285,7 @@ def compare(
         bool, typer.Option("--json", help="Print the leaderboard as one JSON line at the end.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks and Prefect's logs.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and Prefect's logs.")] = False,
 ) -> None:
     """Run every method at every IPC on one dataset and recipe per label regime; print a leaderboard
     with fair scores (random real, full data, DD-Ranking's LRS/ARS, calibration, cost)."""
@@ -310,8 +336,10 @@ def presets() -> None:
 
 @app.command()
 def config(
-    preset: Annotated[str, typer.Argument(help="Preset name or YAML path.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field, as for `run`.")] = None,
+    preset: Annotated[str, typer.Argument(metavar="PRESET", help="Preset name or YAML path.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a field, as for `run`.")
+    ] = None,
 ) -> None:
     """Print the fully resolved config (every field, defaults included) as YAML."""
     import yaml
@@ -328,8 +356,10 @@ def config(
 
 @app.command()
 def plan(
-    preset: Annotated[str, typer.Argument(help="Preset name or YAML path.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field, as for `run`.")] = None,
+    preset: Annotated[str, typer.Argument(metavar="PRESET", help="Preset name or YAML path.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a field, as for `run`.")
+    ] = None,
     store: StoreOption = None,
     why: Annotated[
         bool, typer.Option("--why", help="Say why each stage that is not cached recomputes.")
@@ -396,10 +426,14 @@ def gc(
         bool, typer.Option("--partials", help="Also remove unfinished (resumable) work and temp files.")
     ] = False,
     grace_minutes: Annotated[
-        float, typer.Option(help="Keep anything written this recently (a run may still be using it).")
+        float,
+        typer.Option(
+            metavar="MINUTES", help="Keep anything written this recently (a run may still be using it)."
+        ),
     ] = 60.0,
     keep_runs: Annotated[
-        int, typer.Option(help="Run reports kept per published dataset/method/IPC, newest first.")
+        int,
+        typer.Option(metavar="N", help="Run reports kept per published dataset/method/IPC, newest first."),
     ] = 10,
 ) -> None:
     """Remove stage artifacts and run reports that no published version references, all but the
@@ -426,7 +460,10 @@ def gc(
 def verify(
     store: StoreOption = None,
     move_aside: Annotated[
-        bool, typer.Option(help="Move damaged artifacts aside, so that the next run recomputes them.")
+        bool,
+        typer.Option(
+            "--move-aside", help="Move damaged artifacts aside, so that the next run recomputes them."
+        ),
     ] = False,
 ) -> None:
     """Check every artifact in a store against the sizes and sha256 recorded when it was committed."""
@@ -447,21 +484,25 @@ def export(
     source: Annotated[
         str,
         typer.Argument(
-            help="A run folder or export directory; with --dataset/--method/--ipc, a store (path or URL)."
+            metavar="SOURCE",
+            help="A run folder or export directory; with --dataset/--method/--ipc, a store (path or URL).",
         ),
     ],
-    to: Annotated[Path, typer.Option("--to", help="Output directory.")],
-    dataset: Annotated[str | None, typer.Option(help="Published set: dataset name.")] = None,
-    method: Annotated[str | None, typer.Option(help="Published set: method.")] = None,
-    ipc: Annotated[int | None, typer.Option(help="Published set: images per class.")] = None,
-    version: Annotated[str, typer.Option(help="'latest' or a version number.")] = "latest",
+    to: Annotated[Path, typer.Option("--to", metavar="DIR", help="Output directory.")],
+    dataset: Annotated[str | None, typer.Option(metavar="NAME", help="Published set: dataset name.")] = None,
+    method: Annotated[str | None, typer.Option(metavar="NAME", help="Published set: method.")] = None,
+    ipc: Annotated[int | None, typer.Option(metavar="N", help="Published set: images per class.")] = None,
+    version: Annotated[
+        str, typer.Option(metavar="N|latest", help="A version number, or the latest.")
+    ] = "latest",
     overwrite: Annotated[
-        bool, typer.Option(help="Replace a non-empty --to (it is swapped whole, never mixed).")
+        bool, typer.Option("--overwrite", help="Replace a non-empty --to (it is swapped whole, never mixed).")
     ] = False,
     fmt: Annotated[
         str,
         typer.Option(
             "--format",
+            metavar="folder|hf",
             help="folder: <to>/<class>/<n>.png + labels.json; hf: a Hugging Face datasets folder"
             " (save_to_disk; columns image, label, soft_label); needs the hf extra.",
         ),

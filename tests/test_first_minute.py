@@ -72,3 +72,19 @@ def test_a_changed_setting_is_not_finished_from_the_store(tmp_path, prefect_env)
     assert 0 < stages["distill"]["seconds"] <= stages["distill"]["wall_seconds"]
     table = changed.stdout.split("test accuracy")[0]
     assert "experts      reused" in table and "distill      reused" not in table
+
+
+def test_help_shows_flags_bare_and_values_by_what_they_are():
+    from typer.testing import CliRunner
+
+    from condense_flows.cli import app
+
+    commands = ["run", "compare", "presets", "config", "plan", "ls", "gc", "verify", "export"]
+    pages = {c: CliRunner().invoke(app, [c, "--help"], env={"COLUMNS": "100"}).output for c in commands}
+    for command, page in pages.items():
+        options = page.split("Options:")[1]
+        assert "<bool>" not in page and "--no-" not in page, command  # flags: no metavariable, no twin
+        assert "<str>" not in options and "<int>" not in options and "<list" not in options, command
+        assert max(len(line) for line in page.splitlines()) <= 100, command
+    assert "--store DIR|URL" in pages["run"] and "--set KEY=VALUE" in pages["run"]
+    assert "  --json  " in pages["run"] and "  --debug  " in pages["run"]
