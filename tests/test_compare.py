@@ -1,6 +1,7 @@
 """`condense compare` end to end on a tiny comparison: leaderboard, pictures, caching per cell,
 a failed cell beside completed ones, and one-line errors for bad input before any work."""
 
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import yaml
 
 from condense import scores
 from condense.compare import student
+from condense.compare.render import COLUMNS
 from condense.config import ModelConfig
 from condense.configure import load_config
 from condense.store import Store, load_arrays
@@ -37,6 +39,43 @@ def comparison(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_COMPARISON))
     return path
+
+
+class _Page(HTMLParser):
+    """What the leaderboard page holds: headers, rows (with their class), images, links, script."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.headers: list[str] = []
+        self.rows: list[list[str]] = []
+        self.classes: list[str] = []
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.script = ""
+        self._in: str | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "tr" and self.headers:
+            self.rows.append([])
+            self.classes.append(found.get("class") or "")
+        elif tag == "img":
+            self.images.append(found.get("src") or "")
+        elif tag in ("a", "link") or (tag == "script" and "src" in found):
+            self.links.append(found.get("href") or found.get("src") or "")
+        self._in = tag
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in == "th":
+            self.headers.append(data)
+        elif self._in == "td":
+            self.rows[-1].append(data)
+        elif self._in == "script":
+            self.script += data
 
 
 def _compare(comparison: Path, store: Path, env: dict[str, str], *extra: str) -> dict:
@@ -82,6 +121,12 @@ def test_compare_caches_per_cell_and_keeps_failed_cells_as_rows(comparison, tmp_
     assert "| dm | 1 | convnet (instancenorm) | hard |" in board
     table = [line for line in board.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1  # the failed row has every column
+    page = _Page(Path(first["files"]["html"]).read_text(encoding="utf-8"))
+    assert page.headers == COLUMNS and len(page.rows) == 2 and page.classes == ["", "failed"]
+    assert page.rows[0][:4] == ["dm", "1", "convnet (instancenorm)", "hard"]
+    assert len(page.images) == len(first["pictures"]) > 0  # every picture, embedded
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert page.links == [] and "addEventListener" in page.script  # offline; headers sort
 
     again = _compare(comparison, store, prefect_env)
     assert _cells(again)["dm"]["cached"] is True

@@ -32,7 +32,7 @@ from typing import Any
 
 from condense import versions
 from condense.compare.plan import check_ipcs, plan_comparison
-from condense.compare.render import csv_text, markdown, pictures, rows, text_table
+from condense.compare.render import csv_text, html_page, markdown, pictures, rows, text_table
 from condense.compare.score import Outcome, fingerprint, score, student
 from condense.compare.spec import (
     CELL_FAILURES,
@@ -96,11 +96,12 @@ def finish(
     }
     files = {
         name: folder / f"leaderboard.{ext}"
-        for name, ext in (("markdown", "md"), ("csv", "csv"), ("json", "json"))
+        for name, ext in (("markdown", "md"), ("csv", "csv"), ("json", "json"), ("html", "html"))
     }
     board["files"] = {k: str(v) for k, v in files.items()}
     files["csv"].write_text(csv_text(entries))
     files["markdown"].write_text(markdown(board))
+    files["html"].write_text(html_page(board), encoding="utf-8")
     write_json(files["json"], board)
     store.share(relative)  # the files first: a published version never names a missing folder
     version, new = versions.publish_in(

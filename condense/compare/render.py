@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,74 @@ def markdown(board: dict[str, Any]) -> str:
         *[f"![{name}]({Path(path).name})" for name, path in board["pictures"].items()],
     ]
     return "\n".join(lines) + "\n"
+
+
+_PAGE_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; margin: 16px 0; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
+th:hover { background: #e4e4e4; }
+td:nth-child(-n+4), th:nth-child(-n+4) { text-align: left; }
+tr.failed td { color: #999; }
+figure { display: inline-block; margin: 8px 16px 8px 0; vertical-align: top; }
+figcaption { color: #555; }
+img { max-width: 100%; image-rendering: pixelated; border: 1px solid #eee; }
+p.note { max-width: 60em; color: #444; white-space: pre-line; }
+"""
+_PAGE_SCRIPT = """
+document.querySelectorAll("th").forEach((th, column) => th.addEventListener("click", () => {
+  const body = th.closest("table").tBodies[0];
+  const up = th.dataset.order !== "up";
+  document.querySelectorAll("th").forEach(h => delete h.dataset.order);
+  th.dataset.order = up ? "up" : "down";
+  const key = row => {
+    const text = row.cells[column].dataset.sort ?? row.cells[column].textContent;
+    const number = parseFloat(text);
+    return Number.isNaN(number) ? text : number;
+  };
+  const rows = [...body.rows].sort((a, b) => {
+    const x = key(a), y = key(b);
+    const order = typeof x === typeof y ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === "number" ? -1 : 1);
+    return up ? order : -order;
+  });
+  rows.forEach(row => body.appendChild(row));
+}));
+"""
+
+
+def html_page(board: dict[str, Any]) -> str:
+    """The leaderboard as one self-contained page: the table (click a header to sort by it), the
+    notes, and every picture embedded, so it opens offline, mailed or copied anywhere."""
+    table = rows(board["cells"])
+    head = "".join(f"<th title='sort by {escape(c)}'>{escape(c)}</th>" for c in table[0])
+    body = []
+    for row in table[1:]:
+        failed = row[-1].startswith("failed")
+        cells = "".join(f"<td>{escape(cell)}</td>" for cell in row)
+        body.append(f"<tr{' class=failed' if failed else ''}>{cells}</tr>")
+    figures = []
+    for name, path in board["pictures"].items():
+        encoded = base64.b64encode(Path(path).read_bytes()).decode()
+        figures.append(
+            f"<figure><img alt='{escape(name)}' src='data:image/png;base64,{encoded}'>"
+            f"<figcaption>{escape(name.replace('_', ' '))}</figcaption></figure>"
+        )
+    title = f"{board['name']}: {board['dataset']}"
+    cells = f"methods {', '.join(board['methods'])}; IPC {', '.join(map(str, board['ipc']))}"
+    return "\n".join(
+        [
+            "<!doctype html>",
+            "<html lang=en><head><meta charset=utf-8>",
+            f"<title>{escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>",
+            f"<h1>{escape(title)}</h1>",
+            f"<p>Run <code>{escape(board['run_id'])}</code> ({board['seconds']:.0f} s); {escape(cells)}.</p>",
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
+            f"<p class=note>{escape(SCORES_NOTE)}</p>",
+            *figures,
+            f"<script>{_PAGE_SCRIPT}</script></body></html>",
+        ]
+    )
 
 
 def csv_text(entries: list[dict[str, Any]]) -> str:
