@@ -39,6 +39,10 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_digits_mtt(tmp_path: Path, pre
     tops = {name.split("/")[0] for name in names if not name.startswith("condense-")}
     assert tops == {"condense", "condense_flows", "condense_tasks"}  # no top-level `flows` or `tasks`
     assert "condense/presets/digits-mtt.yaml" in names
+    # Every module of the package is in the wheel (a new subpackage missing from pyproject's list
+    # would be left out, and an installed condense would fail on its first import of it).
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "condense").rglob("*.py")}
+    assert sources <= set(names), sorted(sources - set(names))
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
