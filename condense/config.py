@@ -430,6 +430,17 @@ class EvaluateConfig(Strict):
     """Baseline: the whole training set, ``full_data_epochs`` epochs."""
     baseline_lr: float = Field(default=0.01, gt=0)
     full_data_epochs: int = Field(default=30, gt=0)
+    mask_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    """Masked temperature scaling (Zhu et al., ICCV 2023): the ratios t swept, each the share of input
+    values zeroed while the temperature is fitted on the held-out split; t is picked there too, never
+    on the test split. Empty: plain temperature scaling only (each ratio costs a pass over the split)."""
+
+    @field_validator("mask_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= r < 1 for r in value):
+            raise ValueError(f"mask ratios are shares of input values zeroed, in [0, 1): {value}")
+        return value
 
     @field_validator("lr")
     @classmethod

@@ -17,7 +17,9 @@ training images it did not train on (:func:`calibration_indices`).
 from __future__ import annotations
 
 import copy
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,7 @@ from condense.models import build_model
 from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
-from condense.scores import calibration
+from condense.scores import calibration, masked_temperature
 from condense.training import (
     batches,
     cosine_factor,
@@ -45,8 +47,16 @@ from condense.training import (
     train_on,
 )
 
-HeldOut = tuple[torch.Tensor, torch.Tensor] | None
-"""Training images (and labels) a student did not train on: where its temperature is fitted."""
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Training images (and labels) a student did not train on: where its temperature is fitted,
+    plainly and, with ``mask_ratios``, by masked temperature scaling (:func:`masked_temperature`)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mask_ratios: tuple[float, ...] = ()
+
 
 CALIBRATION_FRACTION = 10
 """The calibration split is 1/10 of the smallest class per class (at least 1, at most 100)."""
@@ -75,7 +85,7 @@ def train_and_test(
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
     compile_step: bool = False,
-    held_out: HeldOut = None,
+    held_out: HeldOut | None = None,
 ) -> dict[str, float | None]:
     """Train ``arch`` from a seeded initialisation on (x, targets); returns test accuracy (%), its
     calibration (:func:`tested`) and time.
@@ -115,21 +125,30 @@ def train_and_test(
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 
-def _scored(test_logits: torch.Tensor, test_y: torch.Tensor, held_out: HeldOut) -> dict[str, float | None]:
-    """Test accuracy (%) and calibration of a network, from its logits on the test split (labels
-    ``test_y``) and on ``(held-out images' logits, labels)``."""
+def _scored(
+    test_logits: torch.Tensor,
+    test_y: torch.Tensor,
+    held_out: HeldOut | None,
+    network: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, float | None]:
+    """Test accuracy (%) and calibration of a network (``network``: its logits of a batch), from its
+    logits on the test split (labels ``test_y``); its temperatures are fitted on ``held_out`` alone."""
     test_y = test_y.to(test_logits.device)
+    held = masked = None
+    if held_out is not None and len(held_out.y) > 0:
+        held = (network(held_out.x), held_out.y)
+        if held_out.mask_ratios:
+            masked = masked_temperature(network, held_out.x, held_out.y, held_out.mask_ratios)
     return {
         "accuracy": float((test_logits.argmax(1) == test_y).float().mean() * 100),
-        **calibration(test_logits, test_y, held_out),
+        **calibration(test_logits, test_y, held, masked),
     }
 
 
-def tested(model: nn.Module, data: RealData, held_out: HeldOut = None) -> dict[str, float | None]:
-    """The final network's test accuracy (%), ECE and temperature-scaled ECE (temperature fitted on
-    ``held_out``, never on the test split)."""
-    held = None if held_out is None else (predict(model, held_out[0]), held_out[1])
-    return _scored(*split_logits(model, data, "test"), held)
+def tested(model: nn.Module, data: RealData, held_out: HeldOut | None = None) -> dict[str, float | None]:
+    """The final network's test accuracy (%), ECE, and ECE after temperature scaling and after masked
+    temperature scaling (both fitted on ``held_out``, never on the test split)."""
+    return _scored(*split_logits(model, data, "test"), held_out, functools.partial(predict, model))
 
 
 def batchable(model: nn.Module) -> bool:
@@ -147,7 +166,7 @@ def train_and_test_seeds(
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
     compile_step: bool = False,
-    held_out: list[HeldOut] | None = None,
+    held_out: list[HeldOut | None] | None = None,
 ) -> list[dict[str, float | None]]:
     """:func:`train_and_test` for several seeds at once: their networks are stacked
     (``torch.func.stack_module_state``) and every step is one vmapped forward and backward for all of
@@ -221,23 +240,17 @@ def train_and_test_seeds(
             dim=1,
         )
         test_y = torch.cat([y for _, y in test_batches])
-        held_logits = [
-            None
-            if held is None
-            else (
-                functional_call(
-                    shape,
-                    ({n: p[i] for n, p in params.items()}, {n: b[i] for n, b in buffers.items()}),
-                    (held[0],),
-                ),
-                held[1],
-            )
-            for i, held in enumerate(held_out)
-        ]
+
+        def network(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            """Seed ``i``'s network alone, for its calibration."""
+            mine = ({n: p[i] for n, p in params.items()}, {n: b[i] for n, b in buffers.items()})
+            return lambda x: functional_call(shape, mine, (x,))
+
+        scored = [_scored(test_logits[i], test_y, held_out[i], network(i)) for i in range(k)]
     seconds = (time.perf_counter() - started) / k
     return [
         {
-            **_scored(test_logits[i], test_y, held_logits[i]),
+            **scored[i],
             "train_loss": float(losses[i]) / n,
             "seconds": seconds,
         }
@@ -319,7 +332,7 @@ def train_and_test_kd(
     targets: Targets,
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
-    held_out: HeldOut = None,
+    held_out: HeldOut | None = None,
     compile_step: bool = False,
 ) -> dict[str, float | None]:
     """:func:`train_kd`, then the test accuracy (%) and calibration of the final model."""
@@ -352,9 +365,14 @@ def calibration_indices(data: RealData, seed: int) -> torch.Tensor:
     )
 
 
-def held_out_split(data: RealData, seed: int, trained_on: torch.Tensor | None = None) -> HeldOut:
+def held_out_split(
+    data: RealData,
+    seed: int,
+    trained_on: torch.Tensor | None = None,
+    mask_ratios: tuple[float, ...] = (),
+) -> HeldOut:
     """The calibration split without the training images a student trained on (``trained_on``)."""
     idx = calibration_indices(data, seed)
     if trained_on is not None:
         idx = idx[~torch.isin(idx, trained_on.to(idx.device))]
-    return data.images(idx), data.train_y[idx]
+    return HeldOut(data.images(idx), data.train_y[idx], tuple(mask_ratios))

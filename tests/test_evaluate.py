@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from condense.config import DatasetConfig, DSAConfig
@@ -88,3 +89,40 @@ def test_evaluate_model_trains_its_own_student_and_leaves_the_method_alone(tmp_p
     net = build_model("convnet", 1, 10, 8, pinned.student)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert default.student.norm == pinned.model.norm == "instancenorm"
+
+
+def test_masked_temperature_scaling_never_reads_the_test_split(tmp_path, monkeypatch):
+    """Every input the student sees while its temperatures are fitted is a held-out training image
+    (masked or not), never a test image: a test image seen there fails the run."""
+    from condense import evaluate
+
+    data = _digits(tmp_path)
+    test_images = {tuple(row.flatten().tolist()) for row in data.test_x}
+    fitting = {"on": False}
+    fit = evaluate.masked_temperature
+
+    def watched(*args, **kwargs):
+        fitting["on"] = True
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            fitting["on"] = False
+
+    class Watched(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if fitting["on"]:
+                assert not test_images & {tuple(row.flatten().tolist()) for row in x}, "test split read"
+            return self.inner(x)
+
+    monkeypatch.setattr(evaluate, "masked_temperature", watched)
+    model = Watched(ConvNet(1, 10, 8))
+    seen = evaluate.tested(model, data, evaluate.held_out_split(data, 0, mask_ratios=(0.0, 0.5)))
+    assert seen["mask_ratio"] in (0.0, 0.5) and seen["ece_masked"] is not None
+    # The check can fail: fitting on test images trips it.
+    leaky = evaluate.HeldOut(data.test_x[:20], data.test_y[:20], (0.0,))
+    with pytest.raises(AssertionError, match="test split read"):
+        evaluate.tested(model, data, leaky)

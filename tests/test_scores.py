@@ -59,3 +59,37 @@ def test_temperature_fitted_on_held_out_recovers_the_overconfidence():
     alone = scores.calibration(overconfident, labels, None)
     assert alone["temperature"] is None and alone["ece_scaled"] is None
     assert alone["ece"] == pytest.approx(scores.expected_calibration_error(overconfident, labels))
+
+
+def _overconfident_model(generator: torch.Generator) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    """A linear classifier four times too sure of itself, and held-out inputs with labels drawn from
+    its own calibrated probabilities."""
+    model = torch.nn.Linear(16, 5, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(5, 16, generator=generator, dtype=torch.float64) * 0.4)
+        model.bias.zero_()
+    x = torch.randn(4000, 16, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        y = torch.multinomial(torch.softmax(model(x), 1), 1, generator=generator).flatten()
+        model.weight.mul_(4.0)
+    return model, x, y
+
+
+def test_masked_temperature_with_ratio_zero_is_plain_temperature_scaling():
+    model, x, y = _overconfident_model(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ratio, temperature = scores.masked_temperature(model, x, y, ratios=[0.0])
+        assert ratio == 0.0 and temperature == scores.fit_temperature(model(x), y)
+
+
+def test_masked_temperature_scaling_lowers_the_ece_of_an_overconfident_model():
+    generator = torch.Generator().manual_seed(1)
+    model, x, y = _overconfident_model(generator)
+    test_x = torch.randn(4000, 16, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        test_y = torch.multinomial(torch.softmax(model(test_x) / 4.0, 1), 1, generator=generator).flatten()
+        masked = scores.masked_temperature(model, x, y, ratios=[0.1, 0.3, 0.5, 0.7, 0.9])
+        found = scores.calibration(model(test_x), test_y, (model(x), y), masked)
+    assert found["mask_ratio"] in (0.1, 0.3, 0.5, 0.7, 0.9) and found["mask_temperature"] > 1.5
+    assert found["ece_masked"] < found["ece"] / 2  # the overconfidence is mostly gone
+    assert None not in (found["ece_scaled"], found["temperature"])

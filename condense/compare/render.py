@@ -25,7 +25,7 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 COLUMNS = [
     "method", "ipc", "student", "labels", "accuracy", "random real", "full data", "HLR", "IOR", "LRS", "ARS",
-    "ECE", "ECE (T)", "input std", "distill s", "images", "labels size", "status",
+    "ECE", "ECE (T)", "ECE (MTS)", "input std", "distill s", "images", "labels size", "status",
 ]  # fmt: skip
 
 
@@ -39,7 +39,7 @@ def rows(entries: list[dict[str, Any]]) -> list[list[str]]:
     for e in ordered:
         if e["status"] != "ok":
             out.append(
-                [e["method"], str(e["ipc"]), e["student"], e["regime"], *["-"] * 13, f"failed: {e['reason']}"]
+                [e["method"], str(e["ipc"]), e["student"], e["regime"], *["-"] * 14, f"failed: {e['reason']}"]
             )
             continue
         s, c = e["scores"], e["cost"]
@@ -58,6 +58,7 @@ def rows(entries: list[dict[str, Any]]) -> list[list[str]]:
                 _number(s.get("ars"), 3),
                 _number(e["calibration"]["ece"]),
                 _number(e["calibration"]["ece_scaled"]),
+                _number(e["calibration"].get("ece_masked")),
                 "-" if e["input_scale"] is None else f"{e['input_scale']:.2f}x",
                 f"{c['distill_seconds']:.1f}",
                 human_bytes(c["image_bytes"]),
@@ -87,10 +88,12 @@ label recipe (points; lower is better). IOR (improvement over random) = distille
 e^-1) with alpha = 0.5 IOR - 0.5 HLR; ARS the same map of beta = 0.5 (a_syn - a_rand with
 augmentation) + 0.5 (a_syn - a_rand without). ECE: expected calibration error (%, 15 bins) of the
 distilled-set students on the test split; ECE (T): after temperature scaling fitted on training
-images held out of their training. Input std: the std of the set's network inputs over that of real
-training inputs (1.00x: the data's scale; a set far from it trains BatchNorm statistics that test
-images do not have). Labels size: hard labels one byte each, learned/soft labels float32 rows,
-stored KD labels as stored, online KD the teacher.
+images held out of their training; ECE (MTS): after masked temperature scaling (Zhu et al. 2023),
+its mask ratio and temperature both chosen on those held-out images, never on the test split. Input
+std: the std of the set's network inputs over that of real training inputs (1.00x: the data's
+scale; a set far from it trains BatchNorm statistics that test images do not have). Labels size:
+hard labels one byte each, learned/soft labels float32 rows, stored KD labels as stored, online KD
+the teacher.
 """
 
 
@@ -183,7 +186,7 @@ def csv_text(entries: list[dict[str, Any]]) -> str:
     """One row per cell, flat columns (accuracies' mean and std, scores, calibration, cost)."""
     fields = ["method", "ipc", "arch", "student", "regime", "status", "reason", "cached"]
     pairs = ["accuracy", "random_real", "full_data"]
-    extra = ["hlr", "ior", "lrs", "ars", "ece", "ece_scaled", "input_scale"]
+    extra = ["hlr", "ior", "lrs", "ars", "ece", "ece_scaled", "ece_masked", "input_scale"]
     extra += ["distill_seconds", "upstream_seconds", "image_bytes", "label_bytes"]
     buffer = io.StringIO()
     writer = csv.writer(buffer)

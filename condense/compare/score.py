@@ -40,7 +40,8 @@ def failure(cell: Cell, outcomes: dict[str, Outcome]) -> str | None:
 
 
 def _by_subject(store: Store, plan: Plan, arch: str) -> dict[str, dict[str, Any]]:
-    """{subject: accuracy mean/std/runs, mean ECE and temperature-scaled ECE} of one variant."""
+    """{subject: accuracy mean/std/runs, mean ECE, temperature-scaled ECE and ECE after masked
+    temperature scaling} of one variant."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for key in plan.keys["evaluate"]:
         meta = store.meta("evaluate", key)
@@ -49,7 +50,7 @@ def _by_subject(store: Store, plan: Plan, arch: str) -> dict[str, dict[str, Any]
     out = {}
     for subject, found in runs.items():
         entry: dict[str, Any] = scores.summarize([r["accuracy"] for r in found])
-        for name in ("ece", "ece_scaled"):
+        for name in ("ece", "ece_scaled", "ece_masked"):
             values = [r.get(name) for r in found]
             entry[name] = None if None in values else round(sum(values) / len(values), 2)
         out[subject] = entry
@@ -145,7 +146,7 @@ def score_cell(cell: Cell, arch: str, store: Store) -> dict[str, Any]:
             "distilled": _mean_std(plain["distilled"]),
             "random_real": _mean_std(plain.get("random_real")),
         },
-        "calibration": {"ece": distilled["ece"], "ece_scaled": distilled["ece_scaled"]},
+        "calibration": {name: distilled[name] for name in ("ece", "ece_scaled", "ece_masked")},
     }
     found: dict[str, Any] = {}
     if random is not None and "full_data" in hard:

@@ -125,6 +125,8 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
         "recipe": fields,
         "model": keyed(cfg.student) if arch == models.CONVNET else None,
         "ipc": cfg.ipc if subject == "random_real" else None,
+        # Full data holds nothing out: nothing to calibrate on, and one baseline for any ratios.
+        "mask_ratios": None if subject == "full_data" else cfg.evaluate.mask_ratios,
     }
 
 
@@ -160,12 +162,12 @@ def _subject_set(
     return None if data.streamed else data.train_x, data.train_y, None
 
 
-def _held_out(ctx: Context, subject: str, data: RealData, seed: int) -> evaluate.HeldOut:
+def _held_out(ctx: Context, subject: str, data: RealData, seed: int) -> evaluate.HeldOut | None:
     """The calibration images a run's student never trained on (none for full data)."""
     if subject == "full_data":
         return None
     picked = evaluate.random_real_indices(data, ctx.cfg.ipc, seed) if subject == "random_real" else None
-    return evaluate.held_out_split(data, ctx.cfg.seed, picked)
+    return evaluate.held_out_split(data, ctx.cfg.seed, picked, tuple(ctx.cfg.evaluate.mask_ratios))
 
 
 def _train_kd(
