@@ -45,6 +45,7 @@ def walker(package: Path) -> ModuleType:
     if spec is None or spec.loader is None:
         raise SystemExit(f"error: cannot load {ROOT / 'condense' / 'codeversion.py'}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     module.ROOT = package
     return module
