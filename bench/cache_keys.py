@@ -24,15 +24,17 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from condense.stages import all_stages  # noqa: E402
 
+T = TypeVar("T")
 STAGES = sorted(all_stages())
 """Today's stages; a commit's tree is asked for each that it has."""
 
@@ -95,7 +97,9 @@ def versions(walk: ModuleType, infrastructure: set[str]) -> dict[str, tuple[str,
     return out
 
 
-def history(count: int, infrastructure: set[str]) -> list[dict[str, Any]]:
+def past_trees(count: int, read: Callable[[ModuleType], T]) -> tuple[list[str], list[T]]:
+    """The last ``count`` + 1 commits (``"<sha> <subject>"``, newest first) and ``read`` of each one's
+    ``condense`` tree, walked by today's code version (see :func:`walker`)."""
     commits = subprocess.run(
         ["git", "log", "--format=%h %s", f"-{count + 1}"],
         cwd=ROOT,
@@ -103,7 +107,7 @@ def history(count: int, infrastructure: set[str]) -> list[dict[str, Any]]:
         text=True,
         check=True,
     ).stdout.splitlines()
-    trees: list[dict[str, tuple[str, str]]] = []
+    trees: list[T] = []
     with tempfile.TemporaryDirectory() as tmp:
         for line in commits:
             sha = line.split()[0]
@@ -114,7 +118,12 @@ def history(count: int, infrastructure: set[str]) -> list[dict[str, Any]]:
             )
             with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
                 tar.extractall(target, filter="data")
-            trees.append(versions(walker(target / "condense"), infrastructure))
+            trees.append(read(walker(target / "condense")))
+    return commits, trees
+
+
+def history(count: int, infrastructure: set[str]) -> list[dict[str, Any]]:
+    commits, trees = past_trees(count, lambda walk: versions(walk, infrastructure))
     rows = []
     for i, line in enumerate(commits[:-1]):
         now, parent = trees[i], trees[i + 1]

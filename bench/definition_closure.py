@@ -21,12 +21,8 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import io
 import json
-import subprocess
 import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -34,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cache_keys import ROOT, STAGES, roots, table, walker  # noqa: E402
+from cache_keys import ROOT, STAGES, lines, past_trees, roots, table, walker  # noqa: E402
 
 WHOLE = "*"
 """A reference that stands for every definition of its module (the fallback)."""
@@ -182,7 +178,7 @@ class Definitions:
         return out
 
 
-def lines(statements: dict[str, list[ast.stmt]]) -> int:
+def statement_lines(statements: dict[str, list[ast.stmt]]) -> int:
     return sum((n.end_lineno or n.lineno) - n.lineno + 1 for nodes in statements.values() for n in nodes)
 
 
@@ -192,10 +188,6 @@ def digest(walk: ModuleType, statements: dict[str, list[ast.stmt]]) -> str:
         body = ast.Module(body=list(nodes), type_ignores=[])
         total.update(module.encode() + b"\0" + walk.normalised(ast.unparse(body).encode()).encode())
     return total.hexdigest()
-
-
-def module_lines(walk: ModuleType, modules: list[str]) -> int:
-    return sum(len(walk.source_file(m).read_text().splitlines()) for m in modules)
 
 
 def measure(walk: ModuleType, infrastructure: set[str]) -> dict[str, dict[str, Any]]:
@@ -213,8 +205,8 @@ def measure(walk: ModuleType, infrastructure: set[str]) -> dict[str, dict[str, A
             )
         statements = definitions.hashed(definitions.closure(roots(stage)), infrastructure)
         out[stage] = {
-            "module lines": module_lines(walk, modules),
-            "definition lines": lines(statements),
+            "module lines": lines(walk, modules),
+            "definition lines": statement_lines(statements),
             "modules": len(modules),
             "modules reached by name": len(statements),
             "module digest": module_digest.hexdigest(),
@@ -224,25 +216,7 @@ def measure(walk: ModuleType, infrastructure: set[str]) -> dict[str, dict[str, A
 
 
 def history(count: int, infrastructure: set[str]) -> list[dict[str, Any]]:
-    commits = subprocess.run(
-        ["git", "log", "--format=%h %s", f"-{count + 1}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    trees = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for line in commits:
-            sha = line.split()[0]
-            target = Path(tmp) / sha
-            target.mkdir()
-            archive = subprocess.run(
-                ["git", "archive", sha, "condense"], cwd=ROOT, capture_output=True, check=True
-            )
-            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-                tar.extractall(target, filter="data")
-            trees.append(measure(walker(target / "condense"), infrastructure))
+    commits, trees = past_trees(count, lambda walk: measure(walk, infrastructure))
     rows = []
     for i, line in enumerate(commits[:-1]):
         now, parent = trees[i], trees[i + 1]
