@@ -138,7 +138,7 @@ def _scored(
     if held_out is not None and len(held_out.y) > 0:
         held = (network(held_out.x), held_out.y)
         if held_out.mask_ratios:
-            masked = masked_temperature(network, held_out.x, held_out.y, held_out.mask_ratios)
+            masked = masked_temperature(network, held_out.x, held_out.y, held_out.mask_ratios, clean=held[0])
     return {
         "accuracy": float((test_logits.argmax(1) == test_y).float().mean() * 100),
         **calibration(test_logits, test_y, held, masked),

@@ -110,7 +110,7 @@ def stage_rows(summary: dict[str, Any]) -> list[list[str]]:
             [
                 name,
                 "reused" if stage["cached"] else f"{stage['seconds']:.1f}",
-                f"{stage.get('wall_seconds', stage['seconds']):.1f}",
+                f"{stage['wall_seconds']:.1f}",
                 ",".join(stage.get("devices", [])) or "-",
                 *([human_bytes(peak) if peak is not None else "-"] if gpu else []),
                 stage["key"],

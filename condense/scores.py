@@ -106,6 +106,7 @@ def masked_temperature(
     y: torch.Tensor,
     ratios: Sequence[float],
     seed: int = 0,
+    clean: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Masked temperature scaling (Zhu et al., ICCV 2023): for each ratio t, fit the temperature by
     NLL on the logits of the held-out images ``x`` with each input value zeroed with probability t
@@ -114,8 +115,9 @@ def masked_temperature(
 
     Deviation: the released code picks t by the ECE on the test set; here t is picked on the held-out
     split, and the test split is never read. With the single ratio 0 this is plain temperature
-    scaling. One mask per ratio, drawn from ``seed``: the choice is deterministic."""
-    clean = predict(x)
+    scaling. One mask per ratio, drawn from ``seed``: the choice is deterministic. ``clean``: the
+    logits of ``x`` when the caller has them already."""
+    clean = predict(x) if clean is None else clean
     best: tuple[float, float, float] | None = None
     for ratio in ratios:
         generator = torch.Generator().manual_seed(seed)

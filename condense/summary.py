@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,7 +35,7 @@ def stage_table(plan: Plan, outcomes: list[dict[str, Any]]) -> dict[str, dict[st
         end = max(o["started"] + o["seconds"] for o in mine)
         table[stage] = {
             "cached": all(o["cached"] for o in mine),
-            "seconds": round(sum(o.get("compute_seconds", 0.0) for o in mine), 3),
+            "seconds": round(sum(o["compute_seconds"] for o in mine), 3),
             "wall_seconds": round(end - begin, 3),
             "key": plan.summary_key(stage),
             "devices": sorted({o["device"]["device"] for o in mine}),
@@ -157,7 +158,9 @@ def finish_cached(cfg: PipelineConfig, store: Store) -> tuple[dict[str, Any], in
     started, run_id = time.time(), new_run_id()
     dataset = get_stage("dataset")
     params = dataset.resolve(cfg) if dataset.resolve is not None else {}
-    dataset_key = dataset.key(cfg, {}, params)
+    # Resolved once here (the source's fingerprint reads its files), not again by the executor.
+    resolved = replace(dataset_job(), key=dataset.key(cfg, {}, params), params=params)
+    dataset_key = resolved.key
     if not _intact(store, "dataset", dataset_key):
         return None
     plan = make_plan(cfg, store, dataset_key)
@@ -165,7 +168,7 @@ def finish_cached(cfg: PipelineConfig, store: Store) -> tuple[dict[str, Any], in
         return None
     with Lease(store, run_id) as lease:  # gc keeps what the summary reads until it is written
         lease.protect([("dataset", dataset_key), *plan.artifacts()])
-        outcomes = [execute(job, cfg, store) for job in [dataset_job(), *plan.jobs]]
+        outcomes = [execute(job, cfg, store) for job in [resolved, *plan.jobs]]
         return finish_run(cfg, store, plan, outcomes, started, run_id), len(outcomes)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from condense import scores
 from condense.config import DatasetConfig, DSAConfig
 from condense.evaluate import Recipe, random_real_subset, train_and_test
 from condense.labels import kd_loss, soft_labels
@@ -120,8 +121,16 @@ def test_masked_temperature_scaling_never_reads_the_test_split(tmp_path, monkeyp
 
     monkeypatch.setattr(evaluate, "masked_temperature", watched)
     model = Watched(ConvNet(1, 10, 8))
-    seen = evaluate.tested(model, data, evaluate.held_out_split(data, 0, mask_ratios=(0.0, 0.5)))
-    assert seen["mask_ratio"] in (0.0, 0.5) and seen["ece_masked"] is not None
+    held_out = evaluate.held_out_split(data, 0, mask_ratios=(0.0, 0.5))
+    seen = evaluate.tested(model, data, held_out)
+    # What the run reports is the fit on the held-out split alone, redone here by hand.
+    with torch.no_grad():
+        by_hand = scores.masked_temperature(model, held_out.x, held_out.y, (0.0, 0.5))
+        test_logits = model(data.test_x)
+    assert (seen["mask_ratio"], seen["mask_temperature"]) == by_hand
+    assert seen["ece_masked"] == pytest.approx(
+        scores.expected_calibration_error(test_logits / by_hand[1], data.test_y), abs=1e-6
+    )
     # The check can fail: fitting on test images trips it.
     leaky = evaluate.HeldOut(data.test_x[:20], data.test_y[:20], (0.0,))
     with pytest.raises(AssertionError, match="test split read"):

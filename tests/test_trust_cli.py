@@ -58,6 +58,18 @@ def test_two_identical_runs_started_together_both_complete_alike(tmp_path):
     assert not any((tmp_path / "store" / "distill" / ".partial").glob("*/*"))
 
 
+def started(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """``condense ARGS`` running in the background, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "condense_flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, seconds: float = 300) -> Path:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -85,14 +97,7 @@ def test_gc_while_a_run_reads_old_unpublished_inputs_leaves_the_run_whole(prefec
     run_jobs(Store(store), cfg, plan_for(Store(store), cfg), {"experts"})
     _age(store)
     args = tiny_args(store, *failed, "distill.iterations=300", "distill.checkpoint_every=5")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "condense_flows.cli", *args],
-        cwd=ROOT,
-        env=prefect_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = started(args, prefect_env)
     _wait_for("distill/.partial/*/checkpoint.pt", store, proc)
     gc = run_cli(["gc", "--store", str(store), "--grace-minutes", "0"], prefect_env)
     assert "removed" in gc.stdout
@@ -128,14 +133,7 @@ def test_sigterm_stops_within_seconds_keeps_finished_experts_and_resumes(
 ):
     store = tmp_path / "store"
     args = tiny_args(store, "experts.epochs=100", quiet=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "condense_flows.cli", *args],
-        cwd=ROOT,
-        env=ephemeral_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = started(args, ephemeral_env)
     _wait_for("experts/.partial/*/trajectories.zarr", store, proc)  # the experts are training
     servers = _servers(proc.pid)
     time.sleep(1)
@@ -264,15 +262,7 @@ def _comparison(tmp_path: Path, **dm_distill: int) -> Path:
 
 
 def _compare_proc(comparison: Path, store: Path, env: dict[str, str]) -> subprocess.Popen:
-    args = ["compare", str(comparison), "--store", str(store), "--json", "-q"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "condense_flows.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return started(["compare", str(comparison), "--store", str(store), "--json", "-q"], env)
 
 
 def test_two_identical_comparisons_started_together_both_complete_alike(prefect_env, tmp_path):
