@@ -1,8 +1,9 @@
 """Typed configuration of a pipeline run: the schemas, nothing else.
 
-A preset is a YAML file of these fields (``condense/presets/*.yaml``); :mod:`condense.configure`
-reads one, applies overrides and lets the method registry type the ``distill`` section. Every model
-forbids unknown keys, so a typo is an error, never a silently ignored setting.
+A run's settings are these fields, stacked up from a dataset card, a method's recipe and budget
+(``condense/recipes/``) or a YAML file, then overrides (:mod:`condense.configure`), and the method
+registry types the ``distill`` section. Every model forbids unknown keys, so a typo is an error,
+never a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -108,7 +109,14 @@ class DatasetConfig(Strict):
     test_urls: str | None = None
     class_names: list[str] | None = added(None)
     """``source: webdataset``: the classes' names in ``cls`` order, since shards store only the index
-    (``[airplane, automobile, ...]``); they label the reports and pictures. None: the indices."""
+    (``[airplane, automobile, ...]``); they label the reports and pictures. None: the names in the
+    shards' ``classes.txt`` (one per line, as ``condense data convert`` writes it), else the indices."""
+    classes: list[str] | None = added(None)
+    """Keep only these classes, in this order, relabelled 0..k-1 (an ImageNet subset of an ImageNet
+    folder or shards): each entry a class id (a class folder's name, an ImageNet wnid, an entry of
+    the shards' ``classes.txt``) or a class name. A name of MTT's subsets (``imagenette``,
+    ``imagewoof``, ``imagefruit``, ``imageyellow``, ``imagemeow``, ``imagesquawk``) stands for its
+    wnids (:mod:`condense.datasets.imagenet_subsets`). None: every class."""
     hf_name: str | None = None
     """``source: huggingface``: a hub dataset id (``uoft-cs/cifar10``) for ``datasets.load_dataset``;
     None reads the ``save_to_disk`` folder at ``path``."""
@@ -130,10 +138,11 @@ class DatasetConfig(Strict):
     memory-mapped Arrow rows); ``auto``: stream when the encoded training data (the shards, the
     arrow files) exceed ``stream_above_mb``."""
     stream_above_mb: float = Field(default=2048, gt=0)
-    transform: Literal["resize", "imagenet"] = "resize"
+    transform: Literal["resize", "imagenet", "center"] = "resize"
     """``resize``: every image resized to ``resolution`` squared (CIFAR-style); ``imagenet``: the
     short side resized to ``resolution / 0.875`` and centre-cropped (test, and every class-balanced
-    draw), RandomResizedCrop(0.08-1) plus flip when training epochs stream."""
+    draw), RandomResizedCrop(0.08-1) plus flip when training epochs stream; ``center``: the short
+    side resized to ``resolution`` and the centre square kept (MTT's ImageNet subsets)."""
     normalize: Literal["dataset", "imagenet"] = "dataset"
     """Input mean/std: the training split's (``dataset``) or ImageNet's fixed values."""
     stats_images: int = Field(default=20_000, gt=0)
@@ -147,6 +156,27 @@ class DatasetConfig(Strict):
     """DataLoader worker processes that read and decode streamed batches (0: in the main process)."""
     shuffle_buffer: int = Field(default=2048, gt=0)
     """Streaming epochs are shuffled by shard order and then through a buffer of this many samples."""
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _subset_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            # Imported here: the subsets live with the datasets, which import this module.
+            from condense.datasets.imagenet_subsets import subset_classes
+            from condense.errors import ConfigError
+
+            try:
+                return subset_classes(value)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"classes must be distinct and not empty, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _names_for_shards(self) -> DatasetConfig:
@@ -506,7 +536,8 @@ class PipelineConfig(Strict):
 
     name: str = "custom"
     budget: str | None = None
-    """The named budget (from the config's ``budgets`` section) applied on top of the preset."""
+    """The budget the settings were sized by: None or ``cpu`` (a laptop CPU), ``paper`` (the method's
+    published hyperparameters for the dataset and IPC), or a YAML file's own named budget."""
     method: str = "mtt"
     ipc: int = Field(default=1, gt=0)
     """Images per class of the distilled set."""

@@ -5,11 +5,9 @@ so they check the set as ``load_distilled`` does."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import numpy as np
 
 from condense.distilled import hard_label, raw_samples, sample_array, sample_field
 from condense.errors import CondenseError
+from condense.folders import replace_folder, target_folder
 
 
 def folder_names(classes: list[str]) -> list[str]:
@@ -43,7 +42,7 @@ def write_image_folder(
 
     The folder is written beside ``out_dir`` and renamed into place whole: a non-empty ``out_dir`` is
     refused unless ``overwrite`` (then replaced, never mixed with what was there)."""
-    out_dir = _target(out_dir, overwrite)
+    out_dir = target_folder(out_dir, overwrite)
     manifest, samples = raw_samples(path, dataset, method, ipc, version)
     classes = [str(c) for c in manifest["classes"]]
     folders = folder_names(classes)
@@ -72,19 +71,9 @@ def write_image_folder(
             "images": entries,
         }
         (staging / "labels.json").write_text(json.dumps(labels, indent=2))
-        _replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-
-
-def _target(out_dir: str | Path, overwrite: bool) -> Path:
-    """``out_dir`` made absolute, refused when it is a file or (unless ``overwrite``) not empty."""
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CondenseError(f"--to {out_dir} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CondenseError(f"--to {out_dir} is not empty; pass --overwrite to replace it")
     return out_dir
 
 
@@ -125,7 +114,7 @@ def write_hf_dataset(
         import datasets as hf
     except ImportError:
         raise CondenseError(HF_MISSING) from None
-    out_dir = _target(out_dir, overwrite)
+    out_dir = target_folder(out_dir, overwrite)
     manifest, samples = raw_samples(path, dataset, method, ipc, version)
     classes = [str(c) for c in manifest["classes"]]
     columns: dict[str, list[Any]] = {
@@ -148,20 +137,9 @@ def write_hf_dataset(
     try:
         split = hf.Dataset.from_dict(columns, features=schema, info=info)
         hf.DatasetDict({"train": split}).save_to_disk(str(staging))
-        _replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         if quiet:
             hf.enable_progress_bars()
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def _replace(staging: Path, out_dir: Path) -> None:
-    """Put ``staging`` at ``out_dir``; what was there is removed only once the new folder is in."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}-old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, old)
-        os.rename(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out_dir)

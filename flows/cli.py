@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from condense_flows.data_cli import data_app
 from condense_flows.prefect_process import (
     configure_prefect,
     in_thread,
@@ -45,6 +46,57 @@ StoreOption = Annotated[
         "gs://..., file:///mnt/...). Default: $CONDENSE_STORE, else ./data/store.",
     ),
 ]
+
+
+PresetArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="PRESET|METHOD",
+        help="A preset <dataset>-<method> (cifar10-mtt; see `condense presets`), a method with "
+        "--dataset, or a YAML config path.",
+    ),
+]
+DatasetOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="DATASET",
+        help="Run METHOD on this benchmark dataset (digits, cifar10, cifar100, tinyimagenet, "
+        "imagenette, ...): the same as the preset <dataset>-<method>.",
+    ),
+]
+IpcOption = Annotated[
+    int | None, typer.Option(metavar="N", min=1, help="Images per class; picks the budget's row for N.")
+]
+BudgetOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="cpu|paper",
+        help="cpu (the default): sized for a laptop CPU; paper: the method's published "
+        "hyperparameters for this dataset and IPC.",
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a config field: --set distill.iterations=300 --set evaluate.seeds=5.",
+    ),
+]
+
+
+def _target(
+    preset: str, dataset: str | None, ipc: int | None, budget: str | None, set_: list[str] | None
+) -> tuple[str, list[str]]:
+    """``PRESET|METHOD --dataset D --ipc N --budget B --set ...`` as a preset name and overrides."""
+    from condense.configure import run_source
+    from condense.errors import CondenseError
+
+    try:
+        source, extra = run_source(preset, dataset, ipc, budget)
+    except CondenseError as err:
+        _fail(str(err), 2)
+    return source, [*extra, *(set_ or [])]
 
 
 _finished_from_store = False
@@ -101,18 +153,11 @@ def one_line_errors(debug: bool = False) -> Iterator[None]:
 
 @app.command()
 def run(
-    preset: Annotated[
-        str,
-        typer.Argument(metavar="PRESET", help="Preset name (see `condense presets`) or a YAML config path."),
-    ],
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            metavar="KEY=VALUE",
-            help="Override a config field: --set ipc=10 --set distill.iterations=300.",
-        ),
-    ] = None,
+    preset: PresetArgument,
+    dataset: DatasetOption = None,
+    ipc: IpcOption = None,
+    budget: BudgetOption = None,
+    set_: SetOption = None,
     store: StoreOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON line at the end.")
@@ -155,14 +200,16 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Run the whole pipeline; a rerun reuses every stage whose inputs did not change."""
+    """Run the whole pipeline; a rerun reuses every stage whose inputs did not change.
+
+    condense run mtt --dataset cifar100 --ipc 10 --budget paper"""
     configure_prefect(debug)
     from condense import devices as compute
     from condense.configure import load_config
     from condense.errors import CondenseError
     from condense.store import open_store
 
-    overrides = list(set_ or [])
+    preset, overrides = _target(preset, dataset, ipc, budget, set_)
     if device:
         overrides.append(f"compute.device={device}")
     if devices is not None:
@@ -259,7 +306,7 @@ def compare(
         str,
         typer.Argument(
             metavar="COMPARISON",
-            help="Comparison name (condense/presets/compare/, e.g. digits-compare) or a YAML path.",
+            help="Comparison name (condense/recipes/compare/, e.g. digits-compare) or a YAML path.",
         ),
     ],
     methods: Annotated[
@@ -326,40 +373,70 @@ def compare(
 
 @app.command()
 def presets() -> None:
-    """List the bundled presets."""
-    from condense.configure import PRESET_DIR, preset_names
+    """List the benchmark matrix: each method's paper table rows (dataset: IPCs) and where it does
+    not apply. Every <dataset>-<method> pair runs at any IPC with --budget cpu."""
+    from condense.configure import cards, recipes
 
-    for name in preset_names():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        typer.echo(f"{name:<16} {first}")
+    typer.echo(f"datasets: {', '.join(cards())}")
+    typer.echo("a run is <dataset>-<method> (or METHOD --dataset D); --budget paper needs a row below\n")
+    for name, recipe in recipes().items():
+        rows = " ".join(f"{d}:{'/'.join(map(str, i))}" for d, i in recipe.paper_rows().items())
+        typer.echo(f"{name:<6} {recipe.title}")
+        typer.echo(f"       paper  {rows or '-'}")
+        if recipe.not_for:
+            typer.echo(f"       not    {', '.join(recipe.not_for)}")
 
 
 @app.command()
 def config(
-    preset: Annotated[str, typer.Argument(metavar="PRESET", help="Preset name or YAML path.")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a field, as for `run`.")
-    ] = None,
+    preset: PresetArgument,
+    dataset: DatasetOption = None,
+    ipc: IpcOption = None,
+    budget: BudgetOption = None,
+    set_: SetOption = None,
+    sources: Annotated[
+        bool,
+        typer.Option(
+            "--sources",
+            help="List every setting as key, value and where it came from (dataset card, method, "
+            "budget or paper table row, --set, or the schema's default).",
+        ),
+    ] = False,
 ) -> None:
     """Print the fully resolved config (every field, defaults included) as YAML."""
     import yaml
 
-    from condense.configure import load_config
+    from condense.configure import build_config, resolve
     from condense.errors import CondenseError
 
+    source, overrides = _target(preset, dataset, ipc, budget, set_)
     try:
-        cfg = load_config(preset, list(set_ or []))
+        resolution = resolve(source, overrides)
+        cfg = build_config(resolution.tree)
     except CondenseError as err:
         _fail(str(err), 2)
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if not sources:
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return
+    for key, value in _leaf_values(cfg.model_dump(mode="json")):
+        typer.echo(f"{key} = {json.dumps(value)}  # {resolution.source_of(key)}")
+
+
+def _leaf_values(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_values(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 @app.command()
 def plan(
-    preset: Annotated[str, typer.Argument(metavar="PRESET", help="Preset name or YAML path.")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a field, as for `run`.")
-    ] = None,
+    preset: PresetArgument,
+    dataset: DatasetOption = None,
+    ipc: IpcOption = None,
+    budget: BudgetOption = None,
+    set_: SetOption = None,
     store: StoreOption = None,
     why: Annotated[
         bool, typer.Option("--why", help="Say why each stage that is not cached recomputes.")
@@ -372,8 +449,9 @@ def plan(
     from condense.errors import CondenseError
     from condense.stages.why import explain
 
+    source, overrides = _target(preset, dataset, ipc, budget, set_)
     try:
-        cfg = load_config(preset, list(set_ or []))
+        cfg = load_config(source, overrides)
     except CondenseError as err:
         _fail(str(err), 2)
     st = _store(store)
@@ -531,6 +609,9 @@ def export(
         typer.echo(f"wrote {out} (Hugging Face datasets folder: datasets.load_from_disk({str(out)!r}))")
     else:
         typer.echo(f"wrote {out} ({len(list(out.glob('*/*.png')))} images, labels.json)")
+
+
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

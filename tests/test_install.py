@@ -38,7 +38,11 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_digits_mtt(tmp_path: Path, pre
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names if not name.startswith("condense-")}
     assert tops == {"condense", "condense_flows", "condense_tasks"}  # no top-level `flows` or `tasks`
-    assert "condense/presets/digits-mtt.yaml" in names
+    # ... and every dataset card, method recipe and comparison the presets are made of.
+    recipes = {str(p.relative_to(ROOT)) for p in (ROOT / "condense" / "recipes").rglob("*.yaml")}
+    assert "condense/recipes/methods/mtt.yaml" in recipes and recipes <= set(names), sorted(
+        recipes - set(names)
+    )
     # Every module of the package is in the wheel (a new subpackage missing from pyproject's list
     # would be left out, and an installed condense would fail on its first import of it).
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "condense").rglob("*.py")}

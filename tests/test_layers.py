@@ -30,6 +30,7 @@ LAYERS: dict[int, set[str]] = {
         "condense.crops",
         "condense.devices",
         "condense.errors",
+        "condense.folders",
         "condense.gsam",
         "condense.leases",
         "condense.models",
@@ -75,7 +76,6 @@ def _modules() -> list[str]:
             ".__init__"
         )
         for p in codeversion.ROOT.rglob("*.py")
-        if "presets" not in p.parts
     )
 
 

@@ -1,6 +1,6 @@
 """``condense compare``: every (method, IPC) cell through the pipeline's own stages, scored fairly.
 
-A comparison (``condense/presets/compare/<name>.yaml`` or a YAML path) names a list of methods, of
+A comparison (``condense/recipes/compare/<name>.yaml`` or a YAML path) names a list of methods, of
 IPCs and of evaluation architectures, one ``dataset`` section for every cell, and the evaluation
 recipe per label regime (``hard``, ``learned``, ``soft``: MTT's SGD+DSA recipe; ``kd``: the
 RDED/SRe2L recipe). A cell's config is its method's preset (``presets``, e.g. ``digits-{method}``)

@@ -12,12 +12,12 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from condense.config import PipelineConfig, Strict, explain
-from condense.configure import PRESET_DIR, load_config
+from condense.configure import RECIPE_DIR, load_config
 from condense.errors import CondenseError, ConfigError
 from condense.methods import get_method
 from condense.stages import Job, Plan
 
-COMPARE_DIR = PRESET_DIR / "compare"
+COMPARE_DIR = RECIPE_DIR / "compare"
 VARIANTS = ("main", "hard", "plain")
 CELL_FAILURES = (Exception,)
 """What marks a cell failed instead of stopping the comparison: anything one cell's job raises, be it
@@ -97,7 +97,7 @@ class Comparison:
 
 
 def compare_names() -> list[str]:
-    """The bundled comparisons (``condense/presets/compare/*.yaml``)."""
+    """The bundled comparisons (``condense/recipes/compare/*.yaml``)."""
     return sorted(p.stem for p in COMPARE_DIR.glob("*.yaml"))
 
 

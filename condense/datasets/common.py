@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -54,12 +55,14 @@ def content_fingerprint(raw: RawDataset) -> str:
 
 
 def settings_hash(cfg: DatasetConfig) -> Any:
-    settings = {
+    settings: dict[str, Any] = {
         "format": _FORMAT_VERSION,
         "source": cfg.source,
         "resolution": cfg.resolution,
         "train_per_class": cfg.train_per_class,
     }
+    if cfg.classes is not None:  # only when set: the fingerprints of every existing config stay
+        settings["classes"] = list(cfg.classes)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + b"\0")
 
 
@@ -105,12 +108,13 @@ IMAGENET_CROP = 0.875
 
 def fit_image(img: Image.Image, resolution: int | None, transform: str = "resize") -> Image.Image:
     """The image at the dataset's size: squashed to ``resolution`` squared (``resize``), or its short
-    side resized to ``resolution / 0.875`` and the centre cut out (``imagenet``); PIL bilinear."""
+    side resized to ``resolution / 0.875`` (``imagenet``) or to ``resolution`` (``center``, MTT's
+    ImageNet subsets) and the centre cut out; PIL bilinear."""
     if resolution is None:
         return img
-    if transform == "imagenet":
+    if transform in ("imagenet", "center"):
         width, height = img.size
-        short = round(resolution / IMAGENET_CROP)
+        short = round(resolution / IMAGENET_CROP) if transform == "imagenet" else resolution
         scale = short / min(width, height)
         size = (max(short, round(width * scale)), max(short, round(height * scale)))
         img = img.resize(size, Image.Resampling.BILINEAR)
@@ -235,3 +239,59 @@ def sample_per_class(
         members = torch.nonzero(labels == c).flatten()
         picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
     return torch.cat(picks)
+
+
+def select_classes(
+    ids: Sequence[str], wanted: Sequence[str] | None, where: str, names: Sequence[str] | None = None
+) -> list[int] | None:
+    """The positions of ``wanted`` (``dataset.classes``) among a source's classes, in ``wanted``'s
+    order: each entry matches a class id (a folder name, a wnid, a shard list's entry), else a class
+    name (``names``, where they differ). None when ``wanted`` is None (every class, as it is)."""
+    if wanted is None:
+        return None
+    by_id = {c: i for i, c in enumerate(ids)}
+    by_name: dict[str, int] = {}
+    for i, c in enumerate(names or ()):
+        by_name.setdefault(c, i)
+    picks: list[int] = []
+    for entry in wanted:
+        found = by_id.get(entry, by_name.get(entry))
+        if found is None:
+            known = list(by_id) + [n for n in by_name if n not in by_id]
+            close = difflib.get_close_matches(entry, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            shown = ", ".join(list(ids)[:5]) + (f", ... ({len(ids)} classes)" if len(ids) > 5 else "")
+            raise DatasetError(
+                f"dataset.classes: {entry!r} is not a class of {where}{hint}; its classes: {shown}"
+            )
+        if found in picks:
+            raise DatasetError(f"dataset.classes names class {entry!r} of {where} twice")
+        picks.append(found)
+    return picks
+
+
+def relabel(labels: np.ndarray, picks: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept, their new labels): the rows of the picked classes, in reading order, class
+    ``picks[i]`` relabelled ``i``. Every row, labels unchanged, when ``picks`` is None."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if picks is None:
+        return np.arange(len(labels)), labels
+    mapping = np.full(max(int(labels.max(initial=-1)), max(picks)) + 1, -1, dtype=np.int64)
+    mapping[picks] = np.arange(len(picks))
+    new = mapping[np.clip(labels, 0, len(mapping) - 1)]
+    new[labels < 0] = -1
+    rows = np.flatnonzero(new >= 0)
+    return rows, new[rows]
+
+
+def subset_raw(raw: RawDataset, cfg: DatasetConfig, where: str) -> RawDataset:
+    """``raw`` restricted to ``cfg.classes`` (relabelled 0..k-1 in that order); ``raw`` when unset.
+    For sources decoded whole anyway (torchvision, digits); the others select before decoding."""
+    picks = select_classes(raw.classes, cfg.classes, where)
+    if picks is None:
+        return raw
+    train_rows, train_y = relabel(raw.train_y, picks)
+    test_rows, test_y = relabel(raw.test_y, picks)
+    return finish(
+        raw.train_x[train_rows], train_y, raw.test_x[test_rows], test_y, [raw.classes[i] for i in picks]
+    )

@@ -16,6 +16,7 @@ from condense.datasets.common import (
     hash_array,
     resize_array,
     settings_hash,
+    subset_raw,
 )
 
 
@@ -30,13 +31,14 @@ def load(cfg: DatasetConfig) -> RawDataset:
     # Sorted: "file order" is sklearn's order, whatever order the split happened to return.
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     train_idx = train_idx[first_per_class(y[train_idx], cfg.train_per_class)]
-    return finish(
+    raw = finish(
         resize_array(x[train_idx], cfg.resolution),
         y[train_idx],
         resize_array(x[test_idx], cfg.resolution),
         y[test_idx],
         [str(i) for i in range(10)],
     )
+    return subset_raw(raw, cfg, "digits")
 
 
 def _data_file() -> Path | None:

@@ -30,6 +30,8 @@ from condense.datasets.common import (
     finish,
     first_per_class,
     hash_file,
+    relabel,
+    select_classes,
     settings_hash,
 )
 from condense.datasets.index import SplitIndex
@@ -238,13 +240,21 @@ def _splits(cfg: DatasetConfig) -> tuple[datasets.Dataset, datasets.Dataset, lis
     return train, test, classes
 
 
+def kept_classes(cfg: DatasetConfig, classes: list[str]) -> list[str]:
+    """The class names after ``dataset.classes`` (index = label)."""
+    picks = select_classes(classes, cfg.classes, _where(cfg))
+    return classes if picks is None else [classes[i] for i in picks]
+
+
 def load(cfg: DatasetConfig) -> RawDataset:
     train, test, classes = _splits(cfg)
-    train_y, test_y = labels(train), labels(test)
+    picks = select_classes(classes, cfg.classes, _where(cfg))
+    train_rows, train_y = relabel(labels(train), picks)
+    test_rows, test_y = relabel(labels(test), picks)
     keep = first_per_class(train_y, cfg.train_per_class)
-    train_x = _decode(train, keep, "train", cfg)
-    test_x = _decode(test, np.arange(len(test_y)), "test", cfg)
-    return finish(train_x, train_y[keep], test_x, test_y, classes)
+    train_x = _decode(train, train_rows[keep], "train", cfg)
+    test_x = _decode(test, test_rows, "test", cfg)
+    return finish(train_x, train_y[keep], test_x, test_y, kept_classes(cfg, classes))
 
 
 def fingerprint(cfg: DatasetConfig) -> str | None:
@@ -277,13 +287,16 @@ def index_splits(cfg: DatasetConfig) -> dict[str, SplitIndex]:
     """Both splits for streaming, without reading an image: shard = block of :data:`ROW_BLOCK` rows,
     offset = row, size 0, and the labels. ``train_per_class`` is not applied (the stage subsets)."""
     out = {}
-    for split, ds in zip(("train", "test"), _splits(cfg)[:2], strict=True):
+    train, test, classes = _splits(cfg)
+    picks = select_classes(classes, cfg.classes, _where(cfg))
+    for split, ds in (("train", train), ("test", test)):
         y = labels(ds)
         if not len(y):
             raise DatasetError(f"{_where(cfg)}: the {split} split has no rows")
         rows = np.arange(len(y), dtype=np.int64)
         blocks = [f"{split}[{lo}:{min(lo + ROW_BLOCK, len(y))}]" for lo in range(0, len(y), ROW_BLOCK)]
-        out[split] = SplitIndex(blocks, (rows // ROW_BLOCK).astype(np.int32), rows, np.zeros_like(rows), y)
+        found = SplitIndex(blocks, (rows // ROW_BLOCK).astype(np.int32), rows, np.zeros_like(rows), y)
+        out[split] = found.relabelled(picks)
     return out
 
 

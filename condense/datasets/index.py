@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from condense.datasets.common import hash_array, open_image
+from condense.datasets.common import hash_array, open_image, relabel
 from condense.errors import DatasetError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -58,6 +58,16 @@ class SplitIndex:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str, shards: list[str]) -> SplitIndex:
         return cls(shards, *(arrays[f"{prefix}_{name}"] for name in ("shard", "offset", "size", "label")))
+
+    def relabelled(self, picks: list[int] | None) -> SplitIndex:
+        """Only the samples of classes ``picks``, class ``picks[i]`` relabelled ``i`` (``dataset.classes``);
+        itself when ``picks`` is None."""
+        if picks is None:
+            return self
+        rows, labels = relabel(self.label, picks)
+        kept = self.subset(rows)
+        kept.label = labels
+        return kept
 
     def subset(self, keep: np.ndarray) -> SplitIndex:
         return SplitIndex(
@@ -298,13 +308,16 @@ def encoded_bytes(urls: list[str]) -> int | None:
     return total
 
 
-def fingerprint(splits: Iterable[SplitIndex]) -> str:
-    """sha256 of indexes (shard names, byte layout, labels): stands for shards not hashed by content."""
+def fingerprint(splits: Iterable[SplitIndex], classes: list[str] | None = None) -> str:
+    """sha256 of indexes (shard names, byte layout, labels) and of the class names the data itself
+    lists (a shard directory's ``classes.txt``), if any: stands for shards not hashed by content."""
     h = hashlib.sha256(b"condense.datasets.index\0")
     for split in splits:
         h.update(json.dumps(split.shards).encode() + b"\0")
         for array in (split.shard, split.offset, split.size, split.label):
             hash_array(h, array)
+    if classes is not None:
+        h.update(b"classes\0" + json.dumps(classes).encode())
     return h.hexdigest()
 
 

@@ -1,4 +1,9 @@
-"""WebDataset shards (local, ``file://``, or any URL webdataset opens): ``jpg``/``png`` + ``cls``."""
+"""WebDataset shards (local, ``file://``, or any URL webdataset opens): ``jpg``/``png`` + ``cls``.
+
+Class names: ``dataset.class_names``, else the shards' own list, :data:`CLASS_LIST` (one name per
+line, index = ``cls``; ``condense data convert`` writes it) in ``dataset.path`` or beside the first
+training shard, else the indices.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +23,16 @@ from condense.datasets.common import (
     finish,
     first_per_class,
     hash_file,
+    relabel,
+    select_classes,
     settings_hash,
 )
-from condense.datasets.index import check_shard
+from condense.datasets.index import SplitIndex, check_shard, index_split
 from condense.errors import DatasetError
 
 SAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+CLASS_LIST = "classes.txt"
+"""The shards' class names, one per line in ``cls`` order, beside the shards."""
 
 
 def _local_path(url: str) -> Path | None:
@@ -77,6 +86,94 @@ def shard_urls(cfg: DatasetConfig) -> tuple[list[str], list[str]]:
                 raise DatasetError(f"shard not found: {url}")
         splits.append(urls)
     return splits[0], splits[1]
+
+
+def _class_list_url(cfg: DatasetConfig) -> str | None:
+    """Where the shards' :data:`CLASS_LIST` would be: in ``dataset.path`` when it holds the shards,
+    else beside the first training shard; None for a ``pipe:`` shard."""
+    train_urls = shard_urls(cfg)[0]
+    first = train_urls[0]
+    local = _local_path(first)
+    if local is not None:
+        return str(local.parent / CLASS_LIST)
+    if first.startswith("pipe:"):
+        return None
+    return first.rsplit("/", 1)[0] + "/" + CLASS_LIST
+
+
+def read_class_list(url: str) -> list[str] | None:
+    """The names in a class list (one per line, index = ``cls``), None when there is no such file."""
+    local = _local_path(url)
+    try:
+        if local is not None:
+            if not local.is_file():
+                return None
+            text = local.read_text(encoding="utf-8")
+        else:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(path):
+                return None
+            with fs.open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        raise DatasetError(f"cannot read the class list {url}: {err}") from None
+    names = [line.strip() for line in text.rstrip("\n").split("\n")]
+    if not names or "" in names:
+        raise DatasetError(f"class list {url} has an empty line: one class name per line, in cls order")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DatasetError(f"class list {url} names {twice!r} twice")
+    return names
+
+
+def listed_classes(cfg: DatasetConfig) -> tuple[list[str], str] | None:
+    """The shards' own class list and its URL, None when they have none."""
+    url = _class_list_url(cfg)
+    if url is None:
+        return None
+    names = read_class_list(url)
+    return None if names is None else (names, url)
+
+
+def shard_classes(cfg: DatasetConfig) -> tuple[list[str] | None, list[int] | None, str]:
+    """(every class name, index = ``cls``; the ``cls`` values ``dataset.classes`` keeps, in its
+    order, None for all; what named them). Names are ``dataset.class_names``, else the shards'
+    :data:`CLASS_LIST`, else None (the indices). ``dataset.classes`` picks by the list's entries,
+    else by ``class_names``."""
+    listed = listed_classes(cfg)
+    what = "dataset.class_names" if cfg.class_names is not None else (listed[1] if listed else "")
+    names = cfg.class_names if cfg.class_names is not None else (listed[0] if listed else None)
+    if listed is not None and cfg.class_names is not None and len(listed[0]) != len(cfg.class_names):
+        raise DatasetError(
+            f"dataset.class_names names {len(cfg.class_names)} classes but {listed[1]} lists {len(listed[0])}"
+        )
+    if cfg.classes is None:
+        return names, None, what
+    if names is None:
+        raise DatasetError(
+            f"dataset.classes picks classes by name, but these shards have no {CLASS_LIST} (condense data "
+            "convert writes one) and dataset.class_names is unset"
+        )
+    ids = listed[0] if listed is not None else names
+    return names, select_classes(ids, cfg.classes, f"the shards ({what})", names), what
+
+
+def kept_classes(cfg: DatasetConfig) -> list[str] | None:
+    """The class names after ``dataset.classes`` (index = label), None when the shards name none."""
+    names, picks, _ = shard_classes(cfg)
+    return names if names is None or picks is None else [names[i] for i in picks]
+
+
+def index_splits(cfg: DatasetConfig) -> dict[str, SplitIndex]:
+    """Both splits' indexes for streaming (headers and labels only), restricted to ``dataset.classes``."""
+    train_urls, test_urls = shard_urls(cfg)
+    picks = shard_classes(cfg)[1] if cfg.classes is not None else None
+    return {
+        split: index_split(urls, cfg.on_corrupt).relabelled(picks)
+        for split, urls in (("train", train_urls), ("test", test_urls))
+    }
 
 
 def _error_reason(err: BaseException) -> str:
@@ -199,6 +296,24 @@ def load(cfg: DatasetConfig) -> RawDataset:
             raise DatasetError(f"no samples in shards {shown}")
         splits.append((blobs, labels, where))
     (train_blobs, train_y, train_where), (test_blobs, test_y, test_where) = splits
+    names, picks, what = shard_classes(cfg)
+    top = int(np.argmax(train_y))
+    if names is not None and train_y[top] >= len(names):
+        raise DatasetError(
+            "sample {} in {} has cls {}, but {} names {} classes".format(
+                *train_where[top], int(train_y[top]), what, len(names)
+            )
+        )
+    if picks is not None:
+        assert names is not None
+        names = [names[i] for i in picks]
+        rows, train_y = relabel(train_y, picks)
+        train_blobs, train_where = [train_blobs[i] for i in rows], [train_where[i] for i in rows]
+        rows, test_y = relabel(test_y, picks)
+        test_blobs, test_where = [test_blobs[i] for i in rows], [test_where[i] for i in rows]
+        if not len(train_y) or not len(test_y):
+            split = "training" if not len(train_y) else "test"
+            raise DatasetError(f"the shards hold no {split} samples of the classes dataset.classes picks")
     keep = first_per_class(train_y, cfg.train_per_class)
     train_blobs = [train_blobs[i] for i in keep]
     train_where = [train_where[i] for i in keep]
@@ -207,19 +322,13 @@ def load(cfg: DatasetConfig) -> RawDataset:
     # classes are the named ones, else the training split's: a label past its sample count cannot be
     # a class index.
     top = int(np.argmax(train_y))
-    if cfg.class_names is not None and train_y[top] >= len(cfg.class_names):
-        raise DatasetError(
-            "sample {} in {} has cls {}, but dataset.class_names names {} classes".format(
-                *train_where[top], int(train_y[top]), len(cfg.class_names)
-            )
-        )
     if train_y[top] >= len(train_y):
         raise DatasetError(
             "sample {} in {} has cls {}: classes must be numbered 0..C-1, with C at most {} here".format(
                 *train_where[top], int(train_y[top]), len(train_y)
             )
         )
-    classes = cfg.class_names or [str(i) for i in range(int(train_y[top]) + 1)]
+    classes = names or [str(i) for i in range(int(train_y[top]) + 1)]
     num_classes = len(classes)
     counts = np.bincount(train_y, minlength=num_classes)
     if (counts == 0).any():
@@ -254,6 +363,9 @@ def fingerprint(cfg: DatasetConfig) -> str | None:
             assert path is not None
             # The basename, not the full path: moving the dataset must not change its fingerprint.
             hash_file(h, f"{split}/{path.name}", path)
+    listed = _class_list_url(cfg)
+    if listed is not None and Path(listed).is_file():  # the names it gives are part of the data
+        hash_file(h, CLASS_LIST, Path(listed))
     return h.hexdigest()
 
 

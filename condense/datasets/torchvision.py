@@ -10,7 +10,15 @@ import numpy as np
 from PIL import Image
 
 from condense.config import DatasetConfig
-from condense.datasets.common import RawDataset, Source, decode_images, finish, first_per_class, resize_array
+from condense.datasets.common import (
+    RawDataset,
+    Source,
+    decode_images,
+    finish,
+    first_per_class,
+    resize_array,
+    subset_raw,
+)
 from condense.errors import DatasetError
 
 TORCHVISION_ROOT = "data/torchvision"
@@ -67,6 +75,12 @@ def _torchvision_split(
 
 
 def load(cfg: DatasetConfig) -> RawDataset:
+    return load_raw(cfg, download=True)
+
+
+def load_raw(cfg: DatasetConfig, download: bool = True, hint: str = "") -> RawDataset:
+    """Both splits decoded; ``download``: let torchvision download what is not in the root yet
+    (``hint`` ends the message when the dataset cannot be built)."""
     try:
         import torchvision.datasets as tv_datasets
     except ImportError:
@@ -87,10 +101,11 @@ def load(cfg: DatasetConfig) -> RawDataset:
     splits = []
     for train in (True, False):
         try:
-            dataset = dataset_cls(root=root, train=train, download=True)
+            dataset = dataset_cls(root=root, train=train, download=download)
         except Exception as err:  # download, extraction or constructor errors, all shown as one line
             raise DatasetError(
-                f"cannot load torchvision.datasets.{cfg.name}(root={root!r}, train={train}): {_one_line(err)}"
+                f"cannot load torchvision.datasets.{cfg.name}(root={root!r}, train={train}): "
+                f"{_one_line(err)}{hint}"
             ) from None
         splits.append(
             (dataset, _torchvision_split(dataset, cfg.resolution, cfg.train_per_class if train else None))
@@ -102,7 +117,8 @@ def load(cfg: DatasetConfig) -> RawDataset:
         classes = [str(c) for c in names]
     else:
         classes = [str(i) for i in range(num_classes)]
-    return finish(train_x, train_y, test_x, test_y, classes)
+    raw = finish(train_x, train_y, test_x, test_y, classes)
+    return subset_raw(raw, cfg, f"torchvision.datasets.{cfg.name}")
 
 
 def fingerprint(cfg: DatasetConfig) -> None:

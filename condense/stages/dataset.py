@@ -106,7 +106,8 @@ def fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
     if found is None and mode == "stream":
         # Remote shards are not read twice: the index stands for them (names, byte layout, labels).
         indexed = _index(cfg.dataset)
-        found = index.fingerprint(indexed.values())
+        listed = shards.listed_classes(cfg.dataset) if cfg.dataset.source == "webdataset" else None
+        found = index.fingerprint(indexed.values(), listed[0] if listed else None)
         with _decoded_lock:
             _decoded[found] = indexed
     elif found is None:
@@ -134,11 +135,7 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
 def _index(cfg: DatasetConfig) -> dict[str, index.SplitIndex]:
     if cfg.source == "huggingface":
         return huggingface.index_splits(cfg)
-    train_urls, test_urls = shards.shard_urls(cfg)
-    return {
-        "train": index.index_split(train_urls, cfg.on_corrupt),
-        "test": index.index_split(test_urls, cfg.on_corrupt),
-    }
+    return shards.index_splits(cfg)
 
 
 def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> dict[str, Any]:
@@ -152,7 +149,11 @@ def _run_stream(ctx: Context, indexed: dict[str, index.SplitIndex] | None) -> di
     readers = streaming.readers(cfg.source, indexed, located)
     train = indexed["train"].subset(first_per_class(indexed["train"].label, cfg.train_per_class))
     test = indexed["test"]
-    classes = index.check_labels(train, test, readers["train"].classes or cfg.class_names)
+    if cfg.source == "huggingface":
+        classes = huggingface.kept_classes(cfg, readers["train"].classes)
+    else:
+        classes = shards.kept_classes(cfg)
+    classes = index.check_labels(train, test, classes)
     size = cfg.resolution or index.native_side(readers["train"], train)
     decoding = streaming.Decoding(3, size, cfg.transform, "error")
     rows = np.arange(len(train))
