@@ -14,7 +14,8 @@ later ones winning:
 
 A run's name is ``<dataset>-<method>`` (``cifar100-mtt``); the preset names of earlier versions are
 exactly these names and resolve to the configs they always did. A YAML file of one's own is one
-layer of its own (with its ``budgets`` section of named dotted overrides), then the overrides.
+layer of its own (with its ``budgets`` section of named dotted overrides), then the overrides; with
+``base: <dataset>-<method>`` it is a layer over that pair (its budgets and IPC rows still apply).
 
 A small resolver of our own rather than Hydra/OmegaConf: the layers are plain mappings merged by
 :func:`_set_path`, which already gives ``--set`` its section-merge and ``null``-reset meaning; keeping
@@ -169,13 +170,12 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Card:
-    """A benchmark dataset: its settings, its CPU sizing and the IPCs the field reports on it."""
+    """A benchmark dataset: its settings and its CPU sizing."""
 
     name: str
     title: str
     settings: dict[str, Any]
     cpu: dict[str, Any]
-    ipcs: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -201,18 +201,22 @@ class Recipe:
         }
 
 
+def _ordered(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML files of ``folder`` and their contents, in the order they ask for (``order``)."""
+    files = [(path, _read_file(path)) for path in folder.glob("*.yaml")]
+    return sorted(files, key=lambda item: (item[1].get("order", len(files)), item[0].stem))
+
+
 @functools.cache
 def cards() -> dict[str, Card]:
     """The dataset cards, by name."""
     found = {}
-    for path in sorted(DATASET_DIR.glob("*.yaml")):
-        data = _read_file(path)
+    for path, data in _ordered(DATASET_DIR):
         found[path.stem] = Card(
             name=path.stem,
             title=data["title"],
             settings=data.get("settings") or {},
             cpu=data.get("cpu") or {},
-            ipcs=tuple(data.get("ipcs") or ()),
         )
     return found
 
@@ -221,8 +225,7 @@ def cards() -> dict[str, Card]:
 def recipes() -> dict[str, Recipe]:
     """The methods' recipes, by method name."""
     found = {}
-    for path in sorted(METHOD_DIR.glob("*.yaml")):
-        data = _read_file(path)
+    for path, data in _ordered(METHOD_DIR):
         paper = dict(data.get("paper") or {})
         found[path.stem] = Recipe(
             name=path.stem,
@@ -277,9 +280,9 @@ _BUDGET = re.compile(r"(?:(cpu|paper)(?:-ipc(\d+))?|ipc(\d+))")
 def _parse_budget(budget: Any) -> tuple[str, int | None]:
     """``cpu``, ``paper``, and the earlier presets' forms ``ipc<N>`` (cpu at IPC N) and
     ``paper-ipc<N>`` (paper at IPC N) -> (budget, IPC or None)."""
-    match = _BUDGET.fullmatch(str(budget))
     if budget is None:
         return "cpu", None
+    match = _BUDGET.fullmatch(str(budget))
     if match is None:
         raise ConfigError(f"unknown budget {budget!r}: cpu or paper (paper-ipc<N>, ipc<N> also work)")
     kind, paper_ipc, cpu_ipc = match.groups()
@@ -314,7 +317,8 @@ def _resolve_recipe(dataset: str, method: str, parsed: list[tuple[str, Any]], na
     if ipc is None:
         ipc = _default_ipc(card, recipe)
     # The IPC picks the budget's row, so it is settled before the rows (an override sets it again).
-    res.apply("budget" if budget_ipc is not None else f"default IPC of {dataset}-{method}", {"ipc": ipc})
+    settled_by = f"budget {budget_value}" if budget_ipc is not None else f"default IPC of {dataset}-{method}"
+    res.apply(settled_by, {"ipc": ipc})
     row = entry.get(f"ipc{ipc}")
     if budget == "paper":
         if row is None:
@@ -323,7 +327,7 @@ def _resolve_recipe(dataset: str, method: str, parsed: list[tuple[str, Any]], na
     elif row is not None:
         res.apply(f"cpu budget {method} on {dataset} at IPC {ipc}", row)
     if budget_value is not None:
-        res.tree["budget"] = budget_value
+        res.apply("--set", {"budget": budget_value})
     res.apply("preset name", {"name": name})
     return res
 
@@ -352,9 +356,20 @@ def _no_paper_row(recipe: Recipe, dataset: str, ipc: Any) -> str:
 
 
 def _resolve_file(path: Path, parsed: list[tuple[str, Any]]) -> Resolution:
-    """A YAML file of one's own: one layer, then its selected named budget (``budgets:``)."""
+    """A YAML file of one's own: one layer, then its selected named budget (``budgets:``); or, with
+    ``base: <dataset>-<method>``, that pair's resolution (its budgets and IPC rows) under the file."""
     data = _read_file(path)
     data.setdefault("name", path.stem)
+    base = data.pop("base", None)
+    if base is not None:
+        pair = (DEFAULT_DATASET, base) if base in recipes() else _split_name(str(base))
+        if pair is None:
+            raise ConfigError(f"{path}: base {base!r} is not a preset; {_unknown_name(str(base))}")
+        if "budgets" in data:
+            raise ConfigError(f"{path}: a file with a base takes its budgets (cpu, paper), not its own")
+        res = _resolve_recipe(*pair, parsed, str(base))
+        res.apply(f"file {path}", data)
+        return res
     budgets = data.pop("budgets", None) or {}
     budget = next((value for key, value in reversed(parsed) if key == "budget"), data.get("budget"))
     res = Resolution()

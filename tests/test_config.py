@@ -155,7 +155,7 @@ def test_bad_values_name_the_field(override: str, message: str):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown method 'mt' \\(did you mean mtt\\?\\); methods: cda"):
+    with pytest.raises(ConfigError, match="unknown method 'mt' \\(did you mean mtt\\?\\); methods: mtt, ftd"):
         load_config("digits-mt")
     with pytest.raises(ConfigError, match="unknown dataset 'cifar' \\(did you mean cifar10, cifar100\\?\\)"):
         load_config("cifar-mtt")
@@ -201,3 +201,18 @@ def test_a_setting_given_twice_is_refused_not_last_one_wins(tmp_path: Path):
     (tmp_path / "empty.yaml").write_text("\n# nothing\n")
     with pytest.raises(ConfigError, match="is empty"):
         load_config(str(tmp_path / "empty.yaml"))
+
+
+def test_a_yaml_file_can_build_on_a_pair_and_keeps_its_budgets_and_rows(tmp_path: Path):
+    path = tmp_path / "datm-long.yaml"
+    path.write_text("base: cifar10-datm\ndistill: {iterations: 400}\nevaluate: {seeds: 5}\n")
+    cfg = load_config(str(path), ["ipc=1"])
+    assert (cfg.name, cfg.method, cfg.dataset.name) == ("datm-long", "datm", "cifar10")
+    assert (cfg.distill.iterations, cfg.evaluate.seeds) == (400, 5)
+    assert cfg.distill.lr_lr == load_config("cifar10-datm", ["ipc=1"]).distill.lr_lr == 1e-7  # the IPC 1 row
+    paper = load_config(str(path), ["budget=paper"])
+    assert paper.distill.iterations == 400 and paper.experts.num_experts == 100
+    assert resolve(str(path)).source_of("distill.iterations") == f"file {path}"
+    path.write_text("base: cifar10-dtm\n")
+    with pytest.raises(ConfigError, match="base 'cifar10-dtm' is not a preset; unknown method 'dtm'"):
+        load_config(str(path))
