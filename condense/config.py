@@ -506,6 +506,25 @@ class ComputeConfig(Strict):
 
     deterministic: bool = False
     """Bit-reproducible CUDA runs (deterministic kernels, no TF32); CPU runs are reproducible anyway."""
+    shards: int | Literal["auto"] = 1
+    """Jobs one distillation splits into, where its method splits (RDED by classes; SRe2L and CDA by
+    IPC index; the others refuse more than 1): each shard is its own cached, resumable job, on the
+    devices in turn, and their merge is the unsharded set byte for byte, so the count enters no key.
+    ``auto``: one per device of ``devices``, else ``cpu_jobs``."""
+
+    @field_validator("shards")
+    @classmethod
+    def _positive_shards(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"shards must be at least 1 (or auto), got {value}")
+        return value
+
+    def shard_count(self) -> int:
+        """``shards`` resolved: ``auto`` is one per listed device, else ``cpu_jobs``."""
+        if self.shards == "auto":
+            return len(self.devices) if self.devices else self.cpu_jobs
+        return int(self.shards)
+
     cpu_jobs: int = Field(default=1, gt=0)
     """Jobs computed at once on the CPU by one process (the threads runner; a Dask cluster's
     single-threaded workers are separate processes). Each job already uses every core through

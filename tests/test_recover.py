@@ -106,7 +106,7 @@ def test_a_killed_recovery_resumes_mid_batch_and_matches(digits, observer, tmp_p
     assert len(checkpoints.load()["batches"]) == 1 and checkpoints.load()["partial"]["iteration"] == 5
     recorder = Notes()
     resumed = sre2l.distill(make_inputs(digits, observer, cfg), checkpoints, recorder)
-    assert any("resuming recovery at batch 2/2" in note for note in recorder.lines)
+    assert any("resuming recovery with 1 of 2 batches done" in note for note in recorder.lines)
     uninterrupted = sre2l.distill(make_inputs(digits, observer, cfg), MemoryCheckpoints(), SILENT)
     assert torch.equal(resumed.images, uninterrupted.images)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in uninterrupted.history]

@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import Any
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from condense.config import PipelineConfig, explain
 from condense.errors import ConfigError
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
+from condense.progress import SILENT, Progress
 
 INPUTS = ("experts", "teacher")
 """What a method may need besides the real data: expert trajectories, a trained teacher."""
@@ -53,10 +54,38 @@ class Variants:
 
 
 @dataclass(frozen=True)
+class Sharding:
+    """How one distillation splits into independent shards, each its own job (``compute.shards``).
+
+    ``unit`` is what a shard takes a contiguous range of: ``class`` (RDED: each class picked apart
+    from the others) or ``ipc`` (SRe2L, CDA: each batch of one image per class recovered apart). The
+    function it registers then computes only ``inputs.units`` and returns that part of the set
+    (:attr:`Method.compute`); ``merge(inputs, parts)`` joins the parts (in unit order) into the whole
+    set and its statistics; :meth:`Method.distill` makes the whole set as one shard of every unit.
+    Each unit's randomness derives from (seed, unit), never from the units before it, so the merged
+    set is the unsharded one, byte for byte, whatever the shard count."""
+
+    unit: str
+    merge: Callable[[DistillInputs, list[SyntheticSet]], SyntheticSet]
+
+    def units(self, num_classes: int, ipc: int) -> int:
+        return num_classes if self.unit == "class" else ipc
+
+    def ranges(self, count: int, shards: int) -> list[range]:
+        """``count`` units cut into ``shards`` contiguous ranges whose sizes differ by at most one."""
+        bounds = [count * i // shards for i in range(shards + 1)]
+        return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+NOT_SHARDABLE = "it does not declare how its work splits: register_method(..., shards=Sharding(...))"
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config_cls: type[BaseModel] | Variants
-    distill: Callable[..., SyntheticSet]
+    compute: Callable[..., SyntheticSet]
+    """The registered function: the whole set, or for a sharded method the set of ``inputs.units``."""
     check: Callable[[PipelineConfig], None]
     """Cross-field validation against the whole pipeline config; raises ValueError."""
     needs: frozenset[str]
@@ -64,6 +93,19 @@ class Method:
     """Where the method is defined: its import closure is the method's code version in cache keys."""
     streams: bool = False
     """Reads real data only through draws by index and epochs, so it runs on a streamed dataset."""
+    shards: Sharding | str = NOT_SHARDABLE
+    """How the method splits into shards, or why it does not (one line, for the refusal)."""
+
+    def distill(
+        self, inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT
+    ) -> SyntheticSet:
+        """The whole set in one job: a shardable method's one shard of every unit, merged, so the
+        unsharded set is made by exactly the code that makes a sharded one."""
+        if isinstance(self.shards, str):
+            return self.compute(inputs, checkpoints, progress)
+        count = self.shards.units(inputs.data.num_classes, inputs.ipc)
+        whole = replace(inputs, units=range(count))
+        return self.shards.merge(whole, [self.compute(whole, checkpoints, progress)])
 
 
 _registry: dict[str, Method] = {}
@@ -84,21 +126,25 @@ def register_method(
     needs: Iterable[str] = (),
     check: Callable[[PipelineConfig], None] = _no_check,
     streams: bool = False,
+    shards: Sharding | str = NOT_SHARDABLE,
 ) -> Callable[[Callable[..., SyntheticSet]], Callable[..., SyntheticSet]]:
     """Register the decorated ``distill(inputs, checkpoints, progress)`` as method ``name``;
     ``streams``: it reads the real data only by :meth:`images` draws and :meth:`batches` epochs
-    (:mod:`condense.streaming`), never the whole training split."""
+    (:mod:`condense.streaming`), never the whole training split; ``shards``: how it splits across
+    jobs (:class:`Sharding`), or why it cannot."""
     unknown = set(needs) - set(INPUTS)
     if unknown:
         raise ValueError(f"method {name!r} needs {sorted(unknown)}; a method may need {list(INPUTS)}")
 
     def decorate(distill: Callable[..., SyntheticSet]) -> Callable[..., SyntheticSet]:
-        method = Method(name, config, distill, check, frozenset(needs), distill.__module__, streams)
+        method = Method(name, config, distill, check, frozenset(needs), distill.__module__, streams, shards)
+        # A sharded method's module-level ``distill`` makes the whole set too, like every other's.
+        whole = distill if isinstance(shards, str) else method.distill
         known = _registry.get(name)
         if known is not None and known.module != method.module:
             raise ValueError(f"method {name!r} is registered twice: in {known.module} and {method.module}")
         _registry[name] = method
-        return distill
+        return whole
 
     return decorate
 
@@ -147,6 +193,8 @@ def configure(cfg: PipelineConfig) -> PipelineConfig:
             f"evaluate.labels 'learned' trains on labels the method learned, and {cfg.method} learns none"
             f" here: use datm or pad, or set distill.labels=learned where the method has it"
         )
+    if isinstance(method.shards, str) and cfg.compute.shard_count() > 1:
+        raise ConfigError(f"method {cfg.method} cannot be sharded ({method.shards}): set compute.shards=1")
     try:
         method.check(typed)
     except ValueError as err:
@@ -159,6 +207,7 @@ __all__ = [
     "Checkpoints",
     "DistillInputs",
     "Method",
+    "Sharding",
     "SyntheticSet",
     "Variants",
     "configure",

@@ -28,6 +28,9 @@ class DistillInputs:
     """An ``ExpertBuffer`` for trajectory methods, None otherwise."""
     teacher: torch.nn.Module | None = None
     """The trained teacher, for methods that distil against one (RDED, SRe2L); None otherwise."""
+    units: range | None = None
+    """A sharded method's share of the work (classes or IPC indices, :class:`condense.methods.Sharding`):
+    it computes these units only; set by whoever runs it (every unit when the set is made whole)."""
 
 
 class Checkpoints(Protocol):

@@ -13,7 +13,7 @@ from typing import Literal
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
-from condense.methods.recover import RecoverConfig, check_teacher_settings, recover_set
+from condense.methods.recover import RECOVERED, RecoverConfig, check_teacher_settings, recover_set
 from condense.progress import SILENT, Progress
 
 
@@ -22,6 +22,8 @@ class CDAConfig(RecoverConfig):
     """CDA's README runs: cosine over the whole run (milestone 1)."""
 
 
-@register_method("cda", config=CDAConfig, needs=("teacher",), check=check_teacher_settings, streams=True)
+@register_method(
+    "cda", config=CDAConfig, needs=("teacher",), check=check_teacher_settings, streams=True, shards=RECOVERED
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     return recover_set(inputs, checkpoints, progress)

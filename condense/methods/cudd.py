@@ -179,7 +179,14 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     return frozen(model)
 
 
-@register_method("cudd", config=CUDDConfig, needs=("teacher",), check=check, streams=True)
+@register_method(
+    "cudd",
+    config=CUDDConfig,
+    needs=("teacher",),
+    check=check,
+    streams=True,
+    shards="a later curriculum starts from the real images a student of every earlier image gets wrong",
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     cfg: CUDDConfig = inputs.method_cfg
     data = inputs.data

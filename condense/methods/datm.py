@@ -27,7 +27,7 @@ from pydantic import Field
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.mtt import MTTConfig, check, match_trajectories
+from condense.methods.mtt import SHARED_TRAJECTORY, MTTConfig, check, match_trajectories
 
 
 class DATMConfig(MTTConfig):
@@ -40,6 +40,8 @@ class DATMConfig(MTTConfig):
     skip_above: float | None = Field(default=1.0, gt=0)
 
 
-@register_method("datm", config=DATMConfig, needs=("experts",), check=check, streams=True)
+@register_method(
+    "datm", config=DATMConfig, needs=("experts",), check=check, streams=True, shards=SHARED_TRAJECTORY
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "DATM")

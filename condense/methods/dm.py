@@ -17,7 +17,7 @@ from pydantic import Field
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.matching import MatchingConfig, MatchingRun, run_matching
+from condense.methods.matching import SHARED_NETWORK, MatchingConfig, MatchingRun, run_matching
 
 
 class DMConfig(MatchingConfig):
@@ -51,7 +51,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     return loss.item() / run.num_classes
 
 
-@register_method("dm", config=DMConfig, streams=True)
+@register_method("dm", config=DMConfig, streams=True, shards=SHARED_NETWORK)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DM"
 ) -> SyntheticSet:

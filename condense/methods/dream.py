@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from condense.methods import Variants, dm, dsa, register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
+from condense.methods.matching import SHARED_NETWORK
 
 
 class _Representative(BaseModel):
@@ -55,7 +56,7 @@ CONFIG = Variants("base", {name: base.config for name, base in BASES.items()}, d
 """DREAM's settings: those of the base that ``base`` names."""
 
 
-@register_method("dream", config=CONFIG, streams=True)
+@register_method("dream", config=CONFIG, streams=True, shards=SHARED_NETWORK)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     base = inputs.method_cfg.base
     return BASES[base].distill(inputs, checkpoints, progress, label=f"DREAM ({base.upper()})")

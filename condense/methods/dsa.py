@@ -25,7 +25,7 @@ from pydantic import Field
 from condense.datasets.common import sample_per_class
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.matching import MatchingConfig, MatchingRun, run_matching
+from condense.methods.matching import SHARED_NETWORK, MatchingConfig, MatchingRun, run_matching
 from condense.models import ConvNet
 from condense.prepare import RealData
 from condense.training import train_epoch
@@ -136,7 +136,7 @@ def step(run: MatchingRun, iteration: int) -> float:
     return float(total) / (outer * run.num_classes)  # type: ignore[arg-type]
 
 
-@register_method("dsa", config=DSAMatchConfig, streams=True)
+@register_method("dsa", config=DSAMatchConfig, streams=True, shards=SHARED_NETWORK)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DSA"
 ) -> SyntheticSet:

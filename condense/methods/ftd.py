@@ -17,7 +17,7 @@ from pydantic import Field
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.mtt import MTTConfig, match_trajectories
+from condense.methods.mtt import SHARED_TRAJECTORY, MTTConfig, match_trajectories
 from condense.methods.mtt import check as check_mtt
 
 
@@ -33,6 +33,8 @@ def check(cfg: Any) -> None:
         raise ValueError("ftd stores the moving average of its images: set distill.ema_decay (e.g. 0.9995)")
 
 
-@register_method("ftd", config=FTDConfig, needs=("experts",), check=check, streams=True)
+@register_method(
+    "ftd", config=FTDConfig, needs=("experts",), check=check, streams=True, shards=SHARED_TRAJECTORY
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "FTD")

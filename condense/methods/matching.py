@@ -25,6 +25,12 @@ from condense.models import ConvNet
 from condense.prepare import RealData
 from condense.training import random_seed, student_model
 
+SHARED_NETWORK = (
+    "every class is matched through the one network each iteration draws from the run's generator; "
+    "DSA and DREAM also train it on every class between passes"
+)
+"""Why the matching methods do not shard (``compute.shards``)."""
+
 
 class MatchingConfig(Strict):
     """Fields every matching method has; each method sets its own defaults where the papers differ."""

@@ -109,7 +109,13 @@ def check(cfg: Any) -> None:
         )
 
 
-@register_method("mtt", config=MTTConfig, needs=("experts",), check=check, streams=True)
+SHARED_TRAJECTORY = "each iteration matches one expert trajectory with the whole set, every class at once"
+"""Why MTT's family does not shard (``compute.shards``)."""
+
+
+@register_method(
+    "mtt", config=MTTConfig, needs=("experts",), check=check, streams=True, shards=SHARED_TRAJECTORY
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "MTT")
 

@@ -23,8 +23,8 @@ from pydantic import Field
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
 from condense.methods.datm import DATMConfig
+from condense.methods.mtt import SHARED_TRAJECTORY, match_trajectories
 from condense.methods.mtt import check as check_mtt
-from condense.methods.mtt import match_trajectories
 
 
 class PADConfig(DATMConfig):
@@ -37,6 +37,8 @@ def check(cfg: Any) -> None:
         raise ValueError("pad trains its experts on difficulty-ordered data: set experts.schedule=true")
 
 
-@register_method("pad", config=PADConfig, needs=("experts",), check=check, streams=True)
+@register_method(
+    "pad", config=PADConfig, needs=("experts",), check=check, streams=True, shards=SHARED_TRAJECTORY
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress) -> SyntheticSet:
     return match_trajectories(inputs, checkpoints, progress, "PAD")

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from condense import crops
 from condense.config import Strict
 from condense.errors import ConfigError, DatasetError
-from condense.methods import register_method
+from condense.methods import Sharding, register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 from condense.progress import SILENT, Progress
 from condense.teacher import check_class_order
@@ -94,8 +94,29 @@ def select_class(
     return crops.stitch(chosen, cfg.factor), stats
 
 
-@register_method("rded", config=RDEDConfig, needs=("teacher",), check=check, streams=True)
+def merge(inputs: DistillInputs, parts: list[SyntheticSet]) -> SyntheticSet:
+    """The shards' classes, in class order, as one set; its statistics over every class."""
+    cfg: RDEDConfig = inputs.method_cfg
+    history = [record for part in parts for record in part.history]
+    return SyntheticSet(
+        images=torch.cat([part.images for part in parts]),
+        labels=torch.cat([part.labels for part in parts]),
+        history=history,
+        stats={
+            "factor": cfg.factor,
+            "teacher_check_accuracy": parts[0].stats["teacher_check_accuracy"],
+            "candidate_ce": round(sum(h["candidate_ce"] for h in history) / len(history), 4),
+            "selected_ce": round(sum(h["selected_ce"] for h in history) / len(history), 4),
+        },
+    )
+
+
+@register_method(
+    "rded", config=RDEDConfig, needs=("teacher",), check=check, streams=True, shards=Sharding("class", merge)
+)
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
+    """The classes ``inputs.units`` (each with its own generator, so a shard picks what the whole
+    run would); their images, labels and per-class history."""
     cfg: RDEDConfig = inputs.method_cfg
     data, teacher = inputs.data, inputs.teacher
     if teacher is None:
@@ -106,11 +127,12 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
     guard_accuracy = check_class_order(
         teacher, data, cfg.min_teacher_accuracy, cfg.check_images_per_class, generator
     )
+    classes = inputs.units if inputs.units is not None else range(data.num_classes)
     state = checkpoints.load() or {"images": [], "history": []}
     if state["images"]:
-        progress.note(f"resuming RDED after class {len(state['images']) - 1}")
-    for label in range(len(state["images"]), data.num_classes):
-        # One generator per class: a resumed run draws exactly what the uninterrupted one would.
+        progress.note(f"resuming RDED after class {classes[len(state['images']) - 1]}")
+    for label in classes[len(state["images"]) :]:
+        # One generator per class: a resumed run or a shard draws exactly what the whole run would.
         class_gen = torch.Generator().manual_seed(inputs.seed * 100_003 + label)
         members = torch.nonzero(data.train_y == label).flatten()
         picked = members[torch.randperm(len(members), generator=class_gen)[: cfg.candidates]]
@@ -123,16 +145,13 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
         state["images"].append(images)
         state["history"].append({"class": label, **stats})
         checkpoints.save(state)
-        progress.step(label + 1, data.num_classes, f"class {label}: selected CE {stats['selected_ce']:.3f}")
-    history = state["history"]
+        progress.step(
+            len(state["images"]), len(classes), f"class {label}: selected CE {stats['selected_ce']:.3f}"
+        )
     return SyntheticSet(
-        images=torch.cat([images.cpu() for images in state["images"]]),  # restored ones come back on the CPU
-        labels=torch.arange(data.num_classes).repeat_interleave(inputs.ipc),
-        history=history,
-        stats={
-            "factor": cfg.factor,
-            "teacher_check_accuracy": round(guard_accuracy, 2),
-            "candidate_ce": round(sum(h["candidate_ce"] for h in history) / len(history), 4),
-            "selected_ce": round(sum(h["selected_ce"] for h in history) / len(history), 4),
-        },
+        # Restored classes come back on the CPU.
+        images=torch.cat([images.cpu() for images in state["images"]]),
+        labels=torch.tensor(list(classes)).repeat_interleave(inputs.ipc),
+        history=state["history"],
+        stats={"teacher_check_accuracy": round(guard_accuracy, 2)},
     )

@@ -34,6 +34,7 @@ from torch import nn
 from condense import crops
 from condense.config import Strict
 from condense.errors import ConfigError
+from condense.methods import Sharding
 from condense.methods.base import Checkpoints, DistillInputs, Resumable, ResumableLoop, SyntheticSet
 from condense.prepare import RealData
 from condense.progress import SILENT, Progress
@@ -315,15 +316,18 @@ def checked_teacher(inputs: DistillInputs) -> tuple[nn.Module, float]:
 
 
 def recover_set(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
-    """SRe2L / CDA: ``ipc`` batches of one image per class, each recovered from noise (or real)."""
+    """SRe2L / CDA: the batches ``inputs.units`` (IPC indices) of one image per class, each recovered
+    from noise (or real) with its own generator, so a shard recovers what the whole run would; the
+    batches in order (batch-major), their labels and history (:func:`merge_recovered` joins them)."""
     cfg: RecoverConfig = inputs.method_cfg
     data = inputs.data
     teacher, guard = checked_teacher(inputs)
     labels = torch.arange(data.num_classes, device=data.device)
+    indices = inputs.units if inputs.units is not None else range(inputs.ipc)
     state = checkpoints.load() or {"batches": [], "histories": [], "partial": None}
     if state["batches"] or state["partial"]:
-        progress.note(f"resuming recovery at batch {len(state['batches']) + 1}/{inputs.ipc}")
-    for index in range(len(state["batches"]), inputs.ipc):
+        progress.note(f"resuming recovery with {len(state['batches'])} of {len(indices)} batches done")
+    for index in indices[len(state["batches"]) :]:
         generator = batch_generator(inputs.seed, index)
         init = initial_batch(data, labels, cfg.init, generator)
         images, history = recover_batch(
@@ -340,14 +344,35 @@ def recover_set(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progr
         )
         state = with_batch(state, images, history)
         checkpoints.save(state)
-    images = class_major(state["batches"], data.device)
-    out_labels = labels.repeat_interleave(inputs.ipc)
+    return SyntheticSet(
+        images=torch.cat([batch.to(data.device) for batch in state["batches"]]),
+        labels=labels.repeat(len(state["batches"])),
+        history=[{"batch": b, **r} for b, h in zip(indices, state["histories"], strict=False) for r in h],
+        stats={"teacher_check_accuracy": round(guard, 2)},
+    )
+
+
+def merge_recovered(inputs: DistillInputs, parts: list[SyntheticSet]) -> SyntheticSet:
+    """The shards' batches, in IPC order, as one class-major set, with the recovery's statistics."""
+    classes = inputs.data.num_classes
+    batches = [batch for part in parts for batch in part.images.split(classes)]
+    images = class_major(batches, inputs.data.device)
+    labels = torch.arange(classes, device=inputs.data.device).repeat_interleave(len(batches))
+    history = [record for part in parts for record in part.history]
+    histories: list[list[dict[str, float]]] = [[] for _ in batches]
+    for record in history:
+        histories[record["batch"]].append({k: v for k, v in record.items() if k != "batch"})
+    assert inputs.teacher is not None  # checked when the batches were recovered
     return SyntheticSet(
         images=images,
-        labels=out_labels,
-        history=[{"batch": b, **r} for b, h in enumerate(state["histories"]) for r in h],
+        labels=labels,
+        history=history,
         stats={
-            "teacher_check_accuracy": round(guard, 2),
-            **summarize_recovery(teacher, images, out_labels, state["histories"]),
+            "teacher_check_accuracy": parts[0].stats["teacher_check_accuracy"],
+            **summarize_recovery(frozen(inputs.teacher), images, labels, histories),
         },
     )
+
+
+RECOVERED = Sharding("ipc", merge_recovered)
+"""SRe2L's and CDA's shards: ranges of IPC indices, each batch one image of every class."""

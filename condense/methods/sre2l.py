@@ -17,12 +17,17 @@ from __future__ import annotations
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
-from condense.methods.recover import RecoverConfig, check_teacher_settings, recover_set
+from condense.methods.recover import RECOVERED, RecoverConfig, check_teacher_settings, recover_set
 from condense.progress import SILENT, Progress
 
 
 @register_method(
-    "sre2l", config=RecoverConfig, needs=("teacher",), check=check_teacher_settings, streams=True
+    "sre2l",
+    config=RecoverConfig,
+    needs=("teacher",),
+    check=check_teacher_settings,
+    streams=True,
+    shards=RECOVERED,
 )
 def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
     return recover_set(inputs, checkpoints, progress)

@@ -42,7 +42,8 @@ INFRASTRUCTURE = "the executor (lookup, work folders, resume, commit); what it r
 PREIMAGE = "key_preimage"
 """The meta field recording what an artifact's key was made of (:meth:`Stage.preimage`)."""
 CHECKPOINT = "checkpoint.pt"
-PART_RECORD = "part-{:04d}.json"
+PART_RECORD = "part-{}.json"
+PART_CHECKPOINT = "checkpoint-{}.pt"
 
 Params = Mapping[str, Any]
 InputKeys = Mapping[str, "str | list[str]"]
@@ -86,6 +87,9 @@ class Stage:
     """Fan-out of one artifact into parts computed by separate jobs (e.g. one expert each)."""
     run_part: Callable[[Context, int], dict[str, Any]] | None = None
     """Compute part ``i`` into the shared work directory; returns its record (``ctx.parts`` later)."""
+    part_label: Callable[[PipelineConfig, int], str] = lambda cfg, i: f"{i:04d}"
+    """Names part ``i``'s record and checkpoint in the work folder: parts of one artifact cut another
+    way (a shard count changed between a kill and the rerun) must not pass for each other."""
     resolve: Callable[[PipelineConfig], dict[str, Any]] | None = None
     """Params only its own job can compute (the dataset's content fingerprint), so its key is known
     once that job ran, not at planning time."""
@@ -215,6 +219,8 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     parts: list[dict[str, Any]] = field(default_factory=list)
     """The records of every part (in a stage with parts, when ``run`` seals them)."""
+    part: str | None = None
+    """The label of the part this job computes (``Stage.part_label``); None for a whole job."""
     _data: RealData | None = None
 
     def data(self) -> RealData:
@@ -241,8 +247,9 @@ class Context:
         self.store.pull(self.stage, self.key, *names)
 
     def checkpoints(self) -> TorchCheckpoints:
-        """This job's checkpoint file, shared with other machines after every save."""
-        return TorchCheckpoints(self.work / CHECKPOINT, lambda: self.share(CHECKPOINT), self.progress)
+        """This job's checkpoint file (a part's own), shared with other machines after every save."""
+        name = CHECKPOINT if self.part is None else PART_CHECKPOINT.format(self.part)
+        return TorchCheckpoints(self.work / name, lambda: self.share(name), self.progress)
 
 
 def _check_key(stage: Stage, job: Job, cfg: PipelineConfig) -> None:
@@ -257,8 +264,9 @@ def _check_key(stage: Stage, job: Job, cfg: PipelineConfig) -> None:
 
 def _run_part(stage: Stage, ctx: Context, index: int) -> tuple[dict[str, Any], bool]:
     """(the part's record, whether it was found done: on this machine or shared by another)."""
-    record_name = PART_RECORD.format(index)
-    ctx.pull(record_name)
+    ctx.part = stage.part_label(ctx.cfg, index)
+    record_name = PART_RECORD.format(ctx.part)
+    ctx.pull(record_name, PART_CHECKPOINT.format(ctx.part))
     if (ctx.work / record_name).exists():
         return read_json(ctx.work / record_name), True
     assert stage.run_part is not None
@@ -272,22 +280,24 @@ def _run_part(stage: Stage, ctx: Context, index: int) -> tuple[dict[str, Any], b
 def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
     """Run the stage (gathering its parts first) and commit what it wrote."""
     started = time.perf_counter()
-    if stage.parts is not None:
+    count = stage.parts(ctx.cfg) if stage.parts is not None else 0
+    if count:
         ctx.pull()
-        count = stage.parts(ctx.cfg)
-        missing = [i for i in range(count) if not (ctx.work / PART_RECORD.format(i)).exists()]
+        records = [ctx.work / PART_RECORD.format(stage.part_label(ctx.cfg, i)) for i in range(count)]
+        missing = [i for i, record in enumerate(records) if not record.exists()]
         if missing:
             raise CondenseError(f"stage {stage.name}: parts {missing} of {ctx.key} were not computed")
-        ctx.parts = [read_json(ctx.work / PART_RECORD.format(i)) for i in range(count)]
+        ctx.parts = [read_json(record) for record in records]
     elif stage.resumable:
         ctx.pull(CHECKPOINT)
     meta = stage.run(ctx)
-    if stage.parts is not None:
+    if count:
         meta = {**meta, "parts": ctx.parts}
     meta["seconds"] = round(time.perf_counter() - started, 3)
     meta[PREIMAGE] = stage.preimage(ctx.cfg, ctx.keys, ctx.params)
-    for scratch in [ctx.work / CHECKPOINT, *ctx.work.glob("part-*.json"), *ctx.work.glob(f"{CHECKPOINT}.*")]:
-        scratch.unlink(missing_ok=True)
+    scratch = ["checkpoint*.pt", "part-*.json", f"{CHECKPOINT}.*", "checkpoint-*.pt.*"]
+    for path in [found for pattern in scratch for found in ctx.work.glob(pattern)]:
+        path.unlink(missing_ok=True)
     ctx.store.commit(stage.name, ctx.key, ctx.work, meta)
     return ctx.store.meta(stage.name, ctx.key)
 
@@ -387,7 +397,7 @@ def _compute(
 ) -> tuple[dict[str, Any] | None, bool]:
     """(meta, cached) of a job whose artifact was not there: computed here, or found done by another
     run (resumable artifacts are worked on by one run at a time: the second waits, then finds it)."""
-    if not (stage.resumable or stage.parts is not None):
+    if not (stage.resumable or stage.parts is not None):  # (a stage with parts shares one work folder)
         with store.writing(stage.name, job.key) as tmp:
             return _seal(stage, _context(stage, job, cfg, store, progress, tmp, device)), False
     with contextlib.ExitStack() as held:

@@ -19,6 +19,7 @@ from condense.methods import get_method
 from condense.prepare import STAGE as DATASET
 from condense.prepare import check_ipc
 from condense.stages.base import Job, Stage, all_stages, input_key, stage_key
+from condense.stages.distill import check_shards
 from condense.stages.relabel import check_top_k
 from condense.store import Store
 
@@ -82,6 +83,7 @@ def make_plan(
         check_top_k(cfg, len(card["classes"]))  # before any work, not after the distillation
     if card.get("load") == "stream":
         check_streamable(cfg)
+    check_shards(cfg, len(card["classes"]))
     spread = devices.fan_out(cfg.compute.device, cfg.compute.devices)
     stages = all_stages()
     plan = Plan(keys={DATASET: dataset_key})

@@ -1,0 +1,150 @@
+"""One distillation on many workers (``compute.shards``): the shards of RDED (by class) and of SRe2L
+and CDA (by IPC index) run as separate jobs, on threads or on a local Dask cluster, and their merge
+is the unsharded set byte for byte, whatever the count; a killed shard reruns alone; a method that
+cannot shard says so before any work."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from condense.configure import load_config
+from condense.errors import ConfigError
+from condense.stages import base, execute
+from condense.store import Store
+from tests.conftest import KillAfter, plan_for, run_jobs
+
+SMALL = ["compute.device=cpu", "dataset.train_per_class=30", "teacher.epochs=3", "model.width=16"]
+METHODS = {
+    # (preset, overrides): at least 3 units of work for 3 shards (10 classes; IPC 3)
+    "rded": ("digits-rded", ["ipc=2", "distill.candidates=12"]),
+    "sre2l": ("digits-sre2l", ["ipc=3", "distill.iterations=4"]),
+    "cda": ("digits-cda", ["ipc=3", "distill.iterations=4"]),
+}
+
+
+def config(method: str, shards: int, *extra: str):
+    preset, overrides = METHODS[method]
+    return load_config(preset, [*SMALL, *overrides, f"compute.shards={shards}", "compute.cpu_jobs=2", *extra])
+
+
+def artifact_bytes(store: Store, key: str) -> dict[str, object]:
+    """Every file of the set (images, labels, pixels, history) as bytes, and what its meta says of the
+    set (statistics, input scale); the meta's timings and part records differ by how it was run."""
+    folder = store.path("distill", key)
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    meta = store.meta("distill", key)
+    return {
+        **{name: data for name, data in files.items() if name != "meta.json"},
+        "meta": {field: meta[field] for field in ("lr", "method", "ipc", "stats", "input_std")},
+    }
+
+
+def distil_on_threads(store: Store, cfg) -> tuple[str, list[dict]]:
+    """The plan's teacher, then every distill shard at once on a thread each, then the merge."""
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"teacher"})
+    jobs = [job for job in plan.jobs if job.stage == "distill"]
+    shards, merge = [job for job in jobs if job.part is not None], [job for job in jobs if job.part is None]
+    with ThreadPoolExecutor(max(1, len(shards))) as pool:
+        outcomes = list(pool.map(lambda job: execute(job, cfg, store), shards))
+    outcomes += [execute(job, cfg, store) for job in merge]
+    return str(plan.keys["distill"]), outcomes
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, dict[str, bytes]]]:
+    out = {}
+    for method in METHODS:
+        store = Store(tmp_path_factory.mktemp(f"{method}-whole"))
+        key, outcomes = distil_on_threads(store, config(method, 1))
+        assert [o["part"] for o in outcomes] == [None]  # one job, no shards
+        out[method] = (key, artifact_bytes(store, key))
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_on_threads_is_the_unsharded_set_byte_for_byte(method, shards, unsharded, tmp_path):
+    store = Store(tmp_path / "store")
+    key, outcomes = distil_on_threads(store, config(method, shards))
+    whole_key, whole = unsharded[method]
+    assert key == whole_key  # the shard count is in no key: either run's set serves the other
+    assert sorted(o["part"] for o in outcomes if o["part"] is not None) == list(range(shards))
+    units = [o["meta"]["units"] for o in sorted(outcomes[:-1], key=lambda o: o["part"])]
+    assert units[0][0] == 0 and all(a[1] == b[0] for a, b in zip(units, units[1:], strict=False))
+    assert artifact_bytes(store, key) == whole
+    assert not list(store.path("distill", key).glob("shard-*"))  # the partial sets are merged away
+
+
+def test_sharded_on_a_local_dask_cluster_is_the_unsharded_set(unsharded, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    cfg = config("rded", 2)
+    store = Store(tmp_path / "store")
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"teacher"})
+    shards = [job for job in plan.jobs if job.stage == "distill" and job.part is not None]
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        # Each shard in a worker process of its own, as the task runner's Dask workers run them.
+        outcomes = client.gather([client.submit(execute, job, cfg, store, pure=False) for job in shards])
+    assert {o["part"] for o in outcomes} == {0, 1} and not any(o["cached"] for o in outcomes)
+    run_jobs(store, cfg, plan, {"distill"})  # the merge (the shards are found done)
+    key, whole = unsharded["rded"]
+    assert artifact_bytes(store, key) == whole
+
+
+def test_a_killed_shard_reruns_alone_and_the_merge_is_unchanged(unsharded, tmp_path, monkeypatch):
+    cfg = config("sre2l", 3)
+    store = Store(tmp_path / "store")
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"teacher"})
+    first, second, third = [job for job in plan.jobs if job.stage == "distill" and job.part is not None]
+    execute(first, cfg, store)
+    original = base.TorchCheckpoints
+    with monkeypatch.context() as patch:  # the second shard is killed at its first checkpoint
+        patch.setattr(base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), 1))
+        with pytest.raises(KeyboardInterrupt):
+            execute(second, cfg, store)
+    assert list(store.partial("distill", first.key).glob("checkpoint-2of3.pt"))  # its progress is kept
+    outcomes = run_jobs(store, cfg, plan, {"distill"})
+    assert [(o["part"], o["cached"]) for o in outcomes] == [(0, True), (1, False), (2, False), (None, False)]
+    key, whole = unsharded["sre2l"]
+    assert artifact_bytes(store, key) == whole
+
+
+def test_parts_of_another_shard_count_are_not_taken_for_these(unsharded, tmp_path):
+    store = Store(tmp_path / "store")
+    two, three = config("cda", 2), config("cda", 3)
+    plan = plan_for(store, two)
+    run_jobs(store, two, plan, {"teacher"})
+    execute(next(j for j in plan.jobs if j.stage == "distill" and j.part == 0), two, store)  # 2 of 3 units
+    # The count changed before the rest ran: the first of three shards is computed, not the old half.
+    key, outcomes = distil_on_threads(store, three)
+    assert [o["cached"] for o in outcomes if o["part"] is not None] == [False, False, False]
+    assert artifact_bytes(store, key) == unsharded["cda"][1]
+
+
+@pytest.mark.parametrize(
+    ("preset", "message"),
+    [
+        ("digits-mtt", "method mtt cannot be sharded \\(each iteration matches one expert trajectory"),
+        ("digits-dm", "method dm cannot be sharded \\(every class is matched through the one network"),
+        ("digits-cudd", "method cudd cannot be sharded \\(a later curriculum"),
+    ],
+)
+def test_a_method_that_cannot_shard_refuses_before_any_work(preset, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset, ["compute.shards=2"])
+    assert load_config(preset, ["compute.shards=1"]).compute.shard_count() == 1
+
+
+def test_more_shards_than_units_is_refused_at_planning(tmp_path: Path):
+    with pytest.raises(ConfigError, match="compute.shards 4 exceeds the sre2l distillation's units \\(IPC 3"):
+        plan_for(Store(tmp_path / "store"), config("sre2l", 4))
+    auto = load_config("digits-rded", ["compute.shards=auto", "compute.cpu_jobs=2"])
+    assert auto.compute.shard_count() == 2
