@@ -508,9 +508,10 @@ class ComputeConfig(Strict):
     """Bit-reproducible CUDA runs (deterministic kernels, no TF32); CPU runs are reproducible anyway."""
     shards: int | Literal["auto"] = 1
     """Jobs one distillation splits into, where its method splits (RDED by classes; SRe2L and CDA by
-    IPC index; the others refuse more than 1): each shard is its own cached, resumable job, on the
-    devices in turn, and their merge is the unsharded set byte for byte, so the count enters no key.
-    ``auto``: one per device of ``devices``, else ``cpu_jobs``."""
+    IPC index; the others refuse more than 1), and stored relabeling (by stored epoch): each shard is
+    its own cached, resumable job, on the devices in turn, and their merge is the unsharded artifact
+    byte for byte, so the count enters no key. ``auto``: one per device of ``devices``, else
+    ``cpu_jobs``."""
 
     @field_validator("shards")
     @classmethod

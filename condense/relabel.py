@@ -247,18 +247,26 @@ def relabel(
     *,
     quantize: Quantize = "none",
     stored_epochs: int | None = None,
+    shard: range | None = None,
 ) -> dict[str, np.ndarray]:
     """The plans and the teacher's kept probabilities of the first ``stored_epochs`` epochs (all
     ``epochs`` when None), as arrays to store: per epoch ``order``, ``boxes``, ``flips``,
     ``mix_partner``, ``mix_boxes`` (and ``patch_perm``), ``top_k_index`` unless every class is kept,
-    and ``top_k_prob`` or, quantised, ``top_k_scale`` and ``top_k_code`` (see :func:`encode`)."""
+    and ``top_k_prob`` or, quantised, ``top_k_scale`` and ``top_k_code`` (see :func:`encode`).
+
+    ``shard``: only these epochs (a job of a sharded relabeling). The plans of the epochs before it
+    are drawn too (cheap: no teacher) so that the seeded stream reaches the shard's first epoch as in
+    the whole run; the shards' arrays, joined along the epoch axis, are the whole run's."""
     n = len(images)
-    count = min(stored_epochs or epochs, epochs)
+    count = stored_epoch_count(epochs, stored_epochs)
+    wanted = shard if shard is not None else range(count)
     generator = torch.Generator().manual_seed(seed)
     float_type = np.float16 if fp16 else np.float32
     columns: dict[str, list[np.ndarray]] = {}
-    for epoch in range(count):
+    for epoch in range(wanted.stop):
         plan = sample_plan(n, batch_size, aug, generator, fp16)
+        if epoch < wanted.start:
+            continue
         batches: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         for batch in range(num_batches(n, batch_size)):
             inputs = plan_inputs(images, plan, batch, batch_size, aug.factor)
@@ -279,8 +287,13 @@ def relabel(
             row["patch_perm"] = plan.patch_perm.numpy().astype(np.int8)
         for name, value in row.items():
             columns.setdefault(name, []).append(value)
-        progress.step(epoch + 1, count, "relabel")
+        progress.step(epoch + 1 - wanted.start, len(wanted), "relabel")
     return {name: np.stack(values) for name, values in columns.items()}
+
+
+def stored_epoch_count(epochs: int, stored_epochs: int | None) -> int:
+    """How many epochs of labels relabeling stores (its units when sharded)."""
+    return min(stored_epochs or epochs, epochs)
 
 
 class StoredLabels:

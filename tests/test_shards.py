@@ -30,15 +30,16 @@ def config(method: str, shards: int, *extra: str):
     return load_config(preset, [*SMALL, *overrides, f"compute.shards={shards}", "compute.cpu_jobs=2", *extra])
 
 
-def artifact_bytes(store: Store, key: str) -> dict[str, object]:
-    """Every file of the set (images, labels, pixels, history) as bytes, and what its meta says of the
-    set (statistics, input scale); the meta's timings and part records differ by how it was run."""
-    folder = store.path("distill", key)
+def artifact_bytes(store: Store, key: str, stage: str = "distill") -> dict[str, object]:
+    """Every file of the artifact (a set's images, labels, pixels, history; relabeling's arrays) as
+    bytes, and what its meta says of it; the meta's timings and part records differ by how it ran."""
+    folder = store.path(stage, key)
     files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-    meta = store.meta("distill", key)
+    meta = store.meta(stage, key)
+    fields = ("lr", "method", "ipc", "stats", "input_std") if stage == "distill" else ("label_bytes", "top_k")
     return {
         **{name: data for name, data in files.items() if name != "meta.json"},
-        "meta": {field: meta[field] for field in ("lr", "method", "ipc", "stats", "input_std")},
+        "meta": {field: meta[field] for field in fields},
     }
 
 
@@ -148,3 +149,36 @@ def test_more_shards_than_units_is_refused_at_planning(tmp_path: Path):
         plan_for(Store(tmp_path / "store"), config("sre2l", 4))
     auto = load_config("digits-rded", ["compute.shards=auto", "compute.cpu_jobs=2"])
     assert auto.compute.shard_count() == 2
+
+
+STORED = ["relabel.mode=stored", "evaluate.epochs=6", "evaluate.batch_size=16", "relabel.top_k=3"]
+
+
+def relabel_on_threads(store: Store, cfg) -> str:
+    """The plan's teacher and set, then the relabeling shards on two threads, then their join."""
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"teacher", "distill"})
+    jobs = [job for job in plan.jobs if job.stage == "relabel"]
+    shards = cfg.compute.shard_count()
+    assert len(jobs) == (shards + 1 if shards > 1 else 1)  # the shards, then their join
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda job: execute(job, cfg, store), [j for j in jobs if j.part is not None]))
+    for job in jobs:
+        if job.part is None:
+            execute(job, cfg, store)
+    return str(plan.keys["relabel"])
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_stored_relabeling_is_the_unsharded_labels_byte_for_byte(shards, tmp_path):
+    whole, split = Store(tmp_path / "whole"), Store(tmp_path / "split")
+    key = relabel_on_threads(whole, config("sre2l", 1, *STORED))
+    assert relabel_on_threads(split, config("sre2l", shards, *STORED)) == key
+    assert artifact_bytes(split, key, "relabel") == artifact_bytes(whole, key, "relabel")
+    assert not list(split.path("relabel", key).glob("labels-*"))
+
+
+def test_more_relabeling_shards_than_stored_epochs_is_refused_at_planning(tmp_path):
+    cfg = config("sre2l", 3, *STORED, "relabel.stored_epochs=2")
+    with pytest.raises(ConfigError, match="compute.shards 3 exceeds the 2 stored epochs"):
+        plan_for(Store(tmp_path / "store"), cfg)

@@ -71,7 +71,8 @@ class Sharding:
     def units(self, num_classes: int, ipc: int) -> int:
         return num_classes if self.unit == "class" else ipc
 
-    def ranges(self, count: int, shards: int) -> list[range]:
+    @staticmethod
+    def ranges(count: int, shards: int) -> list[range]:
         """``count`` units cut into ``shards`` contiguous ranges whose sizes differ by at most one."""
         bounds = [count * i // shards for i in range(shards + 1)]
         return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
