@@ -377,8 +377,9 @@ def presets() -> None:
     not apply. Every <dataset>-<method> pair runs at any IPC with --budget cpu."""
     from condense.configure import cards, recipes
 
-    typer.echo(f"datasets: {', '.join(cards())}")
-    typer.echo("a run is <dataset>-<method> (or METHOD --dataset D); --budget paper needs a row below\n")
+    for name, card in cards().items():
+        typer.echo(f"{name:<13} {card.title}")
+    typer.echo("\na run is <dataset>-<method> (or METHOD --dataset D); --budget paper needs a row below\n")
     for name, recipe in recipes().items():
         rows = " ".join(f"{d}:{'/'.join(map(str, i))}" for d, i in recipe.paper_rows().items())
         typer.echo(f"{name:<6} {recipe.title}")

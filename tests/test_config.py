@@ -216,3 +216,35 @@ def test_a_yaml_file_can_build_on_a_pair_and_keeps_its_budgets_and_rows(tmp_path
     path.write_text("base: cifar10-dtm\n")
     with pytest.raises(ConfigError, match="base 'cifar10-dtm' is not a preset; unknown method 'dtm'"):
         load_config(str(path))
+
+
+def test_presets_lists_the_cards_and_each_methods_paper_rows_and_exclusions():
+    from typer.testing import CliRunner
+
+    from condense_flows.cli import app
+
+    out = CliRunner().invoke(app, ["presets"])
+    assert out.exit_code == 0
+    lines = out.output.splitlines()
+    assert lines[0].startswith("digits ") and any(line.startswith("cifar100 ") for line in lines)
+    mtt = lines.index(next(line for line in lines if line.startswith("mtt ")))
+    assert lines[mtt + 1].split() == [
+        "paper",
+        *[f"{d}:{'/'.join(map(str, i))}" for d, i in recipes()["mtt"].paper_rows().items()],
+    ]
+    assert lines[mtt + 2].split() == ["not", "imagenet"]
+
+
+def test_config_sources_name_each_values_layer():
+    from typer.testing import CliRunner
+
+    from condense_flows.cli import app
+
+    out = CliRunner().invoke(
+        app, ["config", "mtt", "--dataset", "cifar100", "--ipc", "10", "--budget", "paper", "--sources"]
+    )
+    assert out.exit_code == 0
+    lines = dict(line.split(" = ", 1) for line in out.output.splitlines())
+    assert lines["distill.syn_steps"].startswith("20  # paper table mtt on cifar100 at IPC 10")
+    assert lines["dataset.path"] == '"data/cifar100-wds"  # dataset card cifar100'
+    assert lines["evaluate.batch_size"] == "256  # default"
