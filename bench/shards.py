@@ -33,7 +33,7 @@ from condense.store import Store  # noqa: E402
 
 SETTINGS = {
     # Generated 100 classes of 32 px; a small batch-norm ConvNet teacher; budgets of a few minutes.
-    "rded": ["distill.candidates=40", "distill.crops_per_image=5"],
+    "rded": ["distill.candidates=60", "distill.crops_per_image=10"],
     "sre2l": ["distill.iterations=60", "distill.checkpoint_every=30"],
 }
 
@@ -54,9 +54,14 @@ def run_job(job: Any, cfg: Any, store: Store) -> dict[str, Any]:
     return {"part": outcome["part"], "seconds": outcome["seconds"], "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def artifact_files(store: Store, key: str) -> dict[str, bytes]:
+def artifact_files(store: Store, key: str) -> dict[str, Any]:
+    """The set's files (images, labels, pixels, history) and its meta's statistics; the meta's
+    timings and part records differ by how the set was made."""
     folder = store.path("distill", key)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    meta = store.meta("distill", key)
+    files["meta.json"] = {field: meta[field] for field in ("lr", "method", "ipc", "stats", "input_std")}
+    return files
 
 
 def distil(client: Any, method: str, shards: int, data: Path, work: Path, ipc: int) -> dict[str, Any]:
