@@ -506,7 +506,7 @@ class ComputeConfig(Strict):
 
     deterministic: bool = False
     """Bit-reproducible CUDA runs (deterministic kernels, no TF32); CPU runs are reproducible anyway."""
-    shards: int | Literal["auto"] = 1
+    shards: int | Literal["auto"] = added(1)
     """Jobs one distillation splits into, where its method splits (RDED by classes; SRe2L and CDA by
     IPC index; the others refuse more than 1), and stored relabeling (by stored epoch): each shard is
     its own cached, resumable job, on the devices in turn, and their merge is the unsharded artifact
