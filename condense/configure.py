@@ -72,13 +72,13 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def _leaves(settings: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+def leaves(settings: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """A layer's settings as ``(dotted key, value)`` pairs: nested sections are walked, an empty
     mapping is a value of its own (``experts.schedule: {}`` turns PAD's schedule on)."""
     for key, value in settings.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            yield from _leaves(value, dotted + ".")
+            yield from leaves(value, dotted + ".")
         else:
             yield dotted, value
 
@@ -91,7 +91,7 @@ class Resolution:
     sources: dict[str, str] = field(default_factory=dict)
 
     def apply(self, source: str, settings: Mapping[str, Any]) -> None:
-        for dotted, value in _leaves(settings):
+        for dotted, value in leaves(settings):
             _set_path(self.tree, dotted, value)
             for key in [k for k in self.sources if k.startswith(dotted + ".")]:
                 del self.sources[key]  # a whole section replaced or reset
@@ -249,28 +249,25 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (dataset, method) if sep and dataset in cards() and method in recipes() else None
 
 
+def _unknown(kind: str, name: str, known: list[str], listing: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown {kind} {name!r}{hint}; {listing}")
+
+
 def _unknown_name(name: str) -> ConfigError:
+    """The one-line error for a name that is no pair: which half is wrong, and the nearest names."""
     dataset, sep, method = name.rpartition("-")
     if sep and method in recipes() and dataset not in cards():
-        close = difflib.get_close_matches(dataset, list(cards()), n=3)
-        return ConfigError(
-            f"unknown dataset {dataset!r}"
-            + (f" (did you mean {', '.join(close)}?)" if close else "")
-            + f"; datasets: {', '.join(cards())}"
-        )
+        return _unknown("dataset", dataset, list(cards()), f"datasets: {', '.join(cards())}")
     if sep and dataset in cards() and method not in recipes():
-        close = difflib.get_close_matches(method, list(recipes()), n=3)
-        return ConfigError(
-            f"unknown method {method!r}"
-            + (f" (did you mean {', '.join(close)}?)" if close else "")
-            + f"; methods: {', '.join(recipes())}"
-        )
-    close = difflib.get_close_matches(name, preset_names(), n=3)
-    return ConfigError(
-        f"unknown preset {name!r}"
-        + (f" (did you mean {', '.join(close)}?)" if close else "")
-        + f"; a preset is <dataset>-<method> (datasets: {', '.join(cards())}; methods: "
-        f"{', '.join(recipes())}), see `condense presets`, or give a YAML file"
+        return _unknown("method", method, list(recipes()), f"methods: {', '.join(recipes())}")
+    return _unknown(
+        "preset",
+        name,
+        preset_names(),
+        f"a preset is <dataset>-<method> (datasets: {', '.join(cards())}; methods: "
+        f"{', '.join(recipes())}), see `condense presets`, or give a YAML file",
     )
 
 

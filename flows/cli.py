@@ -407,7 +407,7 @@ def config(
     """Print the fully resolved config (every field, defaults included) as YAML."""
     import yaml
 
-    from condense.configure import build_config, resolve
+    from condense.configure import build_config, leaves, resolve
     from condense.errors import CondenseError
 
     source, overrides = _target(preset, dataset, ipc, budget, set_)
@@ -419,16 +419,8 @@ def config(
     if not sources:
         typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return
-    for key, value in _leaf_values(cfg.model_dump(mode="json")):
+    for key, value in leaves(cfg.model_dump(mode="json")):
         typer.echo(f"{key} = {json.dumps(value)}  # {resolution.source_of(key)}")
-
-
-def _leaf_values(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            yield from _leaf_values(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 @app.command()

@@ -87,16 +87,8 @@ def test_mtt_table(dataset: str, ipc: int, expected: dict[str, Any]):
 
 # -- FTD: its Table 7 (docs/parameters.png) and run scripts; subsets from FTD issue #3 --------------
 
-FTD_ALL = {
-    "experts.optimizer": "gsam",
-    "experts.num_experts": 100,
-    "experts.epochs": 50,
-    "experts.batch_size": 256,
-    "experts.rho": 0.01,
-    "distill.iterations": 5000,
-    "evaluate.epochs": 1000,
-    "evaluate.seeds": 5,
-}
+FTD_ALL = {"experts.optimizer": "gsam", "experts.rho": 0.01}
+"""FTD's experts are MTT's (100 x 50 epochs, batch 256) trained with GSAM."""
 
 
 def ftd(
@@ -112,17 +104,10 @@ def ftd(
     batch: int | None,
 ) -> dict[str, Any]:
     return {
+        **mtt(zca, n, m, t, lr_img, lr_lr, lr_teacher, batch),
         **FTD_ALL,
-        "dataset.zca": zca,
         "experts.gsam_alpha": alpha,
-        "distill.syn_steps": n,
-        "distill.expert_epochs": m,
-        "distill.max_start_epoch": t,
-        "distill.lr_img": lr_img,
-        "distill.lr_lr": lr_lr,
-        "distill.lr_init": lr_teacher,
         "distill.ema_decay": ema,
-        "distill.batch_syn": batch,
     }
 
 
