@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,12 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def random_seed(generator: torch.Generator) -> int:
     """Draw a seed for a sub-step (a DSA transform, a batch order) from ``generator``."""
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed fixed by ``parts`` alone (e.g. run seed, iteration, class), well mixed, so work keyed
+    by its position draws the same whatever ran before it (a resumed run, a shard)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def batches(

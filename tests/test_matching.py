@@ -138,7 +138,7 @@ def test_batchnorm_statistics_are_frozen_from_real_images(digits: PreparedDatase
 
 def test_kmeans_init_takes_real_images_of_each_class(digits: PreparedDataset):
     images = initial_images(digits, IPC, "kmeans", torch.Generator().manual_seed(0), _random_net(digits))
-    labels = class_labels(digits.num_classes, IPC)
+    labels = class_labels(range(digits.num_classes), IPC)
     for image, label in zip(images, labels, strict=True):
         matches = (digits.train_x == image).flatten(1).all(1)
         assert bool(matches.any()) and int(digits.train_y[matches][0]) == int(label)

@@ -1,5 +1,5 @@
-"""One distillation on many workers (``compute.shards``): the shards of RDED (by class) and of SRe2L
-and CDA (by IPC index) run as separate jobs, on threads or on a local Dask cluster, and their merge
+"""One distillation on many workers (``compute.shards``): the shards of RDED and DM (by class) and of
+SRe2L and CDA (by IPC index) run as separate jobs, on threads or on a local Dask cluster, and their merge
 is the unsharded set byte for byte, whatever the count; a killed shard reruns alone; a method that
 cannot shard says so before any work."""
 
@@ -22,6 +22,10 @@ METHODS = {
     "rded": ("digits-rded", ["ipc=2", "distill.candidates=12"]),
     "sre2l": ("digits-sre2l", ["ipc=3", "distill.iterations=4"]),
     "cda": ("digits-cda", ["ipc=3", "distill.iterations=4"]),
+    "dm": (
+        "digits-dm",
+        ["ipc=2", "distill.iterations=6", "distill.checkpoint_every=3", "distill.batch_real=16"],
+    ),
 }
 
 
@@ -46,7 +50,7 @@ def artifact_bytes(store: Store, key: str, stage: str = "distill") -> dict[str, 
 def distil_on_threads(store: Store, cfg) -> tuple[str, list[dict]]:
     """The plan's teacher, then every distill shard at once on a thread each, then the merge."""
     plan = plan_for(store, cfg)
-    run_jobs(store, cfg, plan, {"teacher"})
+    run_jobs(store, cfg, plan, {"experts", "teacher"})
     jobs = [job for job in plan.jobs if job.stage == "distill"]
     shards, merge = [job for job in jobs if job.part is not None], [job for job in jobs if job.part is None]
     with ThreadPoolExecutor(max(1, len(shards))) as pool:
@@ -84,7 +88,7 @@ def distil_on_dask(client, store: Store, cfg) -> tuple[str, list[dict]]:
     """The plan's teacher here, then every distill job on the cluster: the shards at once (a worker
     process each), then the merge."""
     plan = plan_for(store, cfg)
-    run_jobs(store, cfg, plan, {"teacher"})
+    run_jobs(store, cfg, plan, {"experts", "teacher"})
     jobs = [job for job in plan.jobs if job.stage == "distill"]
     parts = [client.submit(execute, job, cfg, store, pure=False) for job in jobs if job.part is not None]
     outcomes = client.gather(parts)
@@ -95,7 +99,7 @@ def distil_on_dask(client, store: Store, cfg) -> tuple[str, list[dict]]:
     ]
 
 
-@pytest.mark.parametrize(("method", "shards"), [("rded", 3), ("sre2l", 2), ("cda", 3)])
+@pytest.mark.parametrize(("method", "shards"), [("rded", 3), ("sre2l", 2), ("cda", 3), ("dm", 2)])
 def test_sharded_on_a_local_dask_cluster_is_the_unsharded_set(method, shards, tmp_path):
     # The reference runs on a worker too: a Dask worker computes with one torch thread, and a float
     # reduction split over another number of threads rounds differently (2e-7 here), sharded or not.
@@ -112,11 +116,12 @@ def test_sharded_on_a_local_dask_cluster_is_the_unsharded_set(method, shards, tm
     assert artifact_bytes(store, key) == artifact_bytes(Store(tmp_path / "whole"), key)
 
 
-def test_a_killed_shard_reruns_alone_and_the_merge_is_unchanged(unsharded, tmp_path, monkeypatch):
-    cfg = config("sre2l", 3)
+@pytest.mark.parametrize("method", ["sre2l", "dm"])
+def test_a_killed_shard_reruns_alone_and_the_merge_is_unchanged(method, unsharded, tmp_path, monkeypatch):
+    cfg = config(method, 3)
     store = Store(tmp_path / "store")
     plan = plan_for(store, cfg)
-    run_jobs(store, cfg, plan, {"teacher"})
+    run_jobs(store, cfg, plan, {"experts", "teacher"})
     first, second, third = [job for job in plan.jobs if job.stage == "distill" and job.part is not None]
     execute(first, cfg, store)
     original = base.TorchCheckpoints
@@ -127,7 +132,7 @@ def test_a_killed_shard_reruns_alone_and_the_merge_is_unchanged(unsharded, tmp_p
     assert list(store.partial("distill", first.key).glob("checkpoint-2of3.pt"))  # its progress is kept
     outcomes = run_jobs(store, cfg, plan, {"distill"})
     assert [(o["part"], o["cached"]) for o in outcomes] == [(0, True), (1, False), (2, False), (None, False)]
-    key, whole = unsharded["sre2l"]
+    key, whole = unsharded[method]
     assert artifact_bytes(store, key) == whole
 
 
@@ -147,7 +152,7 @@ def test_parts_of_another_shard_count_are_not_taken_for_these(unsharded, tmp_pat
     ("preset", "message"),
     [
         ("digits-mtt", "method mtt cannot be sharded \\(each iteration matches one expert trajectory"),
-        ("digits-dm", "method dm cannot be sharded \\(every class is matched through the one network"),
+        ("digits-dsa", "method dsa cannot be sharded \\(each iteration's network trains on every class"),
         ("digits-cudd", "method cudd cannot be sharded \\(a later curriculum"),
     ],
 )
@@ -155,6 +160,12 @@ def test_a_method_that_cannot_shard_refuses_before_any_work(preset, message):
     with pytest.raises(ConfigError, match=message):
         load_config(preset, ["compute.shards=2"])
     assert load_config(preset, ["compute.shards=1"]).compute.shard_count() == 1
+
+
+def test_dm_with_batchnorm_refuses_shards_since_its_statistics_span_the_classes():
+    with pytest.raises(ConfigError, match="DM with BatchNorm embeds every class in one batch"):
+        load_config("digits-dm", ["compute.shards=2", "model.norm=batchnorm"])
+    assert load_config("digits-dm", ["compute.shards=2"]).compute.shard_count() == 2
 
 
 def test_more_shards_than_units_is_refused_at_planning(tmp_path: Path):

@@ -58,7 +58,8 @@ class Sharding:
     """How one distillation splits into independent shards, each its own job (``compute.shards``).
 
     ``unit`` is what a shard takes a contiguous range of: ``class`` (RDED: each class picked apart
-    from the others) or ``ipc`` (SRe2L, CDA: each batch of one image per class recovered apart). The
+    from the others; DM: each class matched apart) or ``ipc`` (SRe2L, CDA: each batch of one image
+    per class recovered apart). The
     function it registers then computes only ``inputs.units`` and returns that part of the set
     (:attr:`Method.compute`); ``merge(inputs, parts)`` joins the parts (in unit order) into the whole
     set and its statistics; :meth:`Method.distill` makes the whole set as one shard of every unit.
@@ -98,15 +99,16 @@ class Method:
     """How the method splits into shards, or why it does not (one line, for the refusal)."""
 
     def distill(
-        self, inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT
+        self, inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT, **options: Any
     ) -> SyntheticSet:
         """The whole set in one job: a shardable method's one shard of every unit, merged, so the
-        unsharded set is made by exactly the code that makes a sharded one."""
+        unsharded set is made by exactly the code that makes a sharded one. ``options`` go to the
+        registered function (DM's ``label``, which DREAM sets)."""
         if isinstance(self.shards, str):
-            return self.compute(inputs, checkpoints, progress)
+            return self.compute(inputs, checkpoints, progress, **options)
         count = self.shards.units(inputs.data.num_classes, inputs.ipc)
         whole = replace(inputs, units=range(count))
-        return self.shards.merge(whole, [self.compute(whole, checkpoints, progress)])
+        return self.shards.merge(whole, [self.compute(whole, checkpoints, progress, **options)])
 
 
 _registry: dict[str, Method] = {}

@@ -25,7 +25,7 @@ from pydantic import Field
 from condense.datasets.common import sample_per_class
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.matching import SHARED_NETWORK, MatchingConfig, MatchingRun, run_matching
+from condense.methods.matching import SHARED_NETWORK, MatchingConfig, MatchingRun, merge_classes, run_matching
 from condense.models import ConvNet
 from condense.prepare import RealData
 from condense.training import train_epoch
@@ -101,7 +101,7 @@ def class_loss(
     run: MatchingRun, net: ConvNet, params: list[torch.Tensor], c: int, matching_pass: int
 ) -> torch.Tensor:
     """Gradient-matching loss of class ``c``: real and synthetic CE gradients under one DSA transform."""
-    real, syn = run.siamese(run.real(c, matching_pass, net), run.synthetic(c))
+    real, syn = run.pair(c, matching_pass, net)
     ce_real = F.cross_entropy(net(real), torch.full((len(real),), c, device=real.device))
     g_real = [g.detach() for g in torch.autograd.grad(ce_real, params)]
     ce_syn = F.cross_entropy(net(syn), torch.full((len(syn),), c, device=syn.device))
@@ -109,23 +109,21 @@ def class_loss(
     return match_loss(g_syn, g_real)
 
 
-def step(run: MatchingRun, iteration: int) -> float:
-    """One outer iteration; returns the loss per class and matching pass (as DC prints it)."""
+def step(run: MatchingRun, iteration: int) -> torch.Tensor:
+    """One outer iteration; returns each class's loss per matching pass (DC prints their mean)."""
     cfg: DSAMatchConfig = run.cfg
     outer, inner = loops(cfg, run.ipc)
     net = run.fresh_net()
     net.train()
     params = list(net.parameters())
     opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
-    total: torch.Tensor | None = None  # summed on the device: read once, at the end
+    total = torch.zeros(len(run.classes), device=run.images.device)  # read once, by the loop
     for ol in range(outer):
         freeze_batchnorm(net, run.data, run.generator)
         # The sampler's clock counts matching passes, so DREAM's interval means what it does in DREAM.
-        loss = torch.stack(
-            [class_loss(run, net, params, c, iteration * outer + ol) for c in range(run.num_classes)]
-        )
+        loss = torch.stack([class_loss(run, net, params, c, iteration * outer + ol) for c in run.classes])
         run.update(loss.sum())
-        total = loss.sum().detach() if total is None else total + loss.sum().detach()
+        total += loss.detach()
         if ol == outer - 1:
             break
         images = run.images.detach()  # the network trains on a snapshot of the current synthetic set
@@ -133,11 +131,11 @@ def step(run: MatchingRun, iteration: int) -> float:
             train_epoch(
                 net, images, run.labels, F.cross_entropy, opt_net, cfg.batch_train, run.generator, run.dsa_cfg
             )
-    return float(total) / (outer * run.num_classes)  # type: ignore[arg-type]
+    return total / outer
 
 
 @register_method("dsa", config=DSAMatchConfig, streams=True, shards=SHARED_NETWORK)
 def distill(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, label: str = "DSA"
 ) -> SyntheticSet:
-    return run_matching(inputs, checkpoints, progress, step, label)
+    return merge_classes(inputs, [run_matching(inputs, checkpoints, progress, step, label)])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from condense.devices import upload
+from condense.training import derived_seed
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
 """Images (n, C, H, W) -> features (n, D), e.g. ``net.embed``; it must move inputs to its own device."""
@@ -97,11 +98,6 @@ def _features(images: ImagesAt, members: torch.Tensor, embed: Embed, batch: int)
     return torch.cat(chunks).flatten(1).numpy()
 
 
-def _derive_seed(*parts: int) -> int:
-    """A k-means seed that differs for each (run seed, class, clustering) yet is fixed for the run."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 class RandomSampler:
     """The baseline: ``k`` random real samples of class ``c``, drawn from ``generator``."""
 
@@ -164,7 +160,7 @@ class RepresentativeSampler:
         self.stats["feature_seconds"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        rows = kmeans_nearest(features, k, _derive_seed(self.seed, c, period), self.niter)
+        rows = kmeans_nearest(features, k, derived_seed(self.seed, c, period), self.niter)
         self.stats["kmeans_seconds"] += time.perf_counter() - start
 
         self.stats["reclusters"] += 1
@@ -195,6 +191,6 @@ def kmeans_init(
         if len(members) < ipc:
             raise ValueError(f"class {c} has {len(members)} images, fewer than ipc={ipc}")
         features = _features(images, members, embed, 512)
-        rows = kmeans_nearest(features, ipc, _derive_seed(seed, c))
+        rows = kmeans_nearest(features, ipc, derived_seed(seed, c))
         picks.append(members[torch.from_numpy(rows).to(members.device)])
     return images(torch.cat(picks)).clone()
