@@ -22,6 +22,11 @@ METHODS = {
     "rded": ("digits-rded", ["ipc=2", "distill.candidates=12"]),
     "sre2l": ("digits-sre2l", ["ipc=3", "distill.iterations=4"]),
     "cda": ("digits-cda", ["ipc=3", "distill.iterations=4"]),
+    # the first curriculum (3 images per class) shards; the second follows in the merge job
+    "cudd": (
+        "digits-cudd",
+        ["ipc=4", "distill.iterations=4", "distill.curricula=[3,1]", "distill.student_epochs=1"],
+    ),
     "dm": (
         "digits-dm",
         ["ipc=2", "distill.iterations=6", "distill.checkpoint_every=3", "distill.batch_real=16"],
@@ -99,7 +104,9 @@ def distil_on_dask(client, store: Store, cfg) -> tuple[str, list[dict]]:
     ]
 
 
-@pytest.mark.parametrize(("method", "shards"), [("rded", 3), ("sre2l", 2), ("cda", 3), ("dm", 2)])
+@pytest.mark.parametrize(
+    ("method", "shards"), [("rded", 3), ("sre2l", 2), ("cda", 3), ("dm", 2), ("cudd", 2)]
+)
 def test_sharded_on_a_local_dask_cluster_is_the_unsharded_set(method, shards, tmp_path):
     # The reference runs on a worker too: a Dask worker computes with one torch thread, and a float
     # reduction split over another number of threads rounds differently (2e-7 here), sharded or not.
@@ -116,7 +123,7 @@ def test_sharded_on_a_local_dask_cluster_is_the_unsharded_set(method, shards, tm
     assert artifact_bytes(store, key) == artifact_bytes(Store(tmp_path / "whole"), key)
 
 
-@pytest.mark.parametrize("method", ["sre2l", "dm"])
+@pytest.mark.parametrize("method", ["sre2l", "dm", "cudd"])
 def test_a_killed_shard_reruns_alone_and_the_merge_is_unchanged(method, unsharded, tmp_path, monkeypatch):
     cfg = config(method, 3)
     store = Store(tmp_path / "store")
@@ -153,7 +160,6 @@ def test_parts_of_another_shard_count_are_not_taken_for_these(unsharded, tmp_pat
     [
         ("digits-mtt", "method mtt cannot be sharded \\(each iteration matches one expert trajectory"),
         ("digits-dsa", "method dsa cannot be sharded \\(each iteration's network trains on every class"),
-        ("digits-cudd", "method cudd cannot be sharded \\(a later curriculum"),
     ],
 )
 def test_a_method_that_cannot_shard_refuses_before_any_work(preset, message):

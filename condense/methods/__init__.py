@@ -59,18 +59,33 @@ class Sharding:
 
     ``unit`` is what a shard takes a contiguous range of: ``class`` (RDED: each class picked apart
     from the others; DM: each class matched apart) or ``ipc`` (SRe2L, CDA: each batch of one image
-    per class recovered apart). The
-    function it registers then computes only ``inputs.units`` and returns that part of the set
-    (:attr:`Method.compute`); ``merge(inputs, parts)`` joins the parts (in unit order) into the whole
-    set and its statistics; :meth:`Method.distill` makes the whole set as one shard of every unit.
-    Each unit's randomness derives from (seed, unit), never from the units before it, so the merged
-    set is the unsharded one, byte for byte, whatever the shard count."""
+    per class recovered apart). The function it registers then computes only ``inputs.units`` and
+    returns that part of the set (:attr:`Method.compute`); ``merge(inputs, parts)`` joins the parts
+    (in unit order) into the whole set and its statistics; :meth:`Method.distill` makes the whole set
+    as one shard of every unit. Each unit's randomness derives from (seed, unit), never from the
+    units before it, so the merged set is the unsharded one, byte for byte, whatever the shard count.
+
+    A method whose leading units alone are independent (CUDD's first curriculum) names their count,
+    ``prefix(method_cfg, ipc)``, and what follows them, ``finish(inputs, merged, checkpoints,
+    progress)``: the merge job runs it on the merged prefix, resumable like any distillation."""
 
     unit: str
     merge: Callable[[DistillInputs, list[SyntheticSet]], SyntheticSet]
+    prefix: Callable[[Any, int], int] | None = None
+    finish: Callable[[DistillInputs, SyntheticSet, Checkpoints, Progress], SyntheticSet] | None = None
 
-    def units(self, num_classes: int, ipc: int) -> int:
+    def units(self, num_classes: int, ipc: int, method_cfg: Any) -> int:
+        """How many units the shards divide."""
+        if self.prefix is not None:
+            return self.prefix(method_cfg, ipc)
         return num_classes if self.unit == "class" else ipc
+
+    def join(
+        self, inputs: DistillInputs, parts: list[SyntheticSet], checkpoints: Checkpoints, progress: Progress
+    ) -> SyntheticSet:
+        """The parts merged, and finished where the method has work after its shardable prefix."""
+        merged = self.merge(inputs, parts)
+        return merged if self.finish is None else self.finish(inputs, merged, checkpoints, progress)
 
     @staticmethod
     def ranges(count: int, shards: int) -> list[range]:
@@ -106,9 +121,10 @@ class Method:
         registered function (DM's ``label``, which DREAM sets)."""
         if isinstance(self.shards, str):
             return self.compute(inputs, checkpoints, progress, **options)
-        count = self.shards.units(inputs.data.num_classes, inputs.ipc)
+        count = self.shards.units(inputs.data.num_classes, inputs.ipc, inputs.method_cfg)
         whole = replace(inputs, units=range(count))
-        return self.shards.merge(whole, [self.compute(whole, checkpoints, progress, **options)])
+        parts = [self.compute(whole, checkpoints, progress, **options)]
+        return self.shards.join(whole, parts, checkpoints, progress)
 
 
 _registry: dict[str, Method] = {}

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from condense.config import KDRecipeConfig
 from condense.errors import ConfigError
 from condense.evaluate import KDRecipe, train_kd
-from condense.methods import register_method
+from condense.methods import Sharding, register_method
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 from condense.methods.recover import (
     ExtraTerms,
@@ -179,55 +179,124 @@ def _student_model(inputs: DistillInputs, state_dict: dict[str, torch.Tensor]) -
     return frozen(model)
 
 
-@register_method(
-    "cudd",
-    config=CUDDConfig,
-    needs=("teacher",),
-    check=check,
-    streams=True,
-    shards="a later curriculum starts from the real images a student of every earlier image gets wrong",
-)
-def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
+def first_size(cfg: CUDDConfig, ipc: int) -> int:
+    """Images per class of the first curriculum: the batches that shard (``compute.shards``)."""
+    return curriculum_sizes(cfg, ipc)[0]
+
+
+def curriculum_seed(seed: int, index: int) -> int:
+    """Curriculum ``index``'s draws (its student's and its picks'), fixed by (seed, index) alone."""
+    return seed * 7919 + index
+
+
+def first_picks(
+    inputs: DistillInputs, teacher: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """(which training images the teacher gets right, the first curriculum's (classes, size) start
+    images, their counts by tier): the same in every shard and in the merge job."""
+    data = inputs.data
+    teacher_right = indexed_logits(teacher, data).argmax(1) == data.train_y
+    size = first_size(inputs.method_cfg, inputs.ipc)
+    none_used = torch.zeros(0, dtype=torch.long)
+    picks, counts = select_initial(
+        data,
+        teacher_right,
+        None,
+        size,
+        none_used,
+        torch.Generator().manual_seed(curriculum_seed(inputs.seed, 0)),
+    )
+    return teacher_right, picks, counts
+
+
+def recover_anchored(
+    inputs: DistillInputs,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module | None,
+    anchor_indices: torch.Tensor,
+    number: int,
+    state: dict[str, Any],
+    checkpoints: Checkpoints,
+    progress: Progress,
+    label: str,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Batch ``number`` of the set (one image per class) recovered from the real images at
+    ``anchor_indices`` with CUDD's terms, resumable from ``state``'s partial batch."""
+    data = inputs.data
+    anchor = data.images(anchor_indices)
+    return recover_batch(
+        teacher,
+        anchor,
+        torch.arange(data.num_classes, device=data.device),
+        inputs.method_cfg,
+        pixel_bounds(data),
+        batch_generator(inputs.seed, number),
+        saving_partial(checkpoints, state),
+        resume=state["partial"],
+        extra_terms=cudd_terms(student, anchor, inputs.method_cfg),
+        progress=progress,
+        label=label,
+    )
+
+
+def merge_first(inputs: DistillInputs, parts: list[SyntheticSet]) -> SyntheticSet:
+    """The first curriculum's shards, their batches in IPC order (batch-major), with their history."""
+    return SyntheticSet(
+        images=torch.cat([part.images for part in parts]),
+        labels=torch.cat([part.labels for part in parts]),
+        history=[record for part in parts for record in part.history],
+        stats=parts[0].stats,
+    )
+
+
+def later_curricula(
+    inputs: DistillInputs, first: SyntheticSet, checkpoints: Checkpoints, progress: Progress
+) -> SyntheticSet:
+    """Curricula 2.. on top of the merged first one (each after a student of every image so far),
+    then the whole set, class-major, with the recovery's statistics and each curriculum's record."""
     cfg: CUDDConfig = inputs.method_cfg
     data = inputs.data
-    teacher, guard = checked_teacher(inputs)
-    teacher_right = indexed_logits(teacher, data).argmax(1) == data.train_y
+    teacher = frozen(inputs.teacher)
     labels = torch.arange(data.num_classes, device=data.device)
     sizes = curriculum_sizes(cfg, inputs.ipc)
-    state = checkpoints.load() or {
-        "batches": [],
-        "histories": [],
-        "partial": None,
-        "curriculum": -1,
-        "curricula": [],
-        "used": torch.zeros(0, dtype=torch.long),
-    }
-    if state["batches"] or state["partial"]:
+    teacher_right, picks, counts = first_picks(inputs, teacher)
+    state = checkpoints.load()
+    if state is None or "curriculum" not in state:  # none yet, or the whole run's first curriculum's
+        histories: list[list[dict[str, float]]] = [[] for _ in range(sizes[0])]
+        for record in first.history:
+            histories[record["batch"]].append({k: v for k, v in record.items() if k != "batch"})
+        state = {
+            "batches": list(first.images.split(data.num_classes)),
+            "histories": histories,
+            "partial": None,
+            "curriculum": 0,
+            "curricula": [{"curriculum": 1, "size": sizes[0], "init": counts, "picks": picks}],
+            "used": picks.flatten(),
+        }
+    elif len(sizes) > 1:
         progress.note(f"resuming CUDD in curriculum {state['curriculum'] + 1}/{len(sizes)}")
-    first = 0
-    for index, size in enumerate(sizes):
-        if len(state["batches"]) >= first + size:
-            first += size
+    first_index = sizes[0]
+    for index, size in enumerate(sizes[1:], start=1):
+        if len(state["batches"]) >= first_index + size:
+            first_index += size
             continue
-        student = None
         if state["curriculum"] != index:
-            generator = torch.Generator().manual_seed(inputs.seed * 7919 + index)
-            record: dict[str, Any] = {"curriculum": index + 1, "size": size}
-            student_right = None
-            if index > 0:
-                progress.note(f"CUDD curriculum {index + 1}: training a student on {first} images per class")
-                student = train_student(
-                    inputs,
-                    class_major(state["batches"], data.device),
-                    cfg,
-                    inputs.seed * 7919 + index,
-                    progress,
-                )
-                record["student_accuracy"] = round(split_accuracy(student, data), 2)
-                record["student"] = student.state_dict()
-                student_right = indexed_logits(student, data).argmax(1) == data.train_y
+            progress.note(
+                f"CUDD curriculum {index + 1}: training a student on {first_index} images per class"
+            )
+            seed = curriculum_seed(inputs.seed, index)
+            student = train_student(inputs, class_major(state["batches"], data.device), cfg, seed, progress)
+            student_right = indexed_logits(student, data).argmax(1) == data.train_y
+            generator = torch.Generator().manual_seed(seed)
             picks, counts = select_initial(data, teacher_right, student_right, size, state["used"], generator)
-            record.update(init=counts, picks=picks)
+            record = {
+                "curriculum": index + 1,
+                "size": size,
+                "student_accuracy": round(split_accuracy(student, data), 2),
+                "student": student.state_dict(),
+                "init": counts,
+                "picks": picks,
+            }
             state = {
                 **state,
                 "curriculum": index,
@@ -235,35 +304,31 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
                 "used": torch.cat([state["used"], picks.flatten()]),
             }
             checkpoints.save(state)
-        elif index > 0:
+        else:
             student = _student_model(inputs, state["curricula"][index]["student"])
         picks = state["curricula"][index]["picks"]
-        for offset in range(len(state["batches"]) - first, size):
-            number = first + offset
-            anchor = data.images(picks[:, offset])
-            images, history = recover_batch(
+        for offset in range(len(state["batches"]) - first_index, size):
+            images, history = recover_anchored(
+                inputs,
                 teacher,
-                anchor,
-                labels,
-                cfg,
-                pixel_bounds(data),
-                batch_generator(inputs.seed, number),
-                saving_partial(checkpoints, state),
-                resume=state["partial"],
-                extra_terms=cudd_terms(student, anchor, cfg),
-                progress=progress,
-                label=f"curriculum {index + 1} batch {offset + 1}/{size}",
+                student,
+                picks[:, offset],
+                first_index + offset,
+                state,
+                checkpoints,
+                progress,
+                f"curriculum {index + 1} batch {offset + 1}/{size}",
             )
             state = with_batch(state, images, history)
             checkpoints.save(state)
-        first += size
+        first_index += size
     images = class_major(state["batches"], data.device)
     out_labels = labels.repeat_interleave(inputs.ipc)
     curricula = [
         {k: v for k, v in record.items() if k not in ("student", "picks")} for record in state["curricula"]
     ]
     stats: dict[str, Any] = {
-        "teacher_check_accuracy": round(guard, 2),
+        "teacher_check_accuracy": first.stats["teacher_check_accuracy"],
         **summarize_recovery(teacher, images, out_labels, state["histories"]),
         "curricula": curricula,
     }
@@ -272,4 +337,51 @@ def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress 
         labels=out_labels,
         history=[{"batch": b, **r} for b, h in enumerate(state["histories"]) for r in h],
         stats=stats,
+    )
+
+
+@register_method(
+    "cudd",
+    config=CUDDConfig,
+    needs=("teacher",),
+    check=check,
+    streams=True,
+    shards=Sharding("ipc", merge_first, prefix=first_size, finish=later_curricula),
+)
+def distill(inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress = SILENT) -> SyntheticSet:
+    """The first curriculum's batches ``inputs.units`` (IPC indices), each recovered from its start
+    image with its own generator, so a shard recovers what the whole run would; batch-major, with
+    their history. The later curricula follow in :func:`later_curricula` (the merge job's)."""
+    cfg: CUDDConfig = inputs.method_cfg
+    data = inputs.data
+    teacher, guard = checked_teacher(inputs)
+    _, picks, _ = first_picks(inputs, teacher)
+    size = first_size(cfg, inputs.ipc)
+    numbers = inputs.units if inputs.units is not None else range(size)
+    state = checkpoints.load() or {"batches": [], "histories": [], "partial": None}
+    if (state["batches"] or state["partial"]) and len(state["batches"]) < len(numbers):
+        progress.note(
+            f"resuming CUDD's first curriculum with {len(state['batches'])} of {len(numbers)} batches done"
+        )
+    # A whole run killed in a later curriculum left its state here: its batches start with these.
+    for number in numbers[len(state["batches"]) :]:
+        images, history = recover_anchored(
+            inputs,
+            teacher,
+            None,
+            picks[:, number],
+            number,
+            state,
+            checkpoints,
+            progress,
+            f"curriculum 1 batch {number + 1}/{size}",
+        )
+        state = with_batch(state, images, history)
+        checkpoints.save(state)
+    batches, histories = state["batches"][: len(numbers)], state["histories"][: len(numbers)]
+    return SyntheticSet(
+        images=torch.cat([batch.to(data.device) for batch in batches]),
+        labels=torch.arange(data.num_classes, device=data.device).repeat(len(batches)),
+        history=[{"batch": b, **r} for b, h in zip(numbers, histories, strict=True) for r in h],
+        stats={"teacher_check_accuracy": round(guard, 2)},
     )

@@ -6,7 +6,8 @@ stage's code beyond its own, so an edit to one method re-keys that method's sets
 With ``compute.shards`` above 1 a shardable method's work is cut into that many parts (ranges of
 classes or IPC indices, :class:`condense.methods.Sharding`): each is a job of its own (cached,
 resumable from its own checkpoint, on the devices in turn), saved in the work folder as a partial
-set, and the stage's own job merges them into the one set the next stages read. The merge equals
+set, and the stage's own job merges them into the one set the next stages read (and does what
+follows a method's shardable prefix, CUDD's later curricula). The merge equals
 the unsharded set byte for byte, so the shard count is in no key: a set distilled with 4 shards is
 found by a run asking for 1. Parts cut another way (the count changed between a kill and the rerun)
 carry other labels and are not mistaken for these.
@@ -45,11 +46,16 @@ def sharding(cfg: PipelineConfig) -> Sharding | None:
 def check_shards(cfg: PipelineConfig, num_classes: int) -> None:
     """More shards than units of work would leave a shard nothing to do: refused before any work."""
     split = sharding(cfg)
-    if split is not None and cfg.compute.shard_count() > split.units(num_classes, cfg.ipc):
+    if split is None:
+        return
+    units = split.units(num_classes, cfg.ipc, cfg.distill)
+    if cfg.compute.shard_count() > units:
         what = f"{num_classes} classes" if split.unit == "class" else f"IPC {cfg.ipc}"
+        if split.prefix is not None:
+            what = f"the first {units} IPC indices; the rest follows the merge"
         raise ConfigError(
             f"compute.shards {cfg.compute.shard_count()} exceeds the {cfg.method} distillation's units "
-            f"({what}, split by {split.unit}): use at most {split.units(num_classes, cfg.ipc)}"
+            f"({what}, split by {split.unit}): use at most {units}"
         )
 
 
@@ -90,9 +96,8 @@ def run_shard(ctx: Context, index: int) -> dict[str, Any]:
     split = sharding(ctx.cfg)
     assert split is not None and ctx.part is not None  # parts exist only for a sharded run
     inputs = _inputs(ctx)
-    units = split.ranges(split.units(inputs.data.num_classes, inputs.ipc), ctx.cfg.compute.shard_count())[
-        index
-    ]
+    count = split.units(inputs.data.num_classes, inputs.ipc, inputs.method_cfg)
+    units = split.ranges(count, ctx.cfg.compute.shard_count())[index]
     part = get_method(ctx.cfg.method).compute(replace(inputs, units=units), ctx.checkpoints(), ctx.progress)
     name = SHARD.format(ctx.part)
     fields = {"images": part.images.detach().cpu(), "labels": part.labels.cpu()}
@@ -115,7 +120,8 @@ def run(ctx: Context) -> dict[str, Any]:
     if ctx.parts:  # the shards' partial sets, merged in unit order
         split = sharding(cfg)
         assert split is not None
-        result = split.merge(inputs, [_load_shard(ctx, record) for record in ctx.parts])
+        parts = [_load_shard(ctx, record) for record in ctx.parts]
+        result = split.join(inputs, parts, ctx.checkpoints(), ctx.progress)
         for partial in ctx.work.glob(SHARD.format("*")):  # these, and any cut another way
             partial.unlink()
     else:
