@@ -507,11 +507,23 @@ class ComputeConfig(Strict):
     deterministic: bool = False
     """Bit-reproducible CUDA runs (deterministic kernels, no TF32); CPU runs are reproducible anyway."""
     shards: int | Literal["auto"] = added(1)
-    """Jobs one distillation splits into, where its method splits (RDED by classes; SRe2L and CDA by
-    IPC index; the others refuse more than 1), and stored relabeling (by stored epoch): each shard is
-    its own cached, resumable job, on the devices in turn, and their merge is the unsharded artifact
-    byte for byte, so the count enters no key. ``auto``: one per device of ``devices``, else
-    ``cpu_jobs``."""
+    """Jobs one distillation splits into, where its method splits (RDED and DM by classes; SRe2L, CDA
+    and CUDD's first curriculum by IPC index; the others refuse more than 1), and stored relabeling
+    (by stored epoch): each shard is its own cached, resumable job, on the devices in turn, and their
+    merge is the unsharded artifact byte for byte, so the count enters no key. ``auto``: one per
+    device of ``devices``, else ``cpu_jobs``."""
+    data_parallel: int | Literal["auto"] = added(1)
+    """Processes that train a teacher (``teacher.source: train``) data-parallel: each batch split
+    across them, gradients averaged (torch.distributed: NCCL on GPUs, Gloo on CPUs). The teacher is
+    the one-process teacher up to floating-point reduction order, as on another GPU model, so the
+    count enters no key. ``auto``: one per device of ``devices``, else every visible GPU, else 1."""
+
+    @field_validator("data_parallel")
+    @classmethod
+    def _positive_processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"data_parallel must be at least 1 (or auto), got {value}")
+        return value
 
     @field_validator("shards")
     @classmethod

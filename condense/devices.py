@@ -66,6 +66,26 @@ def fan_out(setting: str, devices: list[str] | None) -> list[str]:
     return [setting]
 
 
+def data_parallel(processes: int | str, devices: list[str] | None, job: torch.device) -> list[str]:
+    """The device of each process of a data-parallel training (``compute.data_parallel``) in a job on
+    ``job``: the first of ``devices`` when listed, else ``job``'s kind (every visible GPU for
+    ``auto``), else one process."""
+    if devices:
+        count = len(devices) if processes == "auto" else int(processes)
+        if count > len(devices):
+            raise ConfigError(
+                f"compute.data_parallel {count} exceeds the {len(devices)} listed compute.devices"
+            )
+        return list(devices[:count])
+    if job.type == "cuda":
+        visible = torch.cuda.device_count()
+        count = visible if processes == "auto" else int(processes)
+        if count > visible:
+            raise ConfigError(f"compute.data_parallel {count} exceeds the {visible} visible GPUs")
+        return [f"cuda:{i}" for i in range(count)]
+    return [str(job)] * (1 if processes == "auto" else int(processes))
+
+
 def in_turn(spread: list[str], turn: int) -> str:
     """The device setting of a fanned-out job's ``turn``: the list's entry in turn, or for one unresolved
     setting that setting with the turn (``auto#3``: every visible GPU in turn where the job runs)."""

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
+import os
 import pickle
 import re
-from collections.abc import Mapping
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from condense.augment import dsa
 from condense.config import DSAConfig, ModelConfig, TeacherConfig
 from condense.datasets.common import sample_per_class
 from condense.devices import Compiled
@@ -28,7 +36,7 @@ from condense.errors import ConfigError, DatasetError
 from condense.models import build_model
 from condense.prepare import RealData
 from condense.progress import SILENT, Progress
-from condense.training import cosine_factor, predict, split_accuracy, train_on
+from condense.training import cosine_factor, predict, random_seed, split_accuracy, train_on
 
 
 def teacher_model_config(cfg: TeacherConfig, model_cfg: ModelConfig) -> ModelConfig:
@@ -40,6 +48,16 @@ def build_teacher(cfg: TeacherConfig, model_cfg: ModelConfig, data: RealData, se
     model_cfg = teacher_model_config(cfg, model_cfg)
     model = build_model(cfg.arch, data.channels, data.num_classes, data.resolution, model_cfg, seed)
     return model.to(data.device, non_blocking=True)  # built on the CPU (its seeded init); no wait
+
+
+def teacher_optimizer(
+    model: nn.Module, cfg: TeacherConfig
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with momentum and weight decay, its learning rate cosine to 0 over the epochs."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: cosine_factor(e, cfg.epochs))
 
 
 @dataclass
@@ -62,10 +80,7 @@ def train_teacher(
     """Train ``cfg.arch`` on all real training images: SGD + momentum, cosine to 0, DSA per batch."""
     model = build_teacher(cfg, model_cfg, data, seed)
     forward = Compiled(model, compile_step, data.device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: cosine_factor(epoch, cfg.epochs))
+    optimizer, scheduler = teacher_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     loss = float("nan")
     for epoch in range(cfg.epochs):
@@ -77,6 +92,127 @@ def train_teacher(
         )
         scheduler.step()
         progress.step(epoch + 1, cfg.epochs, f"teacher loss {loss:.4f}")
+    return TrainedTeacher(
+        model=model.eval(),
+        train_accuracy=split_accuracy(model, data, "train"),
+        test_accuracy=split_accuracy(model, data, "test"),
+        train_loss=loss,
+    )
+
+
+def data_parallel_share(
+    epoch: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    generator: torch.Generator,
+    augment: DSAConfig | None,
+    rank: int,
+    world: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Rank ``rank``'s contiguous share of each batch, as (inputs, targets, whole batch size). Every
+    rank draws the batch's DSA seed and augments the whole batch, so each image gets the transform it
+    gets in one process (DSA draws per-image parameters for the batch as a whole)."""
+    for inputs, targets in epoch:
+        if augment is not None:
+            inputs = dsa(inputs, augment, random_seed(generator))
+        lo, hi = len(targets) * rank // world, len(targets) * (rank + 1) // world
+        yield inputs[lo:hi], targets[lo:hi], len(targets)
+
+
+def _train_rank(
+    rank: int,
+    world: int,
+    devices: list[str],
+    rendezvous: str,
+    load_data: Callable[[torch.device], RealData],
+    cfg: TeacherConfig,
+    model_cfg: ModelConfig,
+    dsa_cfg: DSAConfig,
+    seed: int,
+    out: str,
+    losses: Any,
+) -> None:
+    """One process of :func:`train_teacher_data_parallel`: the single-process recipe, with each
+    batch's loss taken over this rank's share and the gradients averaged by DistributedDataParallel."""
+    device = torch.device(devices[rank])
+    if device.type == "cpu":  # the ranks share the machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:
+        torch.cuda.set_device(device)
+    # CPU convolutions hand back weight gradients in another memory layout than DDP's buckets: DDP
+    # copies them (correct, a little slower) and would warn once per process about it.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        data = load_data(device)
+        model = build_teacher(cfg, model_cfg, data, seed)
+        if device.type == "cuda":  # one set of BatchNorm statistics over the whole batch, as in one process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        parallel = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        optimizer, scheduler = teacher_optimizer(model, cfg)
+        generator = torch.Generator().manual_seed(seed)
+        augment = dsa_cfg if cfg.dsa else None
+        for _ in range(cfg.epochs):
+            parallel.train()
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            epoch = data.batches("train", cfg.batch_size, generator)
+            for inputs, targets, whole in data_parallel_share(epoch, generator, augment, rank, world):
+                # DDP averages over ranks: sum / whole * world makes that the whole batch's mean loss.
+                loss = F.cross_entropy(parallel(inputs), targets, reduction="sum") / whole * world
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach().double() * whole / world
+            scheduler.step()
+            dist.all_reduce(total)
+            if rank == 0:
+                losses.put(float(total) / len(data.train_y))
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_teacher_data_parallel(
+    load_data: Callable[[torch.device], RealData],
+    cfg: TeacherConfig,
+    model_cfg: ModelConfig,
+    dsa_cfg: DSAConfig,
+    seed: int,
+    devices: list[str],
+    progress: Progress = SILENT,
+) -> TrainedTeacher:
+    """:func:`train_teacher` on ``len(devices)`` processes (torch.distributed: NCCL on GPUs, Gloo on
+    CPUs), meeting through a file in a temporary folder: each batch is split across them and their
+    gradients averaged, so the result is the one-process teacher up to the order of floating-point
+    reductions (tests/test_data_parallel.py bounds the difference). ``load_data(device)`` gives each
+    process the prepared data (it must pickle). BatchNorm is synchronised on GPUs; on CPUs, where
+    PyTorch cannot synchronise it, a teacher with BatchNorm is refused (its statistics would be each
+    share's)."""
+    world = len(devices)
+    data = load_data(torch.device(devices[0]))
+    model = build_teacher(cfg, model_cfg, data, seed)
+    if any(torch.device(d).type == "cpu" for d in devices) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        raise ConfigError(
+            "compute.data_parallel on CPUs needs a teacher without BatchNorm (PyTorch synchronises it "
+            "on GPUs only): set teacher.norm=instancenorm, or run on GPUs"
+        )
+    losses = multiprocessing.get_context("spawn").SimpleQueue()
+    epoch, loss = 0, float("nan")
+    with tempfile.TemporaryDirectory(prefix="condense-ddp-") as folder:
+        rendezvous, out = str(Path(folder) / "rendezvous"), Path(folder) / "rank0.pt"
+        args = (world, devices, rendezvous, load_data, cfg, model_cfg, dsa_cfg, seed, str(out), losses)
+        processes = torch.multiprocessing.start_processes(
+            _train_rank, args=args, nprocs=world, join=False, start_method="spawn"
+        )
+        finished = False
+        while not finished:
+            finished = processes.join(timeout=1)  # a failed process raises here, with its traceback
+            while not losses.empty():
+                epoch, loss = epoch + 1, losses.get()
+                progress.step(epoch, cfg.epochs, f"teacher loss {loss:.4f} ({world} processes)")
+        model.load_state_dict(torch.load(out, map_location=devices[0], weights_only=True))
     return TrainedTeacher(
         model=model.eval(),
         train_accuracy=split_accuracy(model, data, "train"),

@@ -1,5 +1,6 @@
-"""The teacher stage: train the teacher, take the best expert, or load a user's state_dict (of a
-ConvNet, a timm model or a ``torchvision:`` model; the architecture's name is part of the key).
+"""The teacher stage: train the teacher (on several processes with ``compute.data_parallel``), take
+the best expert, or load a user's state_dict (of a ConvNet, a timm model or a ``torchvision:`` model;
+the architecture's name is part of the key).
 
 The stored meta describes the network (architecture, shape, classes), so readers rebuild it without
 any of the code here (:func:`condense.artifacts.load_teacher`).
@@ -7,11 +8,12 @@ any of the code here (:func:`condense.artifacts.load_teacher`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
 
-from condense import artifacts, models, teacher, training
+from condense import artifacts, devices, models, prepare, teacher, training
 from condense.config import ModelConfig, PipelineConfig, keyed
 from condense.errors import ConfigError
 from condense.stages.base import Context, Params, Stage
@@ -59,9 +61,17 @@ def run(ctx: Context) -> dict[str, Any]:
         model = models.FlatParams(net).load_into(final).to(ctx.device)
         meta["expert"] = best
     elif cfg.teacher.source == "train":
-        trained = teacher.train_teacher(
-            data, cfg.teacher, cfg.model, cfg.dsa, cfg.seed, ctx.progress, ctx.compile_step
-        )
+        ranks = devices.data_parallel(cfg.compute.data_parallel, cfg.compute.devices, ctx.device)
+        if len(ranks) > 1:
+            ctx.progress.note(f"training the teacher data-parallel on {', '.join(ranks)}")
+            load_data = functools.partial(prepare.load_once, ctx.store, str(ctx.keys["dataset"]), cfg.dataset)
+            trained = teacher.train_teacher_data_parallel(
+                load_data, cfg.teacher, cfg.model, cfg.dsa, cfg.seed, ranks, ctx.progress
+            )
+        else:
+            trained = teacher.train_teacher(
+                data, cfg.teacher, cfg.model, cfg.dsa, cfg.seed, ctx.progress, ctx.compile_step
+            )
         model = trained.model
     else:
         built = models.build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg)
