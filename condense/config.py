@@ -511,7 +511,7 @@ class ComputeConfig(Strict):
     and CUDD's first curriculum by IPC index; the others refuse more than 1), and stored relabeling
     (by stored epoch): each shard is its own cached, resumable job, on the devices in turn, and their
     merge is the unsharded artifact byte for byte, so the count enters no key. ``auto``: one per
-    device of ``devices``, else ``cpu_jobs``."""
+    device of ``devices``, else ``cpu_jobs``; ``condense run --runner dask``: one per Dask worker."""
     data_parallel: int | Literal["auto"] = added(1)
     """Processes that train a teacher (``teacher.source: train``) data-parallel: each batch split
     across them, gradients averaged (torch.distributed: NCCL on GPUs, Gloo on CPUs). The teacher is

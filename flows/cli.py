@@ -103,7 +103,31 @@ _finished_from_store = False
 """Set when ``run`` finished from the store, with nothing started that needs an orderly exit."""
 
 
-def task_runner(runner: str = "threads", dask_address: str | None = None, workers: int = 2) -> Any:
+LOCAL_DASK_WORKERS = 2
+"""Worker processes of the local Dask cluster ``--runner dask`` starts without an address."""
+
+
+def dask_workers(dask_address: str | None) -> int:
+    """How many workers the Dask cluster has that a run will use: the scheduler's count at
+    ``dask_address`` (asked once, before the run), else the local cluster's."""
+    if not dask_address:
+        return LOCAL_DASK_WORKERS
+    from condense.errors import CondenseError
+
+    try:
+        import distributed
+    except ImportError:
+        raise CondenseError("--runner dask needs prefect-dask: pip install -e '.[dask]'") from None
+    try:
+        with distributed.Client(dask_address, timeout=30) as client:
+            return max(1, len(client.scheduler_info()["workers"]))
+    except OSError as err:
+        raise CondenseError(f"Dask scheduler {dask_address}: {err}") from None
+
+
+def task_runner(
+    runner: str = "threads", dask_address: str | None = None, workers: int = LOCAL_DASK_WORKERS
+) -> Any:
     """Prefect's default thread pool (None), or a Dask cluster (prefect-dask): an existing scheduler
     at ``dask_address``, else a local cluster of ``workers`` single-threaded processes. Jobs pass only
     store keys, so any worker that sees the store can run any stage."""
@@ -251,6 +275,8 @@ def run(
 
     with one_line_errors(debug):
         runs_on = task_runner(runner, dask_address)
+        if runs_on is not None and cfg.compute.shards == "auto":  # one shard per Dask worker
+            overrides.append(f"compute.shards={dask_workers(dask_address)}")
     pipeline_flow = pipeline if runs_on is None else pipeline.with_options(task_runner=runs_on)
     summary = _run_flow(pipeline_flow, debug, preset, overrides, store_dir, quiet)
 

@@ -212,3 +212,12 @@ def test_more_relabeling_shards_than_stored_epochs_is_refused_at_planning(tmp_pa
     cfg = config("sre2l", 3, *STORED, "relabel.stored_epochs=2")
     with pytest.raises(ConfigError, match="compute.shards 3 exceeds the 2 stored epochs"):
         plan_for(Store(tmp_path / "store"), cfg)
+
+
+def test_auto_shards_under_dask_are_one_per_worker_of_the_cluster():
+    distributed = pytest.importorskip("distributed")
+    from condense_flows.cli import LOCAL_DASK_WORKERS, dask_workers
+
+    with distributed.LocalCluster(n_workers=3, processes=False, dashboard_address=None) as cluster:
+        assert dask_workers(cluster.scheduler_address) == 3
+    assert dask_workers(None) == LOCAL_DASK_WORKERS == 2
