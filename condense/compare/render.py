@@ -82,10 +82,10 @@ paper's, instance norm for the hard and learned labels and batch norm for the te
 unless evaluate.model pins one; compare accuracies within one student). Accuracy: test accuracy (%)
 of fresh networks trained only on the set, final epoch, mean ± std over seeds; random real: as many
 random real images per class, same labels and recipe; full data: the whole training set, same
-recipe. HLR (hard-label recovery) = full data minus distilled, both with hard labels under the hard-
-label recipe (points; lower is better). IOR (improvement over random) = distilled minus random real
-(points). DD-Ranking's scores from accuracies as fractions a = %/100: LRS = (e^alpha - e^-1) / (e -
-e^-1) with alpha = 0.5 IOR - 0.5 HLR; ARS the same map of beta = 0.5 (a_syn - a_rand with
+recipe. HLR (hard-label recovery) = full data minus distilled, both with hard labels under the
+hard-label recipe (points; lower is better). IOR (improvement over random) = distilled minus random
+real (points). DD-Ranking's scores from accuracies as fractions a = %/100: LRS = (e^alpha - e^-1) /
+(e - e^-1) with alpha = 0.5 IOR - 0.5 HLR; ARS the same map of beta = 0.5 (a_syn - a_rand with
 augmentation) + 0.5 (a_syn - a_rand without). ECE: expected calibration error (%, 15 bins) of the
 distilled-set students on the test split; ECE (T): after temperature scaling fitted on training
 images held out of their training; ECE (MTS): after masked temperature scaling (Zhu et al. 2023),
@@ -125,7 +125,7 @@ tr.failed td { color: #999; }
 figure { display: inline-block; margin: 8px 16px 8px 0; vertical-align: top; }
 figcaption { color: #555; }
 img { max-width: 100%; image-rendering: pixelated; border: 1px solid #eee; }
-p.note { max-width: 60em; color: #444; white-space: pre-line; }
+p.note { max-width: 60em; color: #444; }
 """
 _PAGE_SCRIPT = """
 document.querySelectorAll("th").forEach((th, column) => th.addEventListener("click", () => {
