@@ -9,7 +9,8 @@ Runs, one after another on this machine (the install is not timed: it is pip's):
    table (compute and wall seconds per stage) and the accuracies, which must keep distilled >= 90%
    and >= random real + 15 points;
 2. the same command ``--reruns`` times more, every job cached: min / median / max wall seconds;
-3. ``condense presets``, ``condense --help``, ``condense ls``: wall seconds each (best of three).
+3. ``condense presets``, ``condense --help``, ``condense ls``, ``condense config``: wall seconds each
+   (best of three; ``config`` validated once, then remembered).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
         "presets": ["presets"],
         "--help": ["--help"],
         "ls": ["ls", "--store", str(args.store)],
+        "config": ["config", "digits-mtt"],  # shown once by the first run's config; remembered since
     }.items():
         listings[name] = min(timed(command)[0] for _ in range(3))
         print(f"condense {name}: {listings[name]:.2f} s (best of 3)")

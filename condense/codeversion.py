@@ -136,13 +136,18 @@ def _parse(source: bytes, filename: str) -> Parsed:
     return Parsed(hashlib.sha256(_dump(tree).encode()).hexdigest()[:16], imports, marker)
 
 
-def _cache_file() -> Path:
-    """``$CONDENSE_CACHE_DIR/code-digests.json``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+def cache_dir() -> Path:
+    """Where condense keeps what it can always recompute: ``$CONDENSE_CACHE_DIR``, else ``condense``
+    under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     chosen = os.environ.get("CONDENSE_CACHE_DIR")
     if chosen:
-        return Path(chosen) / "code-digests.json"
+        return Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "condense" / "code-digests.json"
+    return (Path(base) if base else Path.home() / ".cache") / "condense"
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "code-digests.json"
 
 
 class _Cache:

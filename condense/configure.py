@@ -28,8 +28,13 @@ The schemas are :mod:`condense.config`; the ``distill`` section is typed by the 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
+import importlib.metadata
+import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +44,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from condense import codeversion
 from condense.config import PipelineConfig, explain
 from condense.errors import ConfigError
 
@@ -414,6 +420,45 @@ def build_config(data: dict[str, Any]) -> PipelineConfig:
     from condense import methods
 
     return methods.configure(cfg)
+
+
+def validated_dump(resolution: Resolution) -> dict[str, Any]:
+    """``build_config(resolution.tree)`` dumped as JSON values, remembered on disk by the tree and the
+    code that validates it (the schema, the method's module and what it imports, the model names'
+    libraries): a config shown once is shown again without importing the methods and torch
+    (``condense config`` in a fraction of a second). Validation reads no files, so nothing else can
+    change its answer; a tree that fails it is never remembered, and a plugin method's never is."""
+    memo = _memo_file(resolution.tree)
+    if memo is not None:
+        try:
+            return json.loads(memo.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+    dump = build_config(resolution.tree).model_dump(mode="json")
+    if memo is not None:
+        with contextlib.suppress(OSError):  # a cache that cannot be written is only not a cache
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            scratch = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+            scratch.write_text(json.dumps(dump), encoding="utf-8")
+            os.replace(scratch, memo)
+    return dump
+
+
+def _memo_file(tree: dict[str, Any]) -> Path | None:
+    method = tree.get("method")
+    if not isinstance(method, str) or not (Path(__file__).parent / "methods" / f"{method}.py").is_file():
+        return None
+    code = codeversion.code_version("condense.configure", f"condense.methods.{method}", "condense.models")
+    libraries = [f"{name} {_installed(name)}" for name in ("pydantic", "timm", "torchvision")]
+    text = json.dumps([tree, code, libraries], sort_keys=True, default=str)
+    return codeversion.cache_dir() / "configs" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+
+def _installed(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def _check_architectures(cfg: PipelineConfig) -> None:

@@ -433,19 +433,19 @@ def config(
     """Print the fully resolved config (every field, defaults included) as YAML."""
     import yaml
 
-    from condense.configure import build_config, leaves, resolve
+    from condense.configure import leaves, resolve, validated_dump
     from condense.errors import CondenseError
 
     source, overrides = _target(preset, dataset, ipc, budget, set_)
     try:
         resolution = resolve(source, overrides)
-        cfg = build_config(resolution.tree)
+        dump = validated_dump(resolution)
     except CondenseError as err:
         _fail(str(err), 2)
     if not sources:
-        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        typer.echo(yaml.safe_dump(dump, sort_keys=False))
         return
-    for key, value in leaves(cfg.model_dump(mode="json")):
+    for key, value in leaves(dump):
         typer.echo(f"{key} = {json.dumps(value)}  # {resolution.source_of(key)}")
 
 

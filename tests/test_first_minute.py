@@ -4,6 +4,7 @@ from the store without a flow run, honest stage times. (Timings live in bench/fi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,41 @@ def test_listings_and_help_import_neither_torch_nor_prefect(tmp_path):
         check=True,
     )
     assert json.loads(out.stdout) == {"codes": [0] * len(commands), "heavy": []}
+
+
+CONFIG = """
+import json, sys
+from typer.testing import CliRunner
+import condense_flows.cli as cli
+result = CliRunner().invoke(cli.app, json.loads(sys.argv[1]))
+heavy = sorted({"torch", "prefect"} & set(sys.modules))
+print(json.dumps({"code": result.exit_code, "output": result.output, "heavy": heavy}))
+"""
+
+
+def config_in_a_fresh_process(cache: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CONFIG, json.dumps(["config", *args])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "CONDENSE_CACHE_DIR": cache},
+    )
+    return json.loads(out.stdout)
+
+
+def test_a_config_shown_before_is_shown_again_without_torch(tmp_path):
+    cache = str(tmp_path / "cache")
+    first = config_in_a_fresh_process(cache, "digits-dm", "--set", "ipc=3")
+    assert first["code"] == 0 and "torch" in first["heavy"]  # validated by the method's own config
+    again = config_in_a_fresh_process(cache, "digits-dm", "--set", "ipc=3")
+    assert again == {**first, "heavy": []}
+    other = config_in_a_fresh_process(cache, "digits-dm", "--set", "ipc=4")
+    assert "ipc: 4" in other["output"] and "torch" in other["heavy"]
+    for _ in range(2):  # a config that fails validation is never remembered
+        bad = config_in_a_fresh_process(cache, "digits-dm", "--set", "distill.lr_img=-1")
+        assert bad["code"] == 2 and "distill.lr_img" in bad["output"] and "torch" in bad["heavy"]
 
 
 def test_an_unchanged_rerun_is_finished_from_the_store_without_a_flow_run(tmp_path, prefect_env):
