@@ -70,6 +70,16 @@ class ConvNet(nn.Module):
         """Penultimate features (flattened), used by feature-based samplers and matching."""
         return self.features(x).flatten(1)
 
+    def block_activations(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Each block's activation after its ReLU (before pooling), shallowest first, and the
+        penultimate features (:meth:`embed`) of the same forward pass."""
+        activations = []
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                activations.append(x)
+        return activations, x.flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
 

@@ -1,7 +1,7 @@
-"""One distillation on many workers (``compute.shards``): the shards of RDED and DM (by class) and of
-SRe2L and CDA (by IPC index) run as separate jobs, on threads or on a local Dask cluster, and their merge
-is the unsharded set byte for byte, whatever the count; a killed shard reruns alone; a method that
-cannot shard says so before any work."""
+"""One distillation on many workers (``compute.shards``): the shards of RDED, DM and DataDAM (by
+class) and of SRe2L, CDA and CUDD's first curriculum (by IPC index) run as separate jobs, on threads
+or on a local Dask cluster, and their merge is the unsharded set byte for byte, whatever the count;
+a killed shard reruns alone; a method that cannot shard says so before any work."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ METHODS = {
     ),
     "dm": (
         "digits-dm",
+        ["ipc=2", "distill.iterations=6", "distill.checkpoint_every=3", "distill.batch_real=16"],
+    ),
+    "datadam": (
+        "digits-datadam",
         ["ipc=2", "distill.iterations=6", "distill.checkpoint_every=3", "distill.batch_real=16"],
     ),
 }
