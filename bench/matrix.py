@@ -70,7 +70,7 @@ DISTILL_SMALL = {
 REAL_DATA = {
     "digits": {m: "bench/results/digits-compare-ipc1, digits-compare-ipc10" for m in recipes()},
     "cifar10": {
-        **{m: "README, Methods (bench/trajectory_methods.py)" for m in ("mtt", "ftd", "datm", "pad")},
+        **{m: "README, Methods (bench/method_table.py)" for m in ("mtt", "ftd", "datm", "pad")},
         **{m: "bench/results/cifar10-compare-cpu" for m in ("mtt", "dm", "dream", "rded", "cudd")},
     },
 }

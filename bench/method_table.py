@@ -1,18 +1,21 @@
-"""MTT vs FTD vs DATM vs PAD on one budget: accuracy, and what each piece measurably did.
+"""Distillation methods side by side on one budget: accuracy, and what each piece measurably did.
 
-    python bench/trajectory_methods.py                        # digits, IPC 10 (CPU, ~10 minutes)
-    python bench/trajectory_methods.py --dataset cifar10 --ipc 1
-    python bench/trajectory_methods.py --dataset cifar10 --ipc 10 --methods datm,pad --set budget=paper
+    python bench/method_table.py                                   # digits, IPC 10, MTT FTD DATM PAD
+    python bench/method_table.py --dataset cifar10 --ipc 1
+    python bench/method_table.py --ipc 1 --methods dd,ratbptt,atbptt,ast,datadam,mtt,datm,dm
+    python bench/method_table.py --dataset cifar10 --ipc 10 --methods datm,pad --set budget=paper
 
 Each row is the method's preset (``<dataset>-<method>``) at the given IPC (with the preset's budget
-``ipc<N>`` when it has one, e.g. DATM's IPC 1 window), run through the pipeline's
-stages directly (no Prefect) in one store, so rows share what they can (the dataset; DATM and PAD
-share nothing else: PAD's experts train on ordered data). The presets of one dataset have the same
-budget (experts, iterations, unrolled steps, evaluation). Accuracy is the final epoch, mean ± std
-over the evaluation seeds; the random-real baseline gets the same labels regime as the distilled set
-(hard for MTT/FTD, the experts' logits for DATM/PAD). Also printed: the start epochs drawn in the
-first and last tenth of the run (DATM's window moving), how far the learned label logits moved, how
-far FTD's average trails the raw images, the share of parameters matched (PAD), skipped iterations.
+``ipc<N>`` row when it has one, e.g. DATM's IPC 1 window), run through the pipeline's stages
+directly (no Prefect) in one store, so rows share what they can (the dataset, experts of the same
+recipe). The presets of one dataset have one CPU budget per family (experts, iterations, unrolled
+steps) and one evaluation. Accuracy is the final epoch, mean ± std over the evaluation seeds; the
+random-real baseline gets the same labels regime as the distilled set (hard, or the experts' logits
+for learned labels). "What it did" is read from the set's history and statistics: the start epochs
+drawn in the first and last tenth of the run (DATM's window moving), how far learned label logits
+moved, FTD's average's gap, PAD's matched share and skipped iterations; DD's learned step sizes;
+RaT-BPTT's and AT-BPTT's window positions and lengths early and late (AT-BPTT's stage); the matching
+loss at the start and the end (DM, DataDAM).
 """
 
 from __future__ import annotations
@@ -30,10 +33,47 @@ sys.path.insert(0, str(ROOT))
 
 from condense import artifacts  # noqa: E402
 from condense.configure import load_config  # noqa: E402
+from condense.methods import get_method  # noqa: E402
 from condense.progress import SILENT, Progress  # noqa: E402
 from condense.stages import dataset_job, execute, make_plan  # noqa: E402
 from condense.store import Store  # noqa: E402
 from condense.summary import build_summary, new_run_id  # noqa: E402
+
+
+def tenths(values: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The first and the last tenth of a run's per-iteration values."""
+    tenth = max(1, len(values) // 10)
+    return values[:tenth], values[-tenth:]
+
+
+def what_it_did(history: list[dict[str, Any]], stats: dict[str, Any], params: int | None) -> str:
+    """One line on the pieces of a method at work, from its set's history and statistics."""
+    parts = []
+    if history and "start_epoch" in history[0]:
+        first, last = tenths([h["start_epoch"] for h in history])
+        parts.append(f"start epochs {min(first)}..{max(first)} -> {min(last)}..{max(last)}")
+    if history and "window_start" in history[0]:
+        first, last = tenths([(h["window_start"], h["window"]) for h in history])
+        early = f"{min(s for s, _ in first)}..{max(s + w for s, w in first)}"
+        late = f"{min(s for s, _ in last)}..{max(s + w for s, w in last)}"
+        parts.append(f"windows {early} -> {late} (mean length {stats.get('mean_window', 0):.0f})")
+        if "stage" in history[-1]:
+            parts.append(f"stage {history[0]['stage']} -> {history[-1]['stage']}")
+    if "step_size_mean" in stats:
+        low, high, mean = stats["step_size_min"], stats["step_size_max"], stats["step_size_mean"]
+        parts.append(f"{stats['steps']:.0f} learned step sizes {low:.3g}..{high:.3g} (mean {mean:.3g})")
+    if stats.get("label_logits_moved") is not None:
+        parts.append(f"labels moved {stats['label_logits_moved']:.3f}")
+    if stats.get("ema_gap") is not None:
+        parts.append(f"ema gap {stats['ema_gap']:.3f}")
+    if params and "matched_parameters" in stats:
+        parts.append(f"matched {stats['matched_parameters'] / params:.0%}")
+    if stats.get("skipped_iterations"):
+        parts.append(f"skipped {stats['skipped_iterations']}/{len(history)}")
+    if history and "loss" in history[0] and "start_epoch" not in history[0]:
+        first, last = tenths([h["loss"] for h in history])
+        parts.append(f"loss {sum(first) / len(first):.3g} -> {sum(last) / len(last):.3g}")
+    return "; ".join(parts) or "-"
 
 
 def run_row(preset: str, overrides: list[str], store: Store, progress: Any) -> dict[str, Any]:
@@ -44,10 +84,9 @@ def run_row(preset: str, overrides: list[str], store: Store, progress: Any) -> d
     outcomes = [dataset, *(execute(job, cfg, store, progress) for job in plan.jobs)]
     summary = build_summary(cfg, store, plan, outcomes, new_run_id(), time.time() - started)
     synthetic = artifacts.load_synthetic(store, plan.keys["distill"])
-    starts = [h["start_epoch"] for h in synthetic.history]
-    tenth = max(1, len(starts) // 10)
     stats = store.meta("distill", plan.keys["distill"]).get("stats", {})
-    total = artifacts.load_buffer(store, plan.keys["experts"]).num_params
+    experts = "experts" in get_method(cfg.method).needs
+    params = artifacts.load_buffer(store, plan.keys["experts"]).num_params if experts else None
     return {
         "method": cfg.method,
         "ipc": cfg.ipc,
@@ -56,14 +95,9 @@ def run_row(preset: str, overrides: list[str], store: Store, progress: Any) -> d
         "random_real": summary["baselines"]["random_real"],
         "full_data": summary["baselines"]["full_data"],
         "distill_seconds": summary["stages"]["distill"]["seconds"],
-        "experts_seconds": summary["stages"]["experts"]["seconds"],
-        "start_epochs_first_tenth": [min(starts[:tenth]), max(starts[:tenth])],
-        "start_epochs_last_tenth": [min(starts[-tenth:]), max(starts[-tenth:])],
-        "label_logits_moved": stats.get("label_logits_moved"),
-        "ema_gap": stats.get("ema_gap"),
-        "matched_share": stats.get("matched_parameters", total) / total,
-        "skipped_iterations": stats.get("skipped_iterations", 0),
-        "iterations": cfg.distill.iterations,
+        "experts_seconds": summary["stages"]["experts"]["seconds"] if experts else None,
+        "what_it_did": what_it_did(synthetic.history, stats, params),
+        "iterations": getattr(cfg.distill, "iterations", None),
     }
 
 
@@ -84,7 +118,7 @@ def main() -> None:
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
 
-    store = Store(args.store or tempfile.mkdtemp(prefix="condense-trajectory-bench-"))
+    store = Store(args.store or tempfile.mkdtemp(prefix="condense-method-bench-"))
     progress = SILENT if args.quiet else Progress("bench")
     rows = []
     for method in args.methods.split(","):
@@ -93,28 +127,23 @@ def main() -> None:
         rows.append(run_row(preset, [f"ipc={args.ipc}", *args.set], store, progress))
         row = rows[-1]
         print(
-            f"{row['method']:5} {fmt(row['distilled'])} vs random real {fmt(row['random_real'])}",
+            f"{row['method']:8} {fmt(row['distilled'])} vs random real {fmt(row['random_real'])}",
             file=sys.stderr,
         )
 
-    table = []
-    for r in rows:
-        first, last = r["start_epochs_first_tenth"], r["start_epochs_last_tenth"]
-        table.append(
-            {
-                "method": r["method"],
-                "labels": r["labels"],
-                "distilled": fmt(r["distilled"]),
-                "random real": fmt(r["random_real"]),
-                "full data": fmt(r["full_data"]),
-                "distill s": f"{r['distill_seconds']:.1f}",
-                "start epochs first/last tenth": f"{first[0]}..{first[1]} / {last[0]}..{last[1]}",
-                "labels moved": "-" if r["label_logits_moved"] is None else f"{r['label_logits_moved']:.3f}",
-                "ema gap": "-" if r["ema_gap"] is None else f"{r['ema_gap']:.3f}",
-                "matched": f"{r['matched_share']:.0%}",
-                "skipped": f"{r['skipped_iterations']}/{r['iterations']}",
-            }
-        )
+    table = [
+        {
+            "method": r["method"],
+            "labels": r["labels"],
+            "distilled": fmt(r["distilled"]),
+            "random real": fmt(r["random_real"]),
+            "full data": fmt(r["full_data"]),
+            "distill s": f"{r['distill_seconds']:.1f}",
+            "experts s": "-" if r["experts_seconds"] is None else f"{r['experts_seconds']:.1f}",
+            "what it did": r["what_it_did"],
+        }
+        for r in rows
+    ]
     print(f"\n{args.dataset} IPC {args.ipc}, ConvNet, final epoch, mean ± std over seeds\n")
     widths = {c: max(len(c), *(len(row[c]) for row in table)) for c in table[0]}
     print("  ".join(c.ljust(w) for c, w in widths.items()))

@@ -1,7 +1,8 @@
-"""One distillation on two workers: SRe2L and RDED on generated 100-class data, 1 vs 2 shards on a
-local 2-worker Dask cluster.
+"""One distillation on two workers: SRe2L, RDED, DM and CUDD on generated 100-class data, 1 vs 2
+shards on a local 2-worker Dask cluster.
 
     python bench/shards.py                                   # prints the table, writes the JSON
+    python bench/shards.py --methods dm,cudd                 # reruns these rows, keeps the others
     python bench/shards.py --methods rded --ipc 4 --json /tmp/shards.json
 
 For each method: the teacher is trained once (not timed), then the distill stage runs (a) as one job
@@ -35,6 +36,9 @@ SETTINGS = {
     # Generated 100 classes of 32 px; a small batch-norm ConvNet teacher; budgets of a few minutes.
     "rded": ["distill.candidates=60", "distill.crops_per_image=10"],
     "sre2l": ["distill.iterations=60", "distill.checkpoint_every=30"],
+    "dm": ["distill.iterations=60", "distill.checkpoint_every=30", "distill.batch_real=32"],
+    # Two curricula of 2: only the first shards; the second (and its student) follows in the merge.
+    "cudd": ["distill.iterations=60", "distill.checkpoint_every=30", "distill.student_epochs=5"],
 }
 
 
@@ -80,7 +84,7 @@ def distil(client: Any, method: str, shards: int, data: Path, work: Path, ipc: i
     dataset = execute(dataset_job(), cfg, store)
     plan = make_plan(cfg, store, dataset["key"])
     for job in plan.jobs:
-        if job.stage == "teacher":
+        if job.stage in ("experts", "teacher"):
             client.submit(run_job, job, cfg, store, pure=False).result()
     jobs = [job for job in plan.jobs if job.stage == "distill"]
     client.restart()  # fresh worker processes: each one's memory high-water mark is this run's
@@ -101,7 +105,7 @@ def distil(client: Any, method: str, shards: int, data: Path, work: Path, ipc: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="sre2l,rded")
+    parser.add_argument("--methods", default="sre2l,rded,dm,cudd")
     parser.add_argument("--ipc", type=int, default=4)
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "shards")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "shards.json")
@@ -139,6 +143,10 @@ def main() -> None:
                 f"identical bytes {row['identical_bytes']}",
                 flush=True,
             )
+    if args.json.is_file():  # rows of methods not rerun are kept
+        rerun = {row["method"] for row in rows}
+        kept = [row for row in json.loads(args.json.read_text())["rows"] if row["method"] not in rerun]
+        rows = kept + rows
     report = {
         "command": "python bench/shards.py",
         "machine": "2 CPU cores, a local Dask cluster of 2 single-threaded worker processes",

@@ -19,7 +19,7 @@ import zarr
 from condense import devices, models
 from condense.config import ModelConfig
 from condense.store import Store, load_arrays, read_json, save_arrays, write_json
-from condense.synthetic import SyntheticSet
+from condense.synthetic import StepSchedule, SyntheticSet
 
 BUFFER = "trajectories.zarr"
 TEACHER_WEIGHTS = "weights.pt"
@@ -86,6 +86,23 @@ def load_buffer(store: Store, key: str) -> ExpertBuffer:
 # ----------------------------------------------------------------------------- teacher
 
 
+class Ensemble(torch.nn.Module):
+    """Teachers of different architectures as one teacher: the mean of their logits (``teacher.ensemble``).
+    Whatever runs a teacher (labels, KD, recovery) runs this; INFER also reaches its ``members``."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+
+def teacher_members(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The networks of a teacher: an ensemble's members, else the teacher itself."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
 def save_teacher(work: Path, model: torch.nn.Module) -> None:
     torch.save({name: t.detach().cpu() for name, t in model.state_dict().items()}, work / TEACHER_WEIGHTS)
 
@@ -101,13 +118,24 @@ def teacher_description(arch: str, model_cfg: ModelConfig, card: dict[str, Any])
     }
 
 
-def load_teacher(store: Store, key: str) -> torch.nn.Module:
-    """The stored teacher in eval mode, rebuilt from its meta's description."""
-    meta = store.meta("teacher", key)
-    net = meta["network"]
-    model = models.build_model(
+def ensemble_description(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """What rebuilds an :class:`Ensemble`: its members' descriptions (:func:`teacher_description`)."""
+    return {"members": members}
+
+
+def teacher_network(net: dict[str, Any]) -> torch.nn.Module:
+    """The untrained network a teacher description (:func:`teacher_description`, or an ensemble's)
+    describes."""
+    if "members" in net:
+        return Ensemble([teacher_network(member) for member in net["members"]])
+    return models.build_model(
         net["arch"], net["channels"], net["num_classes"], net["resolution"], ModelConfig(**net["model"])
     )
+
+
+def load_teacher(store: Store, key: str) -> torch.nn.Module:
+    """The stored teacher (or ensemble of teachers) in eval mode, rebuilt from its meta's description."""
+    model = teacher_network(store.meta("teacher", key)["network"])
     weights = torch.load(store.path("teacher", key) / TEACHER_WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(weights)
     return model.eval()
@@ -116,10 +144,42 @@ def load_teacher(store: Store, key: str) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- synthetic set
 
 
+SCHEDULE_ARRAYS = ("schedule_indices", "schedule_step_sizes", "schedule_init_seeds")
+"""Where a set's :class:`StepSchedule` is stored (DD's; a set stored without them has none)."""
+SYNTHETIC_ARRAYS = ("images", "labels", "pixels", "label_logits", *SCHEDULE_ARRAYS)
+
+
+def _schedule_arrays(schedule: StepSchedule | None) -> dict[str, torch.Tensor]:
+    if schedule is None:
+        return {}
+    indices, step_sizes, init_seeds = SCHEDULE_ARRAYS
+    arrays = {indices: schedule.indices, step_sizes: schedule.step_sizes}
+    if schedule.init_seeds is not None:
+        arrays[init_seeds] = schedule.init_seeds
+    return arrays
+
+
+def _schedule(arrays: dict[str, np.ndarray]) -> StepSchedule | None:
+    indices, step_sizes, init_seeds = SCHEDULE_ARRAYS
+    if indices not in arrays:
+        return None
+    seeds = arrays.get(init_seeds)
+    return StepSchedule(
+        torch.from_numpy(arrays[indices]).long(),
+        torch.from_numpy(arrays[step_sizes]),
+        None if seeds is None else torch.from_numpy(seeds).long(),
+    )
+
+
 def save_synthetic(work: Path, result: SyntheticSet, pixels: torch.Tensor) -> None:
     arrays = {"images": result.images, "labels": result.labels, "pixels": pixels}
     if result.label_logits is not None:
         arrays["label_logits"] = result.label_logits
+    clash = set(result.arrays) & set(SYNTHETIC_ARRAYS)
+    if clash:
+        raise ValueError(f"a method's own arrays may not be named {sorted(clash)}")
+    arrays.update(result.arrays)
+    arrays.update(_schedule_arrays(result.schedule))
     save_arrays(work / SYNTHETIC, {name: t.detach().cpu().numpy() for name, t in arrays.items()})
     write_json(work / HISTORY, result.history)
 
@@ -133,12 +193,15 @@ def load_synthetic(store: Store, key: str) -> SyntheticSet:
         label_logits=torch.from_numpy(arrays["label_logits"]) if "label_logits" in arrays else None,
         lr=store.meta("distill", key)["lr"],
         history=read_json(folder / HISTORY),
+        arrays={k: torch.from_numpy(a) for k, a in arrays.items() if k not in SYNTHETIC_ARRAYS},
+        schedule=_schedule(arrays),
     )
 
 
 def load_synthetic_arrays(store: Store, key: str) -> dict[str, np.ndarray]:
-    """images (network inputs), labels, pixels (viewable [0, 1]) and, for methods that learn them,
-    label_logits, as numpy arrays."""
+    """images (network inputs), labels, pixels (viewable [0, 1]), for methods that learn them
+    label_logits, a learned step schedule (:data:`SCHEDULE_ARRAYS`) and any arrays of the method's own
+    (:attr:`SyntheticSet.arrays`), as numpy arrays."""
     return load_arrays(store.path("distill", key) / SYNTHETIC)
 
 

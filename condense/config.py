@@ -298,13 +298,24 @@ class ExpertScheduleConfig(Strict):
 
 class ExpertsConfig(Strict):
     """Expert trajectories, MTT's buffer.py recipe: plain SGD, constant LR, DSA, a snapshot per epoch;
-    optionally FTD's GSAM experts and PAD's difficulty-ordered data."""
+    optionally FTD's GSAM experts, PAD's difficulty-ordered data and AST's smooth experts (momentum,
+    weight decay, clipping loss, gradient penalty, one learning-rate step)."""
 
     num_experts: int = Field(default=5, gt=0)
     epochs: int = Field(default=20, gt=0)
     lr: float = Field(default=0.01, gt=0)
     momentum: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    lr_step_factor: float = added(1.0, gt=0, le=1)
+    """The learning rate is multiplied by this once, after epoch ``epochs // 2 + 2`` (1-based: the
+    official ``e == train_epochs // 2 + 1`` at 0-based ``e``), and the optimizer is rebuilt, so its
+    momentum buffers restart, as buffer.py does (AST: 0.6, always on; MTT's ``--decay``: 0.1). 1: none."""
+    loss_decay_epochs: int = added(0, ge=0)
+    """AST's clipping loss: the cross-entropy of epoch ``e < loss_decay_epochs`` (0-based) is scaled by
+    ``(1 + e / loss_decay_epochs) / 2``: 0.5, 0.55, ..., 0.95 for AST's 10, so early steps are short."""
+    gradient_penalty: float = added(0.0, ge=0)
+    """AST's gradient penalty weight lambda (2 in its code; 0: off): lambda * mean over images and
+    pixels of (||d(sum of logits)/dx||_2 - 1)^2, the norm over channels, on the un-augmented batch."""
     batch_size: int = Field(default=256, gt=0)
     dsa: bool = True
     optimizer: Literal["sgd", "gsam"] = "sgd"
@@ -354,6 +365,12 @@ class TeacherConfig(Strict):
     batch_size: int = Field(default=256, gt=0)
     dsa: bool = True
     """Train with DSA on every batch (cosine learning rate to 0 over ``epochs``)."""
+    ensemble: list[str] = added([])
+    """Further architectures (``convnet``, timm or ``torchvision:`` names), each trained with the
+    recipe above (a ConvNet with ``norm``) as a teacher-stage job of its own, whatever ``source``
+    gives the first teacher: the teacher is then the ensemble of all of them, the mean of their
+    logits, wherever a teacher labels or supervises (INFER's teachers of different architectures).
+    Empty: one teacher."""
 
     @model_validator(mode="after")
     def _path_for_file(self) -> TeacherConfig:
@@ -423,11 +440,15 @@ class EvaluateConfig(Strict):
     """Train fresh networks on a set, test on the real test split.
 
     ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA, hard or stored soft labels); ``recipe: kd`` is
-    the RDED/SRe2L recipe (AdamW, cosine, crops + CutMix, KL to the teacher at every step). Every
-    baseline is trained with the same recipe as the distilled set.
+    the RDED/SRe2L recipe (AdamW, cosine, crops + CutMix, KL to the teacher at every step);
+    ``recipe: replay`` is DD's own evaluation: the distilled set trains fresh networks by exactly the
+    step schedule the method learned with it (its steps in order, each on its images with its learned
+    step size; only a set that carries one, DD's). Every baseline is trained with the same recipe as
+    the distilled set; under ``replay``, whose schedule belongs to the distilled set alone, with the
+    mtt recipe.
     """
 
-    recipe: Literal["mtt", "kd"] = "mtt"
+    recipe: Literal["mtt", "kd", "replay"] = "mtt"
     kd: KDRecipeConfig = Field(default_factory=KDRecipeConfig)
 
     models: list[str] = Field(default_factory=lambda: ["convnet"], min_length=1)
@@ -445,6 +466,13 @@ class EvaluateConfig(Strict):
     batch_size: int = Field(default=256, gt=0)
     lr: float | Literal["learned"] = "learned"
     """``learned``: the synthetic learning rate the method learned (MTT); else a fixed value."""
+    optimizer: Literal["sgd", "adam"] = added("sgd")
+    """The mtt recipe's optimiser, everything else of the recipe kept (epochs, batches, DSA, weight
+    decay, the learning rate /10 halfway): ``sgd`` with ``momentum`` at ``lr`` (``baseline_lr`` for
+    the baselines), or ``adam`` (betas 0.9/0.999, eps 1e-8) at ``adam_lr`` for every set, the inner
+    optimiser with which RaT-BPTT's and AT-BPTT's official code evaluates."""
+    adam_lr: float = added(0.001, gt=0)
+    """Adam's learning rate under ``optimizer: adam`` (RaT-BPTT's ``--inner_lr`` 0.001)."""
     momentum: float = Field(default=0.9, ge=0)
     weight_decay: float = Field(default=5e-4, ge=0)
     dsa: bool = True
@@ -483,6 +511,19 @@ class EvaluateConfig(Strict):
     def _labels_belong_to_mtt(self) -> EvaluateConfig:
         if self.recipe == "kd" and self.labels != "hard":
             raise ValueError("evaluate.labels applies to the mtt recipe; kd recipe labels come from relabel")
+        if self.recipe == "replay" and self.labels != "hard":
+            raise ValueError(
+                "evaluate.labels applies to the mtt recipe; a replayed schedule trains on hard labels"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_belongs_to_mtt(self) -> EvaluateConfig:
+        if self.optimizer != "sgd" and self.recipe != "mtt":
+            raise ValueError(
+                f"evaluate.optimizer applies to the mtt recipe; the {self.recipe} recipe has its own"
+                " (kd: AdamW; replay: the learned gradient-descent steps)"
+            )
         return self
 
 

@@ -1,13 +1,17 @@
 """Evaluation: train a fresh network only on a (distilled or real) set, test on the real test split.
 
-Two recipes, each measured once at the end of training (no picking of a best test epoch):
+Three recipes, each measured once at the end of training (no picking of a best test epoch):
 
 - ``train_and_test``, MTT's ``evaluate_synset``: SGD with momentum 0.9 and weight decay 5e-4, DSA on
   every batch, the learning rate divided by 10 halfway. Evaluating distilled images without DSA, or
-  with another architecture's norm, is the classic way to under-report them (MTT issue #29).
+  with another architecture's norm, is the classic way to under-report them (MTT issue #29). Its
+  optimiser may be Adam instead (``Recipe.optimizer``): RaT-BPTT's and AT-BPTT's evaluations train
+  with the Adam they distil with.
 - ``train_and_test_kd``, the RDED/SRe2L recipe: AdamW, cosine schedule, crops + flips + CutMix
   (+ patch shuffling for stitched images), KL divergence to the teacher's probabilities on every
   augmented batch (online or replayed from storage, see ``condense.relabel``).
+- ``train_and_test_replay``, DD's own evaluation: exactly the step schedule the set was distilled for
+  (:class:`condense.synthetic.StepSchedule`), each step plain gradient descent with its learned size.
 
 Every run reports the final network's test accuracy and its calibration (:mod:`condense.scores`):
 the ECE of its test predictions, and the ECE after temperature scaling fitted on ``held_out``
@@ -21,6 +25,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +42,7 @@ from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
 from condense.scores import calibration, masked_temperature
+from condense.synthetic import StepSchedule
 from condense.training import (
     batches,
     cosine_factor,
@@ -69,13 +75,30 @@ class Recipe:
     lr: float
     batch_size: int
     momentum: float
+    """SGD's; Adam has none."""
     weight_decay: float
     dsa: DSAConfig | None
     temperature: float | None = None
     """Set when training on soft labels (KD loss at this temperature)."""
+    optimizer: Literal["sgd", "adam"] = "sgd"
 
 
-def train_and_test(
+def optimizer_of(recipe: Recipe, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``params`` (L2 weight decay either way): SGD with momentum, or Adam
+    at torch's betas 0.9/0.999 and eps 1e-8, RaT-BPTT's inner optimiser. Both act on each element
+    alone, so on stacked seeds (:func:`train_and_test_seeds`) each seed's slice steps as its own."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def lr_schedule(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+    """The learning rate divided by 10 after half the epochs (stepped once an epoch)."""
+    half = recipe.epochs // 2
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[half] if half else [], gamma=0.1)
+
+
+def train_mtt(
     arch: str,
     data: RealData,
     x: torch.Tensor | None,
@@ -85,25 +108,20 @@ def train_and_test(
     model_cfg: ModelConfig | None = None,
     progress: Progress = SILENT,
     compile_step: bool = False,
-    held_out: HeldOut | None = None,
-) -> dict[str, float | None]:
-    """Train ``arch`` from a seeded initialisation on (x, targets); returns test accuracy (%), its
-    calibration (:func:`tested`) and time.
+) -> tuple[nn.Module, float]:
+    """Train ``arch`` from a seeded initialisation on (x, targets) by ``recipe``; returns the model and
+    the last epoch's mean loss.
 
     ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set. ``x``
     None: epochs over the data's whole training split (the full-data baseline of a streamed dataset).
     """
-    started = time.perf_counter()
     device = data.device if x is None else x.device
     model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(
         device, non_blocking=True
     )
     forward = Compiled(model, compile_step, device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
-    half = recipe.epochs // 2
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[half] if half else [], gamma=0.1)
+    optimizer = optimizer_of(recipe, list(model.parameters()))
+    scheduler = lr_schedule(recipe, optimizer)
     if recipe.temperature is None:
         loss_fn = F.cross_entropy
     else:
@@ -122,6 +140,25 @@ def train_and_test(
         loss = float(train_on(model, batches_of_epoch, loss_fn, optimizer, generator, recipe.dsa, forward))
         scheduler.step()
         progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
+    return model, loss
+
+
+def train_and_test(
+    arch: str,
+    data: RealData,
+    x: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    recipe: Recipe,
+    seed: int,
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+    compile_step: bool = False,
+    held_out: HeldOut | None = None,
+) -> dict[str, float | None]:
+    """:func:`train_mtt`, then the final network's test accuracy (%), its calibration (:func:`tested`)
+    and time."""
+    started = time.perf_counter()
+    model, loss = train_mtt(arch, data, x, targets, recipe, seed, model_cfg, progress, compile_step)
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 
@@ -175,7 +212,8 @@ def train_and_test_seeds(
     Each seed keeps what it has alone: its initialisation, its generator (batch order, then one DSA
     seed per batch, drawn in the same order), its set (``xs[k]``, e.g. its random real images) and
     the recipe's SGD (momentum, weight decay, learning rate /10 halfway), which acts on each seed's
-    slice of the stacked parameters exactly as on its own. The result equals the one-at-a-time
+    slice of the stacked parameters exactly as on its own (or Adam, elementwise too: its step count is
+    every seed's, all take the same number of steps). The result equals the one-at-a-time
     training up to floating-point rounding (batched convolutions sum in another order).
     ``held_out[k]``: seed ``k``'s calibration images (see :func:`tested`)."""
     started = time.perf_counter()
@@ -197,11 +235,8 @@ def train_and_test_seeds(
 
     # Dropout and stochastic depth draw a mask per seed ("different"), as K separate networks would.
     stacked = Compiled(vmap(forward, randomness="different"), compile_step, device, batch=(2, 1))
-    optimizer = torch.optim.SGD(
-        list(params.values()), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
-    half = recipe.epochs // 2
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[half] if half else [], gamma=0.1)
+    optimizer = optimizer_of(recipe, list(params.values()))
+    scheduler = lr_schedule(recipe, optimizer)
     temperature = recipe.temperature
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     n, k = len(xs[0]), len(seeds)
@@ -256,6 +291,54 @@ def train_and_test_seeds(
         }
         for i in range(k)
     ]
+
+
+def train_replay(
+    arch: str,
+    data: RealData,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    schedule: StepSchedule,
+    seed: int,
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+) -> tuple[nn.Module, float]:
+    """``arch`` built with ``seed`` and trained by exactly ``schedule``: step i is
+    theta <- theta - step_sizes[i] * grad CE(f(theta; x[indices[i]]), labels[indices[i]]), in order,
+    with no augmentation, momentum or weight decay (DD's ``train_distilled_image`` evaluation). Returns
+    the model and the last step's loss."""
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(
+        x.device, non_blocking=True
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_sizes = schedule.step_sizes.tolist()  # one read, not one wait a step
+    loss = torch.tensor(float("nan"))
+    for i, idx in enumerate(schedule.indices.to(x.device)):
+        loss = F.cross_entropy(model(x[idx]), labels[idx])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                param -= step_sizes[i] * grad
+        progress.step(i + 1, len(step_sizes), f"step size {step_sizes[i]:.4g}")
+    return model, loss.item()
+
+
+def train_and_test_replay(
+    arch: str,
+    data: RealData,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    schedule: StepSchedule,
+    seed: int,
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+    held_out: HeldOut | None = None,
+) -> dict[str, float | None]:
+    """:func:`train_replay`, then the test accuracy (%) and calibration of the final model."""
+    started = time.perf_counter()
+    model, loss = train_replay(arch, data, x, labels, schedule, seed, model_cfg, progress)
+    return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 
 @dataclass(frozen=True)

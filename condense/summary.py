@@ -19,6 +19,7 @@ from condense.errors import DamagedArtifactError
 from condense.export import GRID
 from condense.leases import Lease
 from condense.stages import dataset_job, execute, get_stage, make_plan
+from condense.stages.evaluate import evaluation_name, subjects
 from condense.stages.export import accuracy_table
 from condense.stages.plan import Plan
 from condense.store import Store, write_json
@@ -53,7 +54,7 @@ def device_names(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _label_summary(cfg: PipelineConfig, store: Store, plan: Plan) -> dict[str, Any]:
     """Where the evaluation's labels came from, and what stored labels cost next to the images."""
-    if cfg.evaluate.recipe == "mtt":
+    if cfg.evaluate.recipe != "kd":
         return {"kind": cfg.evaluate.labels}
     r = cfg.relabel
     summary: dict[str, Any] = {
@@ -66,6 +67,18 @@ def _label_summary(cfg: PipelineConfig, store: Store, plan: Plan) -> dict[str, A
         meta = store.meta("relabel", str(plan.keys["relabel"]))
         summary.update({k: meta[k] for k in ("epochs", "label_bytes", "label_disk_bytes", "image_bytes")})
     return summary
+
+
+def storage(cfg: PipelineConfig, card: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
+    """What the set costs to keep and how many images a student trains on: the method's own account
+    where it stores more than images (INFER: real images and compensators, ``stats["storage"]``),
+    else ipc images per class, one byte per pixel and channel as exported."""
+    stats = distill.get("stats", {})
+    if "storage" in stats:
+        return stats["storage"]
+    images = len(card["classes"]) * cfg.ipc
+    pixels = card["channels"] * card["resolution"] ** 2
+    return {"stored_images": images, "training_images": images, "image_bytes": images * pixels}
 
 
 def build_summary(
@@ -95,9 +108,16 @@ def build_summary(
         "baselines_by_arch": {arch: {s: table[arch][s] for s in baselines} for arch in models},
         "evaluation_runs": cfg.evaluate.seeds,
         "learned_lr": distill["lr"],
-        "evaluation_recipe": cfg.evaluate.recipe,
-        "teacher": {k: teacher[k] for k in ("source", "arch", "train_accuracy", "test_accuracy")},
+        # How the accuracies were measured, each set's: the recipe, and what departs from its standard
+        # form ("mtt+adam": the mtt recipe with Adam; "replay": the distilled set's learned schedule).
+        "evaluation_recipe": evaluation_name(cfg, "distilled"),
+        "evaluation": {subject: evaluation_name(cfg, subject) for subject in subjects(cfg)},
+        "teacher": {
+            **{k: teacher[k] for k in ("source", "arch", "train_accuracy", "test_accuracy")},
+            **({"members": teacher["members"]} if "members" in teacher else {}),
+        },
         "labels": _label_summary(cfg, store, plan),
+        "storage": storage(cfg, card, distill),
         "distill_stats": distill.get("stats", {}),
         "input_std": distill.get("input_std"),
         "artifacts": {

@@ -26,6 +26,8 @@ from tests.conftest import memory_and_stream
 from tests.test_matching import MemoryCheckpoints
 
 MODEL = ModelConfig(width=8)
+DEEPER = {"datadam": ModelConfig(width=8, depth=2)}
+"""Methods that need more than the one block of 8 px images (DataDAM matches all blocks but the last)."""
 DSA = DSAConfig()
 TRAJECTORY = {
     "iterations": 2,
@@ -48,6 +50,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "sre2l": RECOVER,
     "cda": RECOVER,
     "cudd": RECOVER | {"curricula": [1, 1], "student_epochs": 1},
+    "datadam": {"iterations": 2, "batch_real": 8, "checkpoint_every": 1},
+    "dd": {"iterations": 2, "epochs": 1, "batch_real": 8, "checkpoint_every": 1},
+    "ratbptt": {"iterations": 2, "unroll": 3, "window": 2, "batch_real": 8, "checkpoint_every": 1},
+    "atbptt": {
+        "iterations": 2,
+        "unroll": 4,
+        "window": 2,
+        "window_range": 1,
+        "batch_real": 8,
+        "checkpoint_every": 1,
+    },
+    "infer": RECOVER,
 }
 """Every registered method's first iterations (a new method must add its line)."""
 
@@ -111,7 +125,7 @@ def _distil(data, name: str, experts: ExpertBuffer, trained: torch.nn.Module, **
             ipc,
             0,
             cfg,
-            MODEL,
+            DEEPER.get(name, MODEL),
             DSA,
             experts=experts if "experts" in method.needs else None,
             teacher=copy.deepcopy(trained).to(devicecheck.DEVICE) if "teacher" in method.needs else None,

@@ -485,6 +485,176 @@ def test_cudd_table(dataset: str, ipc: int, expected: dict[str, Any]):
     check_row("cudd", dataset, ipc, expected)
 
 
+# -- INFER: zhangxin-xd/UFC sh/ufc_cifar.sh, ufc_imgnet.py; val_dyn.py's 400 / (M + 1) epochs, T 30 ------
+
+UFC_CIFAR_TEACHERS = {
+    "teacher.arch": "torchvision:resnet18",
+    "teacher.ensemble": ["mobilenetv2_100", "efficientnet_b0", "torchvision:shufflenet_v2_x1_0"],
+    "teacher.epochs": 200,
+    "teacher.lr": 0.1,
+}
+UFC_CIFAR = {
+    **UFC_CIFAR_TEACHERS,
+    **recover(1000, 0.25, 1.0, 4, crop=False),
+    "distill.flip": False,
+    "evaluate.epochs": 80,
+    "evaluate.batch_size": 64,
+    "evaluate.kd.temperature": 30.0,
+    "evaluate.kd.weight_decay": 0.01,
+}
+INFER: list[Row] = [
+    *[
+        ("cifar10", n, {**UFC_CIFAR, "evaluate.models": ["convnet", "torchvision:resnet18"]})
+        for n in (10, 50)
+    ],
+    *[
+        ("cifar100", n, {**UFC_CIFAR, "evaluate.models": ["convnet", "torchvision:resnet18"]})
+        for n in (10, 50, 100)
+    ],
+    *[("tinyimagenet", n, {**UFC_CIFAR, "evaluate.models": ["torchvision:resnet18"]}) for n in (10, 50)],
+    *[
+        (
+            "imagenet",
+            n,
+            {
+                **IMAGENET_SQUEEZE,
+                "teacher.ensemble": ["torchvision:mobilenet_v2", "torchvision:efficientnet_b0"],
+                **recover(2000, 0.25, 0.01, 32),
+                "distill.flip": True,
+                "evaluate.epochs": 75,
+                "relabel.mode": "stored",
+            },
+        )
+        for n in (10, 50)
+    ],
+]
+
+
+@pytest.mark.parametrize(("dataset", "ipc", "expected"), rows(INFER))
+def test_infer_table(dataset: str, ipc: int, expected: dict[str, Any]):
+    check_row("infer", dataset, ipc, expected)
+
+
+# -- DataDAM: DataDistillation/DataDAM's hyperparameter table (p = 4, 8000 iterations) --------------
+
+DATADAM_ALL = {
+    "distill.iterations": 8000,
+    "distill.lr_img": 1.0,
+    "distill.power": 4.0,
+    "distill.task_balance": 0.01,
+    "distill.batch_real": 64,
+    "distill.init": "real",
+    "evaluate.epochs": 1800,
+    "evaluate.lr": 0.01,
+    "evaluate.seeds": 10,
+}
+DATADAM: list[Row] = [
+    (d, n, DATADAM_ALL) for d in ("cifar10", "cifar100", "tinyimagenet") for n in (1, 10, 50)
+]
+
+
+@pytest.mark.parametrize(("dataset", "ipc", "expected"), rows(DATADAM))
+def test_datadam_table(dataset: str, ipc: int, expected: dict[str, Any]):
+    check_row("datadam", dataset, ipc, expected)
+
+
+# -- DD (SsnL/dataset-distillation), RaT-BPTT (fengyzpku/Simple_Dataset_Distillation), AT-BPTT -----
+
+BPTT_EVAL = {"evaluate.seeds": 8, "evaluate.epochs": 1000, "evaluate.lr": 0.01, "dsa.strategy": "flip_rotate"}
+
+
+def rat(
+    zca: bool,
+    iterations: int,
+    unroll: int,
+    window: int,
+    lr: float,
+    batch: int,
+    per_class: int | None,
+    classes: int | None,
+    labels: str,
+    **more: Any,
+) -> dict[str, Any]:
+    return {
+        **BPTT_EVAL,
+        "dataset.zca": zca,
+        "distill.iterations": iterations,
+        "distill.unroll": unroll,
+        "distill.window": window,
+        "distill.min_start": 0,
+        "distill.inner_lr": 0.001,
+        "distill.lr": lr,
+        "distill.batch_real": batch,
+        "distill.images_per_class": per_class,
+        "distill.classes_per_step": classes,
+        "distill.labels": labels,
+        "evaluate.labels": labels,
+        "distill.init": "noise",
+        "distill.clip_ema": 0.9,
+        "distill.window_every": None,
+        **{f"distill.{key}": value for key, value in more.items()},
+    }
+
+
+DD: list[Row] = [
+    (
+        "cifar10",
+        10,
+        {
+            "distill.iterations": 19600,
+            "distill.decay_every": 1960,
+            "distill.decay_factor": 0.5,
+            "distill.lr": 0.01,
+            "distill.lr_init": 0.001,
+            "distill.batch_real": 1024,
+            "distill.epochs": 3,
+            "distill.images_per_step": 1,
+            "distill.init": "unknown",
+            "distill.start": "noise",
+            "evaluate.seeds": 5,
+        },
+    )
+]
+RATBPTT: list[Row] = [
+    ("cifar10", 10, rat(True, 600000, 200, 60, 0.001, 5000, None, None, "hard", placement="random")),
+    ("cifar100", 1, rat(True, 600000, 130, 90, 0.0003, 5000, 1, None, "learned", placement="end")),
+    ("cifar100", 10, rat(True, 600000, 300, 100, 0.001, 5000, 1, None, "learned", placement="random")),
+    ("tinyimagenet", 10, rat(False, 6000000, 300, 100, 0.0003, 1000, 1, 50, "learned", placement="random")),
+]
+AT_STAGES = {"stage2_gain": 1.5, "stage3_gain": 1.0, "stage2_patience": 0.15, "stage3_patience": 0.125}
+ATBPTT: list[Row] = [
+    (
+        "cifar10",
+        10,
+        rat(True, 600000, 200, 40, 0.001, 5000, None, None, "hard", window_range=10, **AT_STAGES),
+    ),
+    (
+        "cifar100",
+        10,
+        rat(True, 3000000, 300, 100, 0.001, 1000, 1, None, "learned", window_range=20, **AT_STAGES),
+    ),
+    (
+        "tinyimagenet",
+        10,
+        rat(False, 6000000, 300, 100, 0.0003, 1000, 1, 50, "learned", window_range=30, **AT_STAGES),
+    ),
+]
+
+BPTT_TABLES = {"dd": DD, "ratbptt": RATBPTT, "atbptt": ATBPTT}
+
+
+@pytest.mark.parametrize(
+    ("method", "dataset", "ipc", "expected"),
+    [
+        pytest.param(m, d, n, values, id=f"{m}-{d}-ipc{n}")
+        for m, t in BPTT_TABLES.items()
+        for d, n, values in t
+    ],
+)
+def test_bptt_tables(method: str, dataset: str, ipc: int, expected: dict[str, Any]):
+    check_row(method, dataset, ipc, expected)
+
+
 # -- the tables as a whole -------------------------------------------------------------------------
 
 TABLES: dict[str, list[Row]] = {
@@ -499,6 +669,11 @@ TABLES: dict[str, list[Row]] = {
     "sre2l": SRE2L,
     "cda": CDA,
     "cudd": CUDD,
+    "infer": INFER,
+    "datadam": DATADAM,
+    "dd": DD,
+    "ratbptt": RATBPTT,
+    "atbptt": ATBPTT,
 }
 
 

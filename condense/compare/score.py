@@ -89,7 +89,10 @@ def cost(cell: Cell, store: Store) -> dict[str, Any]:
         len(synthetic.labels),
         len(store.meta("dataset", str(keys["dataset"]))["card"]["classes"]),
     )
-    image_bytes = int(synthetic.images.numel())  # one byte per pixel and channel, as exported
+    # One byte per pixel and channel, as exported; a method that stores more or less than its images
+    # (INFER: real images and compensators) says what it stores.
+    stored = distill.get("stats", {}).get("storage", {})
+    image_bytes = int(stored.get("image_bytes", synthetic.images.numel()))
     if cfg.evaluate.recipe == "kd" and cfg.relabel.mode == "stored":
         labels, label_bytes = (
             "stored soft labels",

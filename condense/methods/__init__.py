@@ -212,6 +212,11 @@ def configure(cfg: PipelineConfig) -> PipelineConfig:
             f"evaluate.labels 'learned' trains on labels the method learned, and {cfg.method} learns none"
             f" here: use datm or pad, or set distill.labels=learned where the method has it"
         )
+    if cfg.evaluate.recipe == "replay" and not getattr(section, "learns_schedule", False):
+        raise ConfigError(
+            f"evaluate.recipe replay trains a set by the step schedule it learned, and {cfg.method}'s"
+            " sets carry none: use it with dd, or evaluate.recipe mtt"
+        )
     if isinstance(method.shards, str) and cfg.compute.shard_count() > 1:
         raise ConfigError(f"method {cfg.method} cannot be sharded ({method.shards}): set compute.shards=1")
     try:

@@ -1,7 +1,8 @@
-"""The recover loop of SRe2L (Yin, Xing & Shen, NeurIPS 2023), shared by SRe2L, CDA and CUDD: CDA's
-crop-scale curriculum is an option of it, CUDD's adversarial and anchor terms are extra loss terms
-passed in (:data:`ExtraTerms`), not branches of it. The methods themselves are thin files in
-``condense.methods`` (``sre2l``, ``cda``, ``cudd``).
+"""The recover loop of SRe2L (Yin, Xing & Shen, NeurIPS 2023), shared by SRe2L, CDA, CUDD and INFER:
+CDA's crop-scale curriculum is an option of it, CUDD's adversarial and anchor terms are extra loss
+terms passed in (:data:`ExtraTerms`), INFER's perturbation shared by a batch of real images is what it
+renders the images from (``render``), none of them branches of it. The methods themselves are thin
+files in ``condense.methods`` (``sre2l``, ``cda``, ``cudd``, ``infer``).
 
 Recover optimises images against a frozen batch-norm teacher. Each step augments the whole batch
 with one random resized crop, one flip and one random shift (torchvision applies a single draw to a
@@ -74,7 +75,9 @@ def check_teacher_settings(cfg: Any) -> None:
     """Recover needs batch-norm statistics and a valid pixel range to clip to."""
     teacher = cfg.teacher
     norm = cfg.model.norm if teacher.source == "best_expert" else teacher.norm
-    if teacher.arch == "convnet" and norm != "batchnorm":
+    if (teacher.arch == "convnet" and norm != "batchnorm") or (
+        "convnet" in teacher.ensemble and teacher.norm != "batchnorm"
+    ):
         raise ValueError(
             f"{cfg.method} matches batch-norm statistics: use a batch-norm teacher "
             "(teacher.source=train with teacher.norm=batchnorm, or a timm ResNet)"
@@ -174,9 +177,14 @@ def recover_batch(
     extra_terms: ExtraTerms | None = None,
     progress: Progress = SILENT,
     label: str = "recover",
+    render: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Optimise one batch of images against the teacher; ``checkpoint(snapshot)`` every
-    ``cfg.checkpoint_every`` steps, and ``resume`` (such a snapshot) continues exactly."""
+    ``cfg.checkpoint_every`` steps, and ``resume`` (such a snapshot) continues exactly.
+
+    ``render``: what is optimised (``images``, returned) is not the images but a parameter they are
+    made of, ``render(parameter)`` (INFER's perturbation shared by a batch of real images), left
+    unclipped; None: the images themselves, clipped to the pixel range after every step."""
     bn = BNStatistics(teacher, cfg.first_bn_multiplier)
     images = images.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=cfg.betas)
@@ -206,7 +214,7 @@ def recover_batch(
         def augment(t: torch.Tensor, box=box, flip=flip, shift=shift) -> torch.Tensor:
             return augment_batch(t, box, flip, shift, side)
 
-        x = augment(images)
+        x = augment(images if render is None else render(images))
         with bn.hooked():
             logits = teacher(x)
         ce = F.cross_entropy(logits, labels)
@@ -226,8 +234,9 @@ def recover_batch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            images.copy_(torch.maximum(torch.minimum(images, high), low))
+        if render is None:
+            with torch.no_grad():
+                images.copy_(torch.maximum(torch.minimum(images, high), low))
         history.append(record)
         progress.step(it + 1, cfg.iterations, f"{label} ce {record['ce']:.3f} bn {record['bn']:.3f}")
         loop.checkpoint(it, history)

@@ -6,8 +6,11 @@ so the comparison is fair. Each run also reports its calibration (ECE, and ECE a
 scaling fitted on training images held out of that student's training: the calibration split of
 :func:`condense.evaluate.calibration_indices`; the full-data students hold nothing out, so they
 report the plain ECE only). ``recipe: mtt`` is MTT's evaluate_synset (SGD, DSA; hard labels, the
-teacher's soft labels, or the labels the method learned); ``recipe: kd`` the RDED/SRe2L recipe
-(stored labels for the distilled set when relabel is stored, else the teacher online).
+teacher's soft labels, or the labels the method learned), or with ``optimizer: adam`` the same with
+Adam; ``recipe: kd`` the RDED/SRe2L recipe (stored labels for the distilled set when relabel is
+stored, else the teacher online); ``recipe: replay`` trains the distilled set by the step schedule it
+carries (DD's own evaluation) and its baselines, which have no schedule, by the mtt recipe: their
+keys are the mtt recipe's, so they are shared with a run evaluated that way.
 """
 
 from __future__ import annotations
@@ -25,6 +28,20 @@ from condense.stages.base import Context, Params, Stage
 from condense.stages.relabel import check_top_k
 
 SUBJECTS = ("distilled", "random_real", "full_data")
+
+
+def replays(cfg: PipelineConfig, subject: str) -> bool:
+    """Whether ``subject`` is trained by its learned schedule (only the distilled set has one)."""
+    return cfg.evaluate.recipe == "replay" and subject == "distilled"
+
+
+def evaluation_name(cfg: PipelineConfig, subject: str) -> str:
+    """How ``subject``'s accuracies were measured: ``mtt``, ``mtt+adam``, ``kd`` or ``replay``."""
+    if replays(cfg, subject):
+        return "replay"
+    if cfg.evaluate.recipe == "kd":
+        return "kd"
+    return "mtt" if cfg.evaluate.optimizer == "sgd" else f"mtt+{cfg.evaluate.optimizer}"
 
 
 def subjects(cfg: PipelineConfig) -> list[str]:
@@ -57,12 +74,13 @@ def uses_stored_labels(cfg: PipelineConfig) -> bool:
 
 
 def _recipe_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
-    """The MTT recipe of ``subject``; ``lr`` may still be ``"learned"``."""
+    """The MTT recipe of ``subject``; ``lr`` may still be ``"learned"``. The optimiser is named only
+    when it is not SGD, so that SGD's keys stay what they were before Adam could be chosen."""
     ev = cfg.evaluate
     soft = ev.labels != "hard" and subject != "full_data"
     # Soft cross-entropy against softmax(logits) is the KD loss at temperature 1 (same gradient).
     temperature = cfg.soft_labels.temperature if ev.labels == "soft" else 1.0
-    return {
+    fields = {
         "epochs": ev.full_data_epochs if subject == "full_data" else ev.epochs,
         "lr": ev.lr if subject == "distilled" else ev.baseline_lr,
         "batch_size": ev.batch_size,
@@ -71,6 +89,9 @@ def _recipe_fields(cfg: PipelineConfig, subject: str) -> dict[str, Any]:
         "dsa": cfg.dsa if ev.dsa else None,
         "temperature": temperature if soft else None,
     }
+    if ev.optimizer == "adam":  # one learning rate for every subject: no learned or baseline one
+        fields.update(optimizer="adam", lr=ev.adam_lr)
+    return fields
 
 
 def recipe(cfg: PipelineConfig, subject: str, learned_lr: float | None) -> Recipe:
@@ -114,6 +135,8 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     subject, arch = params["subject"], params["arch"]
     if cfg.evaluate.recipe == "kd":
         fields = _kd_fields(cfg, subject)
+    elif replays(cfg, subject):  # the rest is the set's: its schedule comes with the distill key
+        fields = {"recipe": "replay"}
     else:
         fields = _recipe_fields(cfg, subject)
         fields["dsa"] = keyed(fields["dsa"]) if fields["dsa"] else None
@@ -168,6 +191,42 @@ def _held_out(ctx: Context, subject: str, data: RealData, seed: int) -> evaluate
         return None
     picked = evaluate.random_real_indices(data, ctx.cfg.ipc, seed) if subject == "random_real" else None
     return evaluate.held_out_split(data, ctx.cfg.seed, picked, tuple(ctx.cfg.evaluate.mask_ratios))
+
+
+def _replay(
+    ctx: Context, data: RealData, indices: list[int], seeds: list[int]
+) -> list[dict[str, float | None]]:
+    """The distilled set trained by its schedule from each seed's fresh network, or, for a set distilled
+    from fixed networks, from fixed network ``index`` mod their count (seed indices, not positions in
+    this job, so any grouping of seeds into jobs trains the same networks)."""
+    synthetic = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"]))
+    schedule = synthetic.schedule
+    if schedule is None:  # a config built past methods.configure, or a set stored before schedules
+        raise ConfigError(
+            f"evaluate.recipe replay: the distilled set {ctx.keys['distill']} carries no learned step"
+            " schedule (only dd's sets do, since schedules are stored): use evaluate.recipe mtt"
+        )
+    x, y = synthetic.images.to(ctx.device), synthetic.labels.to(ctx.device)
+    inits = (
+        seeds
+        if schedule.init_seeds is None
+        else [int(schedule.init_seeds[i % len(schedule.init_seeds)]) for i in indices]
+    )
+    arch = ctx.params["arch"]
+    return [
+        evaluate.train_and_test_replay(
+            arch,
+            data,
+            x,
+            y,
+            schedule,
+            init,
+            ctx.cfg.student,
+            ctx.progress,
+            _held_out(ctx, "distilled", data, seed),
+        )
+        for init, seed in zip(inits, seeds, strict=True)
+    ]
 
 
 def _train_kd(
@@ -226,23 +285,32 @@ def _targets(
     return [torch.softmax(labels.expert_logits(experts, x, y), dim=1) for x, y, _ in sets]
 
 
+def _train_sets(
+    ctx: Context, subject: str, data: RealData, seeds: list[int]
+) -> list[dict[str, float | None]]:
+    """Each seed's set (the distilled one, its random real images, the full data) trained by the
+    mtt or kd recipe."""
+    cfg, arch = ctx.cfg, ctx.params["arch"]
+    sets = [_subject_set(ctx, subject, data, seed) for seed in seeds]
+    if cfg.evaluate.recipe == "kd":
+        return [_train_kd(ctx, subject, data, x, seed) for (x, _, _), seed in zip(sets, seeds, strict=True)]
+    targets = _targets(ctx, subject, data, sets)
+    run_recipe = recipe(cfg, subject, sets[0][2])
+    xs = [x for x, _, _ in sets]
+    held_out = [_held_out(ctx, subject, data, seed) for seed in seeds]
+    return evaluate.train_and_test_seeds(
+        arch, data, xs, targets, run_recipe, seeds, cfg.student, ctx.progress, ctx.compile_step, held_out
+    )
+
+
 def run(ctx: Context) -> dict[str, Any]:
     cfg, data = ctx.cfg, ctx.data()
     subject, arch, indices = ctx.params["subject"], ctx.params["arch"], ctx.params["indices"]
     seeds = [eval_seed(cfg, index) for index in indices]
-    sets = [_subject_set(ctx, subject, data, seed) for seed in seeds]
-    if cfg.evaluate.recipe == "kd":
-        results = [
-            _train_kd(ctx, subject, data, x, seed) for (x, _, _), seed in zip(sets, seeds, strict=True)
-        ]
+    if replays(cfg, subject):
+        results = _replay(ctx, data, indices, seeds)
     else:
-        targets = _targets(ctx, subject, data, sets)
-        run_recipe = recipe(cfg, subject, sets[0][2])
-        xs = [x for x, _, _ in sets]
-        held_out = [_held_out(ctx, subject, data, seed) for seed in seeds]
-        results = evaluate.train_and_test_seeds(
-            arch, data, xs, targets, run_recipe, seeds, cfg.student, ctx.progress, ctx.compile_step, held_out
-        )
+        results = _train_sets(ctx, subject, data, seeds)
     runs = [{"index": i, "seed": s, **r} for i, s, r in zip(indices, seeds, results, strict=True)]
     return {"subject": subject, "arch": arch, "runs": runs}
 
