@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-WIDTH = 1600
+WIDTH = 1800
 """Viewport width in CSS pixels: the whole table fits without wrapping."""
 TALL = 20000
 """The fallback's page height in CSS pixels, more than a leaderboard needs."""
