@@ -43,6 +43,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "ftd": TRAJECTORY,
     "datm": TRAJECTORY | WINDOW,
     "pad": TRAJECTORY | WINDOW | {"shallow_fraction": 0.5},
+    "ast": TRAJECTORY,
     "dm": {"iterations": 2, "batch_real": 8, "checkpoint_every": 1},
     "dsa": {"iterations": 2, "outer_loop": 2, "inner_loop": 1, "batch_real": 8, "checkpoint_every": 1},
     "dream": {"iterations": 2, "batch_real": 5, "interval": 1, "init": "kmeans", "checkpoint_every": 1},

@@ -655,6 +655,68 @@ def test_bptt_tables(method: str, dataset: str, ipc: int, expected: dict[str, An
     check_row(method, dataset, ipc, expected)
 
 
+# -- AST: shenjiyuan123/AST-Alignment-with-Smooth-Expert's distill.sh ------------------------------
+
+AST_ALL = {
+    "experts.num_experts": 100,
+    "experts.epochs": 50,
+    "experts.batch_size": 256,
+    "experts.lr": 0.003,
+    "experts.momentum": 0.9,
+    "experts.weight_decay": 0.001,
+    "experts.lr_step_factor": 0.6,
+    "experts.loss_decay_epochs": 10,
+    "experts.gradient_penalty": 2.0,
+    "distill.iterations": 5000,
+    "distill.lr_init": 0.01,
+    "distill.student_momentum": 0.9,
+}
+
+
+def ast(
+    zca: bool,
+    n: int,
+    m: int,
+    t: int,
+    lr_img: float,
+    lr_lr: float,
+    batch: int | None,
+    init: str,
+    flags: str,
+    eval_epochs: int,
+) -> dict[str, Any]:
+    """``flags``: b(alance_loss), a(gg_middle_loss), w(eight_perturb) as distill.sh passes them."""
+    return {
+        **AST_ALL,
+        "dataset.zca": zca,
+        "distill.syn_steps": n,
+        "distill.expert_epochs": m,
+        "distill.max_start_epoch": t,
+        "distill.lr_img": lr_img,
+        "distill.lr_lr": lr_lr,
+        "distill.batch_syn": batch,
+        "distill.init": init,
+        "distill.balanced_inner_loss": "b" in flags,
+        "distill.intermediate_matching": "a" in flags,
+        "distill.weight_perturbation": 1.0 if "w" in flags else 0.0,
+        "evaluate.epochs": eval_epochs,
+    }
+
+
+AST: list[Row] = [
+    ("cifar10", 10, ast(True, 30, 2, 20, 100, 1e-6, None, "real", "baw", 1000)),
+    ("cifar100", 1, ast(False, 40, 3, 15, 100, 1e-5, None, "representative", "aw", 300)),
+    ("cifar100", 10, ast(False, 20, 2, 30, 1000, 1e-5, 128, "representative", "aw", 300)),
+    ("cifar100", 50, ast(False, 80, 2, 40, 1000, 1e-5, 700, "representative", "", 1000)),
+    ("tinyimagenet", 1, ast(False, 10, 2, 10, 10000, 1e-4, None, "real", "aw", 1000)),
+]
+
+
+@pytest.mark.parametrize(("dataset", "ipc", "expected"), rows(AST))
+def test_ast_table(dataset: str, ipc: int, expected: dict[str, Any]):
+    check_row("ast", dataset, ipc, expected)
+
+
 # -- the tables as a whole -------------------------------------------------------------------------
 
 TABLES: dict[str, list[Row]] = {
@@ -674,6 +736,7 @@ TABLES: dict[str, list[Row]] = {
     "dd": DD,
     "ratbptt": RATBPTT,
     "atbptt": ATBPTT,
+    "ast": AST,
 }
 
 
@@ -695,7 +758,7 @@ def test_every_paper_row_resolves_validates_and_has_its_numbers_above():
 
 def test_a_method_that_does_not_apply_to_a_dataset_says_why():
     refused = {m: set(r.not_for) for m, r in recipes().items() if r.not_for}
-    assert refused == {m: {"imagenet"} for m in ("mtt", "ftd", "datm", "pad", "dsa", "dream")}
+    assert refused == {m: {"imagenet"} for m in ("mtt", "ftd", "datm", "pad", "ast", "dsa", "dream")}
     for method, datasets in refused.items():
         for dataset in datasets:
             reason = recipes()[method].not_for[dataset]

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, SyntheticSet
-from condense.methods.mtt import SHARED_TRAJECTORY, MTTConfig, check, match_trajectories
+from condense.methods.mtt import SHARED_TRAJECTORY, Init, MTTConfig, check, match_trajectories
 
 
 class DATMConfig(MTTConfig):
@@ -35,7 +35,7 @@ class DATMConfig(MTTConfig):
     max_start_epoch: int = Field(default=19, ge=0)
     initial_max_start_epoch: int | None = Field(default=9, ge=0)
     window_growth_iterations: int = Field(default=1000, gt=0)
-    init: Literal["real", "noise", "kmeans", "correct"] = "correct"
+    init: Init = "correct"
     labels: Literal["hard", "learned"] = "learned"
     skip_above: float | None = Field(default=1.0, gt=0)
 

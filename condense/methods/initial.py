@@ -1,5 +1,5 @@
-"""Where a synthetic set starts: random real images, noise, DREAM's k-means picks, or DATM's real
-images an expert classifies correctly."""
+"""Where a synthetic set starts: random real images, noise, DREAM's k-means picks, DATM's real
+images an expert classifies correctly, or AST's representative images."""
 
 from __future__ import annotations
 
@@ -54,15 +54,19 @@ def initial_images(
 ) -> torch.Tensor:
     """The synthetic set's starting point, class-major: random real images (``real``), Gaussian noise
     (``noise``), DREAM's ``kmeans``: per class, the real images nearest the k-means centroids of
-    ``network(seed)``'s features (each method says which network it embeds with), or DATM's
-    ``correct``: real images ``network(seed)`` classifies correctly."""
+    ``network(seed)``'s features (each method says which network it embeds with), DATM's
+    ``correct``: real images ``network(seed)`` classifies correctly, or AST's ``representative``: per
+    class, the real images nearest the k-means centroids of ``network(seed)``'s logits (AST's
+    ``get_repre_images`` clusters the final expert's outputs)."""
     if init == "real":
         return init_real(data, ipc, generator)
     if init == "correct":
         return init_correct(data, ipc, generator, network(random_seed(generator)))
-    if init == "kmeans":
+    if init in ("kmeans", "representative"):
         seed = random_seed(generator)
+        net = network(seed)
+        encode = net.embed if init == "kmeans" else net
         with torch.no_grad():
-            return kmeans_init(data.images, data.train_y, data.num_classes, ipc, network(seed).embed, seed)
+            return kmeans_init(data.images, data.train_y, data.num_classes, ipc, encode, seed)
     shape = (data.num_classes * ipc, data.channels, data.resolution, data.resolution)
     return torch.randn(*shape, generator=generator).to(data.device)

@@ -1,16 +1,23 @@
 """MTT: Dataset Distillation by Matching Training Trajectories (Cazenavette et al., CVPR 2022), and
-the one trajectory-matching loop its successors (FTD, DATM, PAD: see their files) run with options.
+the one trajectory-matching loop its successors (FTD, DATM, PAD, AST: see their files) run with
+options.
 
 Each outer iteration:
 
 1. draw an expert and a start epoch t from the window [min_start_epoch, upper]; upper is
    ``max_start_epoch`` (MTT) or grows from ``initial_max_start_epoch`` to it (DATM);
-2. start a student at the expert's parameters theta*_t;
+2. start a student at the expert's parameters theta*_t, with AST's ``weight_perturbation``: each
+   convolution weight w moved to w + s * d * w, d unit-norm Gaussian noise (the perturbed start is
+   also the loss's normaliser, as in AST's code);
 3. take ``syn_steps`` SGD steps on DSA-augmented synthetic batches with the learnable step size
-   alpha: theta_{i+1} = theta_i - alpha * grad loss(theta_i; syn batch), where loss is cross-entropy
-   on hard labels, or DATM's soft cross-entropy against softmax(learned label logits);
+   alpha: theta_{i+1} = theta_i - alpha * b_i, b_i = mu * b_{i-1} + grad c * loss(theta_i; syn batch),
+   mu = ``student_momentum`` (0: MTT's plain SGD; AST's heavy ball), c = 1 or AST's
+   ``balanced_inner_loss`` factor of t, and loss is cross-entropy on hard labels, or DATM's soft
+   cross-entropy against softmax(learned label logits);
 4. loss = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2, with M = ``expert_epochs``,
-   over the parameters PAD keeps (all but the shallowest ``shallow_fraction``; all for MTT);
+   plus with AST's ``intermediate_matching`` the same normalised distance of theta_{(N//M)k} to
+   theta*_{t+k} for k = 1..M-1, over the parameters PAD keeps (all but the shallowest
+   ``shallow_fraction``; all for MTT);
 5. its gradient reaches the pixels, alpha and the learned labels, through the whole unroll
    (``memory: unrolled``) or by TESLA's constant-memory walk (``memory: constant``, the same
    gradient: :mod:`condense.methods.trajectory`);
@@ -33,20 +40,27 @@ from pydantic import Field, model_validator
 
 from condense import devices
 from condense.artifacts import ExpertBuffer
-from condense.config import Strict
+from condense.config import Strict, added
 from condense.labels import expert_logits, final_experts
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, ResumableLoop, SyntheticSet
 from condense.methods.initial import initial_images
 from condense.methods.trajectory import (
     Segment,
+    Waypoint,
+    balanced_scale,
     draw_steps,
+    intermediate_points,
     matched_gradient,
+    perturbed_start,
     shallow_cut,
     start_window,
 )
 from condense.models import ConvNet, FlatParams
 from condense.training import student_model
+
+Init = Literal["real", "noise", "kmeans", "correct", "representative"]
+"""Where the images start (:func:`condense.methods.initial.initial_images`)."""
 
 
 class MTTConfig(Strict):
@@ -70,9 +84,10 @@ class MTTConfig(Strict):
     momentum: float = Field(default=0.5, ge=0)
     batch_syn: int | None = Field(default=None, gt=0)
     """Synthetic images per student step; None = the whole set (the paper's default)."""
-    init: Literal["real", "noise", "kmeans", "correct"] = "real"
+    init: Init = "real"
     """Random real images, noise, the real images nearest k-means centroids of an expert's features,
-    or (DATM) random real images the first expert's final weights classify correctly."""
+    (DATM) random real images the first expert's final weights classify correctly, or (AST) the real
+    images nearest k-means centroids of those final weights' logits."""
     labels: Literal["hard", "learned"] = "hard"
     """``learned`` (DATM): one logit vector per image, initialised from the experts' logits and
     optimised with the images; stored with them and trained on by ``evaluate.labels: learned``."""
@@ -84,6 +99,16 @@ class MTTConfig(Strict):
     """FTD: keep an exponential moving average of the images; the average is what is stored."""
     shallow_fraction: float = Field(default=0.0, ge=0, lt=1)
     """PAD: this leading fraction of the parameters (shallow layers first) is left out of the loss."""
+    student_momentum: float = added(0.0, ge=0, lt=1)
+    """AST: the student's heavy-ball momentum mu in the unroll (0.9 in AST's code); 0: plain SGD."""
+    balanced_inner_loss: bool = added(False)
+    """AST: scale the inner loss by log_5(t - T/2 + 8) for starts t >= T/2, by its inverse
+    1 / log_5(T/2 - t + 8) before (T/2 = ``max_start_epoch // 2``)."""
+    intermediate_matching: bool = added(False)
+    """AST: also match the student after (N // M) * k steps to expert epoch t + k, k = 1..M-1,
+    each normalised by its own segment length, added with weight 1."""
+    weight_perturbation: float = added(0.0, ge=0)
+    """AST: strength s of the start point's perturbation (1 in AST's code; 0: none)."""
     memory: Literal["unrolled", "constant"] = "unrolled"
     """How the gradient through the unroll is computed; ``constant`` (TESLA) gives the same gradient
     in memory that does not grow with ``syn_steps`` (about twice the compute)."""
@@ -167,6 +192,7 @@ def match_trajectories(
     net = FlatParams(student_model(data, inputs.model_cfg, inputs.seed))
     matched_from = shallow_cut(net, cfg.shallow_fraction)
     batch = cfg.batch_syn or len(images)
+    waypoints = intermediate_points(cfg.syn_steps, cfg.expert_epochs) if cfg.intermediate_matching else []
     for it in range(start_it, cfg.iterations):
         expert = int(torch.randint(buffer.num_experts, (1,), generator=generator))
         low, high = start_window(
@@ -177,13 +203,19 @@ def match_trajectories(
             cfg.window_growth_iterations,
         )
         t = low + int(torch.randint(high - low + 1, (1,), generator=generator))
+        start = devices.upload(buffer.snapshot(expert, t), device)
+        if cfg.weight_perturbation > 0:
+            start = perturbed_start(net, start, cfg.weight_perturbation, generator)
         segment = Segment(
             net,
-            devices.upload(buffer.snapshot(expert, t), device),
+            start,
             devices.upload(buffer.snapshot(expert, t + cfg.expert_epochs), device),
             draw_steps(len(images), cfg.syn_steps, batch, generator),
             inputs.dsa_cfg,
             matched_from,
+            cfg.student_momentum,
+            balanced_scale(t, cfg.max_start_epoch) if cfg.balanced_inner_loss else 1.0,
+            tuple(Waypoint(m, devices.upload(buffer.snapshot(expert, t + k), device)) for m, k in waypoints),
         )
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
