@@ -73,7 +73,7 @@ def trained_teacher(store: Store, processes: int) -> tuple[str, dict[str, torch.
 def test_a_teacher_trained_on_two_processes_is_the_one_process_teacher(tmp_path):
     key, one, _ = trained_teacher(Store(tmp_path / "one"), 1)
     two_key, two, printed = trained_teacher(Store(tmp_path / "two"), 2)
-    assert "training the teacher data-parallel on cpu, cpu" in printed
+    assert "training convnet data-parallel on cpu, cpu" in printed
     assert "3/3 teacher loss" in printed and "(2 processes)" in printed
     assert two_key == key  # the process count is in no key
     assert one.keys() == two.keys()
