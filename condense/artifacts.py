@@ -19,7 +19,7 @@ import zarr
 from condense import devices, models
 from condense.config import ModelConfig
 from condense.store import Store, load_arrays, read_json, save_arrays, write_json
-from condense.synthetic import StepSchedule, SyntheticSet
+from condense.synthetic import Stages, StepSchedule, SyntheticSet
 
 BUFFER = "trajectories.zarr"
 TEACHER_WEIGHTS = "weights.pt"
@@ -79,8 +79,10 @@ def expert_chunks(index: int) -> str:
     return f"{BUFFER}/c/{index}"
 
 
-def load_buffer(store: Store, key: str) -> ExpertBuffer:
-    return ExpertBuffer(zarr.open_array(str(store.path("experts", key) / BUFFER), mode="r", zarr_format=3))
+def load_buffer(store: Store, key: str, stage: str = "experts") -> ExpertBuffer:
+    """The trajectories of the experts stage's artifact ``key`` (or of another stage that writes a
+    buffer: PDD's regenerated experts)."""
+    return ExpertBuffer(zarr.open_array(str(store.path(stage, key) / BUFFER), mode="r", zarr_format=3))
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -146,7 +148,9 @@ def load_teacher(store: Store, key: str) -> torch.nn.Module:
 
 SCHEDULE_ARRAYS = ("schedule_indices", "schedule_step_sizes", "schedule_init_seeds")
 """Where a set's :class:`StepSchedule` is stored (DD's; a set stored without them has none)."""
-SYNTHETIC_ARRAYS = ("images", "labels", "pixels", "label_logits", *SCHEDULE_ARRAYS)
+STAGE_ARRAYS = ("stage_ipc", "stage_lr")
+"""Where a set's :class:`Stages` are stored (PDD's; a set stored without them has none)."""
+SYNTHETIC_ARRAYS = ("images", "labels", "pixels", "label_logits", *SCHEDULE_ARRAYS, *STAGE_ARRAYS)
 
 
 def _schedule_arrays(schedule: StepSchedule | None) -> dict[str, torch.Tensor]:
@@ -171,6 +175,24 @@ def _schedule(arrays: dict[str, np.ndarray]) -> StepSchedule | None:
     )
 
 
+def _stage_arrays(stages: Stages | None) -> dict[str, torch.Tensor]:
+    if stages is None:
+        return {}
+    ipc, lrs = STAGE_ARRAYS
+    return {
+        ipc: torch.tensor(stages.ipc, dtype=torch.int64),
+        lrs: torch.tensor(stages.lrs, dtype=torch.float64),
+    }
+
+
+def stages_of(arrays: dict[str, np.ndarray]) -> Stages | None:
+    """The :class:`Stages` stored among a set's arrays (:func:`load_synthetic_arrays`); None: none."""
+    ipc, lrs = STAGE_ARRAYS
+    if ipc not in arrays:
+        return None
+    return Stages(tuple(arrays[ipc].tolist()), tuple(arrays[lrs].tolist()))
+
+
 def save_synthetic(work: Path, result: SyntheticSet, pixels: torch.Tensor) -> None:
     arrays = {"images": result.images, "labels": result.labels, "pixels": pixels}
     if result.label_logits is not None:
@@ -180,28 +202,32 @@ def save_synthetic(work: Path, result: SyntheticSet, pixels: torch.Tensor) -> No
         raise ValueError(f"a method's own arrays may not be named {sorted(clash)}")
     arrays.update(result.arrays)
     arrays.update(_schedule_arrays(result.schedule))
+    arrays.update(_stage_arrays(result.stages))
     save_arrays(work / SYNTHETIC, {name: t.detach().cpu().numpy() for name, t in arrays.items()})
     write_json(work / HISTORY, result.history)
 
 
-def load_synthetic(store: Store, key: str) -> SyntheticSet:
-    folder = store.path("distill", key)
+def load_synthetic(store: Store, key: str, stage: str = "distill") -> SyntheticSet:
+    """The set of the distill stage's artifact ``key`` (or of another stage that writes one: PDD's
+    stages)."""
+    folder = store.path(stage, key)
     arrays = load_arrays(folder / SYNTHETIC)
     return SyntheticSet(
         images=torch.from_numpy(arrays["images"]),
         labels=torch.from_numpy(arrays["labels"]).long(),
         label_logits=torch.from_numpy(arrays["label_logits"]) if "label_logits" in arrays else None,
-        lr=store.meta("distill", key)["lr"],
+        lr=store.meta(stage, key)["lr"],
         history=read_json(folder / HISTORY),
         arrays={k: torch.from_numpy(a) for k, a in arrays.items() if k not in SYNTHETIC_ARRAYS},
         schedule=_schedule(arrays),
+        stages=stages_of(arrays),
     )
 
 
 def load_synthetic_arrays(store: Store, key: str) -> dict[str, np.ndarray]:
     """images (network inputs), labels, pixels (viewable [0, 1]), for methods that learn them
-    label_logits, a learned step schedule (:data:`SCHEDULE_ARRAYS`) and any arrays of the method's own
-    (:attr:`SyntheticSet.arrays`), as numpy arrays."""
+    label_logits, a learned step schedule (:data:`SCHEDULE_ARRAYS`), stages (:data:`STAGE_ARRAYS`) and
+    any arrays of the method's own (:attr:`SyntheticSet.arrays`), as numpy arrays."""
     return load_arrays(store.path("distill", key) / SYNTHETIC)
 
 

@@ -443,12 +443,16 @@ class EvaluateConfig(Strict):
     the RDED/SRe2L recipe (AdamW, cosine, crops + CutMix, KL to the teacher at every step);
     ``recipe: replay`` is DD's own evaluation: the distilled set trains fresh networks by exactly the
     step schedule the method learned with it (its steps in order, each on its images with its learned
-    step size; only a set that carries one, DD's). Every baseline is trained with the same recipe as
-    the distilled set; under ``replay``, whose schedule belongs to the distilled set alone, with the
-    mtt recipe.
+    step size; only a set that carries one, DD's); ``recipe: staged`` is PDD's: one network trained on
+    the set's first stage, then its first two, ..., each stage for ``epochs`` epochs with a new SGD
+    at that stage's learned step size (``lr: learned``) that keeps the previous one's momentum (only
+    a set that carries stages, PDD's; SGD, on the labels ``labels`` names, each stage's rows of
+    them). Every baseline is trained with the same
+    recipe as the distilled set; under ``replay`` and ``staged``, whose schedule or stages belong to
+    the distilled set alone, with the mtt recipe.
     """
 
-    recipe: Literal["mtt", "kd", "replay"] = "mtt"
+    recipe: Literal["mtt", "kd", "replay", "staged"] = "mtt"
     kd: KDRecipeConfig = Field(default_factory=KDRecipeConfig)
 
     models: list[str] = Field(default_factory=lambda: ["convnet"], min_length=1)
@@ -522,7 +526,8 @@ class EvaluateConfig(Strict):
         if self.optimizer != "sgd" and self.recipe != "mtt":
             raise ValueError(
                 f"evaluate.optimizer applies to the mtt recipe; the {self.recipe} recipe has its own"
-                " (kd: AdamW; replay: the learned gradient-descent steps)"
+                " (kd: AdamW; replay: the learned gradient-descent steps; staged: SGD at each stage's"
+                " step size)"
             )
         return self
 

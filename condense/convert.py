@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from condense.distilled import hard_label, raw_samples, sample_array, sample_field
+from condense.distilled import hard_label, manifest_stages, raw_samples, sample_array, sample_field
 from condense.errors import CondenseError
+from condense.export import stages_json
 from condense.folders import replace_folder, target_folder
 
 
@@ -38,7 +39,8 @@ def write_image_folder(
     overwrite: bool = False,
 ) -> Path:
     """Export a distilled set as ``<out>/<class>/<index>.png`` plus ``labels.json`` (class names,
-    and per file its hard label and soft label), for tools that read image folders.
+    per file its hard label and soft label, and a staged set's ``stages``), for tools that read image
+    folders.
 
     The folder is written beside ``out_dir`` and renamed into place whole: a non-empty ``out_dir`` is
     refused unless ``overwrite`` (then replaced, never mixed with what was there)."""
@@ -70,6 +72,9 @@ def write_image_folder(
             "source_fingerprint": manifest["source_fingerprint"],
             "images": entries,
         }
+        stages = manifest_stages(manifest, len(samples))
+        if stages is not None:  # a staged set (PDD): its images per class and step size per stage
+            labels["stages"] = stages_json(stages)
         (staging / "labels.json").write_text(json.dumps(labels, indent=2))
         replace_folder(staging, out_dir)
     finally:
@@ -104,7 +109,8 @@ def write_hf_dataset(
     - ``soft_label``: float32 list, the teacher's probabilities, when the set has soft labels;
     - ``logits``: float32 list, the label logits the method learned (DATM, PAD), when it learned them.
 
-    The dataset's description is JSON: method, IPC, source fingerprint. Read it with
+    The dataset's description is JSON: method, IPC, source fingerprint (and the stages of a staged
+    set, PDD's: images per class and step size per stage, in the order they train). Read it with
     ``datasets.load_from_disk(out)`` (or ``dataset.source: huggingface, dataset.path: out``, which
     finds images and labels by their features); publish it with
     ``datasets.DatasetDict.load_from_disk(out).push_to_hub("user/name")`` (after ``hf auth login``).
@@ -127,6 +133,9 @@ def write_hf_dataset(
             columns[column] = [sample_array(s, field).astype(np.float32).reshape(-1) for s in samples]
             features[column] = hf.Sequence(hf.Value("float32"))
     about = {k: manifest.get(k) for k in ("method", "ipc", "source_fingerprint")}
+    stages = manifest_stages(manifest, len(samples))
+    if stages is not None:
+        about["stages"] = stages_json(stages)
     schema = hf.Features(features)
     info = hf.DatasetInfo(description=json.dumps(about, sort_keys=True, default=str), features=schema)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

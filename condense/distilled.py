@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from condense.errors import CondenseError
 from condense.export import MANIFEST
 from condense.store import META, names, open_store
+from condense.synthetic import Stages
 
 MAX_BYTES_ENV = "CONDENSE_MAX_EXPORT_BYTES"
 MAX_BYTES = int(os.environ.get(MAX_BYTES_ENV, 16 << 30))
@@ -33,7 +34,8 @@ about 6 GB); a set's own manifest bounds each shard far tighter."""
 
 class DistilledDataset(Dataset):
     """(image tensor, hard label, soft label tensor or None) per sample, plus the manifest;
-    ``label_logits``: the labels the method learned (DATM, PAD), None when it learned none."""
+    ``label_logits``: the labels the method learned (DATM, PAD), None when it learned none;
+    ``stages``: the stages the set was distilled in (PDD), None when it has none."""
 
     def __init__(
         self,
@@ -42,9 +44,11 @@ class DistilledDataset(Dataset):
         soft: torch.Tensor | None,
         manifest: dict,
         label_logits: torch.Tensor | None = None,
+        stages: Stages | None = None,
     ):
         self.images, self.labels, self.soft, self.manifest = images, labels, soft, manifest
         self.label_logits = label_logits
+        self.stages = stages
 
     def __len__(self) -> int:
         return len(self.images)
@@ -239,7 +243,31 @@ def _to_dataset(samples: list[dict[str, Any]], manifest: dict[str, Any]) -> Dist
         soft = _stacked(samples, "soft.npy")
     if "logits.npy" in samples[0]:
         logits = _stacked(samples, "logits.npy")
-    return DistilledDataset(images, labels, soft, manifest, logits)
+    return DistilledDataset(images, labels, soft, manifest, logits, manifest_stages(manifest, len(samples)))
+
+
+def manifest_stages(manifest: dict[str, Any], num_samples: int | None = None) -> Stages | None:
+    """The stages a manifest records (None: it records none, as every set exported before stages
+    were), checked: one positive whole IPC and one finite step size per stage, and, given
+    ``num_samples``, as many images per class in all as the set holds."""
+    raw = manifest.get("stages")
+    if raw is None:
+        return None
+    where = f"{MANIFEST}: stages"
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), list) for k in ("ipc", "lrs")):
+        raise CondenseError(f"{where} must be {{ipc: [...], lrs: [...]}}")
+    ipc, lrs = raw["ipc"], raw["lrs"]
+    if not all(type(n) is int and n > 0 for n in ipc):
+        raise CondenseError(f"{where}: ipc must be positive whole numbers, not {ipc!r:.80}")
+    if not all(type(lr) in (int, float) and np.isfinite(lr) for lr in lrs) or len(lrs) != len(ipc) or not ipc:
+        raise CondenseError(f"{where}: lrs must be one finite step size per stage, not {lrs!r:.80}")
+    classes = manifest.get("classes")
+    if num_samples is not None and isinstance(classes, list) and sum(ipc) * len(classes) != num_samples:
+        raise CondenseError(
+            f"{where} add up to {sum(ipc)} images per class, but the set holds {num_samples} images of"
+            f" {len(classes)} classes"
+        )
+    return Stages(tuple(ipc), tuple(lrs))
 
 
 def sample_field(sample: dict[str, Any], name: str) -> bytes:

@@ -12,6 +12,9 @@ Three recipes, each measured once at the end of training (no picking of a best t
   augmented batch (online or replayed from storage, see ``condense.relabel``).
 - ``train_and_test_replay``, DD's own evaluation: exactly the step schedule the set was distilled for
   (:class:`condense.synthetic.StepSchedule`), each step plain gradient descent with its learned size.
+- ``train_and_test_staged``, PDD's: one network trained on the set's first stage, then its first two,
+  ... (:class:`condense.synthetic.Stages`), each stage by the MTT recipe with a new SGD at the
+  stage's learned step size that goes on from the previous one's momentum.
 
 Every run reports the final network's test accuracy and its calibration (:mod:`condense.scores`):
 the ECE of its test predictions, and the ECE after temperature scaling fitted on ``held_out``
@@ -21,11 +24,12 @@ training images it did not train on (:func:`calibration_indices`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +46,7 @@ from condense.prepare import RealData
 from condense.progress import SILENT, Progress
 from condense.relabel import KDAugment, Plans, Targets, num_batches, plan_inputs
 from condense.scores import calibration, masked_temperature
-from condense.synthetic import StepSchedule
+from condense.synthetic import Stages, StepSchedule
 from condense.training import (
     batches,
     cosine_factor,
@@ -98,6 +102,58 @@ def lr_schedule(recipe: Recipe, optimizer: torch.optim.Optimizer) -> torch.optim
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[half] if half else [], gamma=0.1)
 
 
+def fit(
+    model: nn.Module,
+    x: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    recipe: Recipe,
+    generator: torch.Generator,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: Progress = SILENT,
+    state: dict[torch.Tensor, dict[str, Any]] | None = None,
+    data: RealData | None = None,
+) -> tuple[float, torch.optim.Optimizer]:
+    """Train ``model`` as it is (its weights, its device) on (x, targets) by ``recipe``: a new optimiser
+    at ``recipe.lr`` (:func:`optimizer_of`), ``recipe.epochs`` epochs whose batch orders and DSA seeds
+    are drawn from ``generator`` (which goes on from wherever it is), the learning rate /10 after half
+    the epochs. Returns the last epoch's mean loss and the optimiser.
+
+    ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set. ``forward``
+    (default: the model) computes the logits, e.g. :class:`Compiled`. ``state``: the ``state`` of an
+    earlier optimiser over the same parameters (e.g. of the one a previous call returned), from which
+    this one's momentum buffers (Adam's moments) go on, as PDD carries them from stage to stage; the
+    buffers are the earlier optimiser's own tensors, updated in place as in PDD's code. ``x`` None:
+    epochs over ``data``'s whole training split (the full-data baseline of a streamed dataset)."""
+    params = list(model.parameters())
+    optimizer = optimizer_of(recipe, params)
+    if state is not None:
+        if not set(state) <= set(params):
+            raise ValueError("the optimiser state carried over is not over this model's parameters")
+        optimizer.state.update({param: dict(entry) for param, entry in state.items()})
+    scheduler = lr_schedule(recipe, optimizer)
+    if recipe.temperature is None:
+        loss_fn = F.cross_entropy
+    else:
+        temperature = recipe.temperature
+
+        def loss_fn(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+            return kd_loss(logits, probs, temperature)
+
+    loss = float("nan")
+    for epoch in range(recipe.epochs):
+        if x is None:  # the whole training split, streamed
+            if data is None:
+                raise ValueError("fit without x trains on data's training split: pass data")
+            batches_of_epoch = data.batches("train", recipe.batch_size, generator)
+        else:
+            assert targets is not None
+            batches_of_epoch = shuffled(x, targets, recipe.batch_size, generator)
+        loss = float(train_on(model, batches_of_epoch, loss_fn, optimizer, generator, recipe.dsa, forward))
+        scheduler.step()
+        progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
+    return loss, optimizer
+
+
 def train_mtt(
     arch: str,
     data: RealData,
@@ -109,8 +165,8 @@ def train_mtt(
     progress: Progress = SILENT,
     compile_step: bool = False,
 ) -> tuple[nn.Module, float]:
-    """Train ``arch`` from a seeded initialisation on (x, targets) by ``recipe``; returns the model and
-    the last epoch's mean loss.
+    """Train ``arch`` from a seeded initialisation on (x, targets) by ``recipe`` (:func:`fit`, its
+    generator seeded by ``seed`` too); returns the model and the last epoch's mean loss.
 
     ``targets`` are class indices, or probability rows when ``recipe.temperature`` is set. ``x``
     None: epochs over the data's whole training split (the full-data baseline of a streamed dataset).
@@ -120,26 +176,8 @@ def train_mtt(
         device, non_blocking=True
     )
     forward = Compiled(model, compile_step, device)
-    optimizer = optimizer_of(recipe, list(model.parameters()))
-    scheduler = lr_schedule(recipe, optimizer)
-    if recipe.temperature is None:
-        loss_fn = F.cross_entropy
-    else:
-        temperature = recipe.temperature
-
-        def loss_fn(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-            return kd_loss(logits, probs, temperature)
-
     generator = torch.Generator().manual_seed(seed)
-    loss = float("nan")
-    for epoch in range(recipe.epochs):
-        if x is None:  # the whole training split, streamed
-            batches_of_epoch = data.batches("train", recipe.batch_size, generator)
-        else:
-            batches_of_epoch = shuffled(x, targets, recipe.batch_size, generator)
-        loss = float(train_on(model, batches_of_epoch, loss_fn, optimizer, generator, recipe.dsa, forward))
-        scheduler.step()
-        progress.step(epoch + 1, recipe.epochs, f"loss {loss:.4f}")
+    loss, _ = fit(model, x, targets, recipe, generator, forward, progress, data=data)
     return model, loss
 
 
@@ -338,6 +376,67 @@ def train_and_test_replay(
     """:func:`train_replay`, then the test accuracy (%) and calibration of the final model."""
     started = time.perf_counter()
     model, loss = train_replay(arch, data, x, labels, schedule, seed, model_cfg, progress)
+    return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
+
+
+def train_staged(
+    arch: str,
+    data: RealData,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    stages: Stages,
+    recipe: Recipe,
+    seed: int,
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+    learned_lr: bool = True,
+) -> tuple[nn.Module, float]:
+    """``arch`` built with ``seed`` and trained stage by stage as PDD evaluates (its
+    ``evaluate_synset`` per stage): for stage k = 1..P, :func:`fit` on the images of stages 1..k
+    (:meth:`Stages.upto`; ``x`` class-major; ``labels`` class indices, or probability rows when
+    ``recipe.temperature`` is set, as for :func:`fit`) for ``recipe.epochs`` epochs with a new
+    optimiser at stage k's learned step size (``recipe.lr`` for every stage when not
+    ``learned_lr``), the learning rate /10 halfway through the stage, its momentum buffers carried
+    over from stage k-1's optimiser. One generator, seeded by ``seed``, draws every stage's batches
+    and DSA seeds in turn. Returns the model and the last stage's last epoch's mean loss."""
+    expected = stages.total * data.num_classes
+    if len(x) != expected:
+        raise ValueError(
+            f"a set of {len(x)} images cannot be {data.num_classes} classes of the stages' {stages.total}"
+        )
+    model = build_model(arch, data.channels, data.num_classes, data.resolution, model_cfg, seed).to(
+        x.device, non_blocking=True
+    )
+    generator = torch.Generator().manual_seed(seed)
+    loss, state = float("nan"), None
+    for stage, lr in enumerate(stages.lrs, start=1):
+        idx = stages.upto(stage, data.num_classes).to(x.device)
+        stage_recipe = dataclasses.replace(recipe, lr=lr) if learned_lr else recipe
+        progress.note(f"stage {stage}/{len(stages)}: {len(idx)} images, lr {stage_recipe.lr:.4g}")
+        loss, optimizer = fit(
+            model, x[idx], labels[idx], stage_recipe, generator, progress=progress, state=state
+        )
+        state = optimizer.state
+    return model, loss
+
+
+def train_and_test_staged(
+    arch: str,
+    data: RealData,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    stages: Stages,
+    recipe: Recipe,
+    seed: int,
+    model_cfg: ModelConfig | None = None,
+    progress: Progress = SILENT,
+    held_out: HeldOut | None = None,
+    learned_lr: bool = True,
+) -> dict[str, float | None]:
+    """:func:`train_staged`, then the test accuracy (%) and calibration of the final model (tested
+    once, after the last stage)."""
+    started = time.perf_counter()
+    model, loss = train_staged(arch, data, x, labels, stages, recipe, seed, model_cfg, progress, learned_lr)
     return {**tested(model, data, held_out), "train_loss": loss, "seconds": time.perf_counter() - started}
 
 

@@ -122,14 +122,18 @@ def train_expert(
     on_epoch: EpochCallback | None = None,
     compile_step: bool = False,
     order: DifficultyOrder | None = None,
+    start: torch.Tensor | None = None,
 ) -> Trajectory:
     """Train one expert from a seeded initialisation; deterministic for a given seed on CPU.
     ``compile_step``: run the forward pass through ``torch.compile`` (see :class:`Compiled`).
     ``order``: the easy-to-hard order of the training images, needed when ``cfg.schedule`` is set
-    (each epoch then trains on the slice :func:`condense.difficulty.epoch_indices` picks)."""
+    (each epoch then trains on the slice :func:`condense.difficulty.epoch_indices` picks).
+    ``start``: flat parameters to start from instead (PDD's experts regenerated after a stage)."""
     if cfg.schedule is not None and order is None:
         raise ValueError("experts.schedule needs the difficulty order of the training images")
     model = student_model(data, model_cfg, seed)
+    if start is not None:
+        FlatParams(model).load_into(start.to(data.device))
     compiled = Compiled(model, compile_step, data.device)
     objective = ExpertObjective(model, cfg.gradient_penalty)
     optimizer, forward, loss_fn = expert_optimizer(model, cfg, compiled, objective)

@@ -10,6 +10,10 @@ Each sample holds:
   with soft cross-entropy against their softmax, as the method's own evaluation does (the
   manifest's ``labels`` says ``learned``).
 
+A set distilled in stages (PDD) has ``stages`` in its manifest: ``{"ipc": [...], "lrs": [...]}``,
+the images per class each stage added and each stage's learned step size
+(:class:`condense.synthetic.Stages`); samples stay class-major, stage 1's images first in each class.
+
 Written by the export stage (:func:`write_distilled`); read back by :mod:`condense.distilled`
 (``load_distilled``); converted to other formats by :mod:`condense.convert`.
 """
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from condense.synthetic import Stages
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "distilled-%06d.tar"
@@ -46,6 +52,11 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def stages_json(stages: Stages) -> dict[str, list[Any]]:
+    """How a manifest records a set's stages."""
+    return {"ipc": list(stages.ipc), "lrs": list(stages.lrs)}
+
+
 def write_distilled(
     out_dir: Path,
     images: np.ndarray,
@@ -55,8 +66,10 @@ def write_distilled(
     manifest: dict[str, Any],
     max_per_shard: int = 10_000,
     label_logits: np.ndarray | None = None,
+    stages: Stages | None = None,
 ) -> list[Path]:
-    """Write the shards and ``manifest.json`` into ``out_dir``; returns the shard paths."""
+    """Write the shards and ``manifest.json`` into ``out_dir``; returns the shard paths. ``stages``:
+    the set's stages, recorded in the manifest (none: the manifest has no ``stages``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=max_per_shard, verbose=0) as sink:
         for i in range(len(images)):
@@ -80,5 +93,7 @@ def write_distilled(
         "num_samples": len(images),
         "labels": "hard" if label_logits is None else "learned",
     }
+    if stages is not None:
+        manifest["stages"] = stages_json(stages)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return shards

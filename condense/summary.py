@@ -109,7 +109,8 @@ def build_summary(
         "evaluation_runs": cfg.evaluate.seeds,
         "learned_lr": distill["lr"],
         # How the accuracies were measured, each set's: the recipe, and what departs from its standard
-        # form ("mtt+adam": the mtt recipe with Adam; "replay": the distilled set's learned schedule).
+        # form ("mtt+adam": the mtt recipe with Adam; "replay": the distilled set's learned schedule;
+        # "staged": the distilled set trained stage by stage, PDD's).
         "evaluation_recipe": evaluation_name(cfg, "distilled"),
         "evaluation": {subject: evaluation_name(cfg, subject) for subject in subjects(cfg)},
         "teacher": {

@@ -28,6 +28,46 @@ class StepSchedule:
     distillation's ConvNet built with each seed; None: any fresh network."""
 
 
+@dataclass(frozen=True)
+class Stages:
+    """The stages a set was distilled in (PDD's): stage k added ``ipc[k]`` images per class, learned
+    with the step size ``lrs[k]``. The set stays class-major; within class c's block of images the
+    first ``ipc[0]`` are stage 1's, the next ``ipc[1]`` stage 2's, and so on. What
+    ``evaluate.recipe: staged`` trains by: one network on S_1, then S_1 + S_2, ..., each stage with
+    its own step size (:meth:`upto` gives each stage's images)."""
+
+    ipc: tuple[int, ...]
+    """Images per class each stage added, in order (their sum is the set's IPC)."""
+    lrs: tuple[float, ...]
+    """Each stage's learned step size (one per stage)."""
+
+    def __post_init__(self) -> None:
+        # Plain ints and floats whatever came in (lists, numpy or tensor elements): stored, exported
+        # to JSON and compared as such.
+        object.__setattr__(self, "ipc", tuple(int(n) for n in self.ipc))
+        object.__setattr__(self, "lrs", tuple(float(lr) for lr in self.lrs))
+        if len(self.ipc) != len(self.lrs) or not self.ipc:
+            raise ValueError(f"stages need one step size per stage: ipc {self.ipc}, lrs {self.lrs}")
+        if any(n <= 0 for n in self.ipc):
+            raise ValueError(f"every stage adds images: ipc {self.ipc}")
+
+    def __len__(self) -> int:
+        return len(self.ipc)
+
+    @property
+    def total(self) -> int:
+        """The set's IPC."""
+        return sum(self.ipc)
+
+    def upto(self, stage: int, num_classes: int) -> torch.Tensor:
+        """Indices of the set's images in S_1 + ... + S_stage (``stage`` counts from 1), class by
+        class, in the set's order."""
+        if not 1 <= stage <= len(self.ipc):
+            raise ValueError(f"stage {stage} of {len(self.ipc)}")
+        within = torch.arange(sum(self.ipc[:stage]))
+        return (torch.arange(num_classes)[:, None] * self.total + within).reshape(-1)
+
+
 @dataclass
 class SyntheticSet:
     images: torch.Tensor
@@ -46,4 +86,7 @@ class SyntheticSet:
     of its real images, from which ``images`` are materialised)."""
     schedule: StepSchedule | None = None
     """The learned step schedule the set is trained by under ``evaluate.recipe: replay`` (DD); None:
+    the set has none."""
+    stages: Stages | None = None
+    """The stages the set is trained by, in order, under ``evaluate.recipe: staged`` (PDD); None:
     the set has none."""

@@ -137,6 +137,11 @@ def unlisted(cfg: Any, stages: dict[str, Stage], read: dict[str, set[str]]) -> d
     [
         ("digits-mtt", TINY),
         ("digits-rded", [*TINY_RDED, "relabel.mode=stored", "evaluate.epochs=2"]),
+        # PDD's chain of stages and regenerated experts, and the staged evaluation.
+        (
+            "digits-pdd",
+            [*TINY, "ipc=2", "distill.stages=2", "distill.synthetic_epochs=2", "evaluate.recipe=staged"],
+        ),
     ],
 )
 def test_every_stage_reads_only_settings_in_its_key(tmp_path, monkeypatch, preset, overrides):

@@ -6,6 +6,7 @@ CPU-built tensor meeting device data fails exactly where it would on CUDA."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from condense.config import DSAConfig, ExpertsConfig, KDRecipeConfig, ModelConfi
 from condense.datasets.generate import write_shards
 from condense.evaluate import KDRecipe, Recipe, train_and_test_kd, train_and_test_seeds
 from condense.experts import train_expert
-from condense.methods import get_method, method_names
+from condense.methods import get_method, method_names, pdd
 from condense.methods.base import DistillInputs
 from condense.progress import SILENT
 from tests.conftest import memory_and_stream
@@ -65,6 +66,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "infer": RECOVER,
 }
 """Every registered method's first iterations (a new method must add its line)."""
+STAGED = {"pdd": TRAJECTORY | {"stages": 2, "synthetic_epochs": 1}}
+"""Methods whose stages run as jobs of the progressive stage: checked stage by stage below."""
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,7 @@ def test_the_checking_device_fails_where_cuda_would_and_counts_host_waits():
 
 def test_every_registered_method_has_a_device_check():
     ours = [name for name in method_names() if get_method(name).module.startswith("condense.")]
-    assert sorted(SETTINGS) == ours
+    assert sorted(SETTINGS | STAGED) == ours
 
 
 def _distil(data, name: str, experts: ExpertBuffer, trained: torch.nn.Module, **overrides: Any):
@@ -142,6 +145,33 @@ def test_every_method_runs_with_its_data_on_a_device(both, experts, trained, nam
         pytest.skip(f"{name} does not stream")
     images = _distil(data, name, experts, trained)
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("where", ["memory", "stream"])
+def test_pdd_s_stages_and_regenerated_experts_run_on_a_device(both, experts, where):
+    data = both[0] if where == "memory" else both[1]
+    cfg = get_method("pdd").config_cls(**STAGED["pdd"])
+    with devicecheck.simulated():
+        on_device = data.to(devicecheck.DEVICE)
+        inputs = DistillInputs(on_device, 2, 0, cfg, MODEL, DSA, experts=experts)
+        first = pdd.distill_stage(inputs, 1, MemoryCheckpoints(), SILENT)
+        regenerated = pdd.regenerate_expert(
+            on_device,
+            MODEL,
+            ExpertsConfig(num_experts=1, epochs=2),
+            DSA,
+            experts.snapshot(0, 0),
+            first,
+            cfg.synthetic_epochs,
+            pdd.regenerated_epochs(cfg),
+            seed=0,
+        )
+        buffer = ExpertBuffer(np.stack([regenerated.params] * 2))
+        second = pdd.distill_stage(
+            replace(inputs, experts=buffer, frozen=first), 2, MemoryCheckpoints(), SILENT
+        )
+        images = second.images.cpu()
+    assert second.stages.ipc == (1, 1) and torch.isfinite(images).all()
 
 
 def test_the_constant_memory_walk_runs_on_a_device(both, experts, trained):

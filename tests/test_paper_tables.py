@@ -719,6 +719,44 @@ def test_ast_table(dataset: str, ipc: int, expected: dict[str, Any]):
 
 # -- the tables as a whole -------------------------------------------------------------------------
 
+# -- PDD: VITA-Group/ProgressiveDD's README commands (per-stage ipc x 5 stages) ------------------------
+
+
+def pdd(t: int, m: int, start: int, lr_lr: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "experts.num_experts": 100,
+        "experts.epochs": 50,
+        "distill.base": "mtt",
+        "distill.stages": 5,
+        "distill.synthetic_epochs": 1000,
+        "distill.iterations": 5000,
+        "distill.syn_steps": t,
+        "distill.expert_epochs": m,
+        "distill.max_start_epoch": start,
+        "distill.lr_img": 1000,
+        "distill.lr_lr": lr_lr,
+        "distill.lr_init": 0.01,
+        "dataset.zca": True,
+        "evaluate.recipe": "staged",
+        "evaluate.seeds": 5,
+        "evaluate.epochs": 500,
+        **extra,
+    }
+
+
+PDD: list[Row] = [
+    ("cifar10", 10, pdd(50, 2, 5, 1e-7)),
+    ("cifar10", 50, pdd(30, 2, 15, 1e-5)),
+    ("cifar100", 10, pdd(20, 3, 20, 1e-5)),
+    ("cifar100", 50, pdd(20, 2, 20, 1e-5, **{"distill.batch_syn": 512})),
+]
+
+
+@pytest.mark.parametrize(("dataset", "ipc", "expected"), rows(PDD))
+def test_pdd_table(dataset: str, ipc: int, expected: dict[str, Any]):
+    check_row("pdd", dataset, ipc, expected)
+
+
 TABLES: dict[str, list[Row]] = {
     "mtt": MTT,
     "ftd": FTD,
@@ -737,6 +775,7 @@ TABLES: dict[str, list[Row]] = {
     "ratbptt": RATBPTT,
     "atbptt": ATBPTT,
     "ast": AST,
+    "pdd": PDD,
 }
 
 
@@ -758,7 +797,7 @@ def test_every_paper_row_resolves_validates_and_has_its_numbers_above():
 
 def test_a_method_that_does_not_apply_to_a_dataset_says_why():
     refused = {m: set(r.not_for) for m, r in recipes().items() if r.not_for}
-    assert refused == {m: {"imagenet"} for m in ("mtt", "ftd", "datm", "pad", "ast", "dsa", "dream")}
+    assert refused == {m: {"imagenet"} for m in ("mtt", "ftd", "datm", "pad", "ast", "pdd", "dsa", "dream")}
     for method, datasets in refused.items():
         for dataset in datasets:
             reason = recipes()[method].not_for[dataset]

@@ -29,8 +29,9 @@ from condense.errors import ConfigError
 from condense.methods.base import Checkpoints, DistillInputs, SyntheticSet
 from condense.progress import SILENT, Progress
 
-INPUTS = ("experts", "teacher")
-"""What a method may need besides the real data: expert trajectories, a trained teacher."""
+INPUTS = ("experts", "teacher", "progressive")
+"""What a method may need besides the real data: expert trajectories, a trained teacher, the sets of
+its stages (PDD's, :mod:`condense.stages.progressive`)."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,11 @@ def configure(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             f"evaluate.recipe replay trains a set by the step schedule it learned, and {cfg.method}'s"
             " sets carry none: use it with dd, or evaluate.recipe mtt"
+        )
+    if cfg.evaluate.recipe == "staged" and not getattr(section, "learns_stages", False):
+        raise ConfigError(
+            f"evaluate.recipe staged trains a set stage by stage and {cfg.method}'s sets carry no stages:"
+            " use it with pdd, or evaluate.recipe mtt"
         )
     if isinstance(method.shards, str) and cfg.compute.shard_count() > 1:
         raise ConfigError(f"method {cfg.method} cannot be sharded ({method.shards}): set compute.shards=1")

@@ -31,6 +31,9 @@ class DistillInputs:
     units: range | None = None
     """A sharded method's share of the work (classes or IPC indices, :class:`condense.methods.Sharding`):
     it computes these units only; set by whoever runs it (every unit when the set is made whole)."""
+    frozen: SyntheticSet | None = None
+    """Images distilled before, which lead the set: trained on, never moved (PDD's earlier stages;
+    trajectory methods honour it); None: every image is optimised."""
 
 
 class Checkpoints(Protocol):

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from condense.augment import dsa
 from condense.config import DSAConfig
 from condense.devices import upload
-from condense.methods.trajectory import Step, inner_loss
+from condense.methods.trajectory import Step, inner_loss, masked_inputs
 from condense.models import FlatParams
 from condense.training import random_seed
 
@@ -131,6 +131,10 @@ class Inner:
     rule: UpdateRule
     augment: DSAConfig | None = None
     """DSA on every synthetic batch (each step's own seed); None: none."""
+    mask_ratio: float = 0.0
+    """MDT: after the augmentation, each batch's input values are zeroed with this probability by a
+    mask seeded from the step's seed (:func:`condense.methods.trajectory.masked_inputs`); 0: none.
+    Only for steps whose seeds are drawn fresh (RaT-BPTT's): DD's steps all carry seed 0."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ def _gradient(
     x = images[indices]
     if inner.augment is not None:
         x = dsa(x, inner.augment, step.seed)
+    x = masked_inputs(x, inner.mask_ratio, step.seed)
     loss = inner_loss(inner.net(theta, x), targets[indices])
     (grad,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
     return grad

@@ -109,6 +109,13 @@ class MTTConfig(Strict):
     each normalised by its own segment length, added with weight 1."""
     weight_perturbation: float = added(0.0, ge=0)
     """AST: strength s of the start point's perturbation (1 in AST's code; 0: none)."""
+    mask_ratio: float = added(0.0, ge=0, lt=1)
+    """MDT, masked distillation training (Zhu et al., "Rethinking Data Distillation: Do Not Overlook
+    Calibration", ICCV 2023): every synthetic batch the student steps on is multiplied, after DSA, by
+    a fresh Bernoulli mask zeroing this share t of its input values (masked temperature scaling's
+    mask, no rescaling), so the images cannot concentrate the class evidence in a few pixels. Our
+    reading: the paper's code is not public. The mask is seeded by the step's DSA seed (resume and
+    both ``memory`` modes see the same one); 0: off."""
     memory: Literal["unrolled", "constant"] = "unrolled"
     """How the gradient through the unroll is computed; ``constant`` (TESLA) gives the same gradient
     in memory that does not grow with ``syn_steps`` (about twice the compute)."""
@@ -163,6 +170,11 @@ def match_trajectories(
     images = initial_images(data, inputs.ipc, cfg.init, generator, trained_expert)
     device = images.device
     labels = torch.arange(data.num_classes, device=device).repeat_interleave(inputs.ipc)
+    frozen = inputs.frozen
+    held = 0 if frozen is None else len(frozen.images)
+    if frozen is not None:  # PDD: the earlier stages lead the set; their gradient is zeroed each step
+        images = torch.cat([frozen.images.to(device), images])
+        labels = torch.cat([frozen.labels.to(device), labels])
     images.requires_grad_(True)
     syn_lr = torch.tensor(cfg.lr_init, device=device, requires_grad=True)
     tensors = {"images": images, "syn_lr": syn_lr}
@@ -173,6 +185,8 @@ def match_trajectories(
     targets = labels
     if cfg.labels == "learned":
         targets = expert_logits(final_experts(buffer, data, inputs.model_cfg), images.detach(), labels)
+        if frozen is not None and frozen.label_logits is not None:
+            targets[:held] = frozen.label_logits.to(device)
         initial_logits = targets.clone()  # recomputed identically on resume, before the restore
         tensors["label_logits"] = targets.requires_grad_(True)
         optimizers["opt_labels"] = torch.optim.SGD([targets], lr=cfg.lr_labels, momentum=cfg.momentum_labels)
@@ -216,6 +230,7 @@ def match_trajectories(
             cfg.student_momentum,
             balanced_scale(t, cfg.max_start_epoch) if cfg.balanced_inner_loss else 1.0,
             tuple(Waypoint(m, devices.upload(buffer.snapshot(expert, t + k), device)) for m, k in waypoints),
+            cfg.mask_ratio,
         )
         for optimizer in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -225,6 +240,10 @@ def match_trajectories(
         loss, lr = torch.stack([loss_tensor.detach(), syn_lr.detach()]).tolist()
         loop.check(it, loss)
         skipped = cfg.skip_above is not None and loss > cfg.skip_above
+        if held:
+            for leaf in (images, targets):
+                if leaf.grad is not None:
+                    leaf.grad[:held] = 0
         if not skipped:
             for optimizer in optimizers.values():
                 optimizer.step()
@@ -238,6 +257,8 @@ def match_trajectories(
         loop.checkpoint(it, history)
 
     kept_images = tensors["ema"] if cfg.ema_decay is not None else images
+    if frozen is not None:  # exactly as given: FTD's average of a constant need not round to it
+        kept_images = torch.cat([frozen.images.to(device), kept_images.detach()[held:]])
     # What each option did, measurably: how far the labels moved, how far the average trails.
     stats = {
         "skipped_iterations": sum(h["skipped"] for h in history),

@@ -50,7 +50,7 @@ import torch
 from pydantic import Field, model_validator
 
 from condense.augment import dsa
-from condense.config import DSAConfig, ModelConfig, Strict
+from condense.config import DSAConfig, ModelConfig, Strict, added
 from condense.devices import upload
 from condense.methods import register_method
 from condense.methods.base import Checkpoints, DistillInputs, Progress, Resumable, ResumableLoop, SyntheticSet
@@ -113,6 +113,11 @@ class RaTBPTTConfig(Strict):
     memory: Memory = "unrolled"
     """How the gradient through the window is computed; ``constant``: the same gradient in memory that
     does not grow with the window (about twice the compute)."""
+    mask_ratio: float = added(0.0, ge=0, lt=1)
+    """MDT (Zhu et al., ICCV 2023; our reading, the paper's code is not public): every synthetic batch
+    of the inner run, after DSA, is multiplied by a fresh Bernoulli mask zeroing this share of its
+    input values (masked temperature scaling's mask), seeded by the step's seed; 0: off. See
+    :class:`condense.methods.mtt.MTTConfig`'s ``mask_ratio``."""
     checkpoint_every: int = Field(default=100, gt=0)
 
     @model_validator(mode="after")
@@ -174,7 +179,14 @@ class InnerRuns:
             steps,
             generator,
         )
-        return Inner(self.net, upload(init, self.data.device), batches, Adam(self.cfg.inner_lr), self.augment)
+        return Inner(
+            self.net,
+            upload(init, self.data.device),
+            batches,
+            Adam(self.cfg.inner_lr),
+            self.augment,
+            self.cfg.mask_ratio,
+        )
 
 
 @dataclass

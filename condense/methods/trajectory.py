@@ -7,7 +7,9 @@ with the learnable step size a, heavy-ball momentum mu (0 for MTT: plain SGD; AS
     g_i = grad_theta  c * loss(f(theta_i; A_i(x[B_i])), y[B_i])
 
 (B_i: the i-th batch of synthetic images, A_i: its DSA transform, y: hard labels or DATM's learned
-label logits, c: AST's balanced-loss factor, 1 otherwise). The matching loss is MTT's normalised
+label logits, c: AST's balanced-loss factor, 1 otherwise; with ``mask_ratio`` t > 0, MDT's input
+M_i * A_i(x[B_i]) instead, M_i a fresh 0/1 mask keeping each value with probability 1 - t, see
+:func:`masked_inputs`). The matching loss is MTT's normalised
 distance to the expert's later point, plus AST's intermediate matching losses at waypoints
 (student step m_k against expert epoch t+k; none for MTT),
 
@@ -55,7 +57,7 @@ from condense.augment import dsa
 from condense.config import DSAConfig
 from condense.devices import upload
 from condense.models import FlatParams
-from condense.training import random_seed
+from condense.training import derived_seed, random_seed
 
 Memory = Literal["unrolled", "constant"]
 
@@ -94,6 +96,8 @@ class Segment:
     """Factor c on the inner loss (AST's balanced inner loss)."""
     waypoints: tuple[Waypoint, ...] = ()
     """AST's intermediate matching points, each with 0 < steps < len(steps)."""
+    mask_ratio: float = 0.0
+    """MDT: the share t of each augmented batch's input values zeroed (:func:`masked_inputs`); 0: none."""
 
     def __post_init__(self) -> None:
         if any(not 0 < w.steps < len(self.steps) for w in self.waypoints):
@@ -179,6 +183,26 @@ def shallow_cut(net: FlatParams, fraction: float) -> int:
     return first
 
 
+MASK_STREAM = 0x4D4454
+"""Mixed with a step's seed into its MDT mask's seed, so the mask's draws are not the DSA's."""
+
+
+def masked_inputs(x: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Masked distillation training (MDT, Zhu et al., "Rethinking Data Distillation: Do Not Overlook
+    Calibration", ICCV 2023), as we read it (the paper's code is not public): the synthetic batch a
+    student steps on, already augmented, times a fresh Bernoulli mask that zeroes each input value
+    with probability ``ratio`` (masked temperature scaling's mask, ``x * (u >= t)`` with u uniform, no
+    rescaling), so that the images cannot put the class evidence in a few pixels. The gradient reaches
+    the kept values only. The mask comes from a CPU generator seeded by ``seed`` (mixed with
+    :data:`MASK_STREAM`) alone: the same on every device, on resume, and in both memory modes' walks,
+    which recompute a step's batch. ``ratio`` 0 returns ``x`` itself and draws nothing."""
+    if ratio == 0:
+        return x
+    generator = torch.Generator().manual_seed(derived_seed(seed, MASK_STREAM))
+    keep = torch.rand(x.shape, generator=generator) >= ratio
+    return x * upload(keep, x.device).to(x.dtype)
+
+
 def _step_gradient(
     segment: Segment,
     theta: torch.Tensor,
@@ -188,7 +212,7 @@ def _step_gradient(
     create_graph: bool,
 ) -> torch.Tensor:
     indices = upload(step.indices, images.device)
-    x = dsa(images[indices], segment.augment, step.seed)
+    x = masked_inputs(dsa(images[indices], segment.augment, step.seed), segment.mask_ratio, step.seed)
     loss = inner_loss(segment.net(theta, x), targets[indices])
     if segment.loss_scale != 1:
         loss = loss * segment.loss_scale

@@ -83,7 +83,11 @@ class Stage:
     """Modules it runs beyond its own module's imports (the method a registry picks)."""
     instances: Callable[[PipelineConfig], list[dict[str, Any]]] | None = None
     """Fan-out into separate artifacts (e.g. evaluation per subject x model x seed); None: one."""
-    parts: Callable[[PipelineConfig], int] | None = None
+    earlier: Callable[[PipelineConfig, Params], Sequence[int]] | None = None
+    """A chain: the positions of the stage's own earlier instances an instance reads (PDD's stage k
+    reads stage k-1's set and the experts regenerated from it). Their keys go into its key, under the
+    stage's own name, in this order."""
+    parts: Callable[[PipelineConfig, Params], int] | None = None
     """Fan-out of one artifact into parts computed by separate jobs (e.g. one expert each)."""
     run_part: Callable[[Context, int], dict[str, Any]] | None = None
     """Compute part ``i`` into the shared work directory; returns its record (``ctx.parts`` later)."""
@@ -105,8 +109,18 @@ class Stage:
     def code_version(self, cfg: PipelineConfig) -> str:
         return code_version(self.module, *self.code(cfg))
 
+    def inputs(self, cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
+        """The stages whose keys go into an instance's key: what it reads, and itself when it is a
+        link of a chain that reads earlier links."""
+        chained = self.earlier is not None and bool(self.earlier(cfg, params))
+        return (*self.reads(cfg, params), *((self.name,) if chained else ()))
+
+    def part_count(self, cfg: PipelineConfig, params: Params) -> int:
+        """How many part jobs compute an instance's artifact (0: its own job computes it whole)."""
+        return self.parts(cfg, params) if self.parts is not None else 0
+
     def key(self, cfg: PipelineConfig, keys: InputKeys, params: Params) -> str:
-        inputs = {name: input_key(keys[name]) for name in self.reads(cfg, params)}
+        inputs = {name: input_key(keys[name]) for name in self.inputs(cfg, params)}
         return stage_key(self.name, self.config(cfg, params), self.code_version(cfg), inputs)
 
     def preimage(self, cfg: PipelineConfig, keys: InputKeys, params: Params) -> dict[str, Any]:
@@ -116,7 +130,7 @@ class Stage:
         return {
             "config": self.config(cfg, params),
             "code": hashed_modules([self.module, *self.code(cfg)]),
-            "inputs": {name: input_key(keys[name]) for name in self.reads(cfg, params)},
+            "inputs": {name: input_key(keys[name]) for name in self.inputs(cfg, params)},
         }
 
     def describe(self, cfg: PipelineConfig, params: Params) -> str:
@@ -280,7 +294,7 @@ def _run_part(stage: Stage, ctx: Context, index: int) -> tuple[dict[str, Any], b
 def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
     """Run the stage (gathering its parts first) and commit what it wrote."""
     started = time.perf_counter()
-    count = stage.parts(ctx.cfg) if stage.parts is not None else 0
+    count = stage.part_count(ctx.cfg, ctx.params)
     if count:
         ctx.pull()
         records = [ctx.work / PART_RECORD.format(stage.part_label(ctx.cfg, i)) for i in range(count)]
@@ -407,7 +421,7 @@ def _compute(
             held.enter_context(store.lock(stage.name, job.key))
             # Sealing clears the part records and moves the work folder: no part job of another run
             # may be looking at it meanwhile (each waits, then finds the artifact committed).
-            for part in range(stage.parts(cfg) if stage.parts else 0):
+            for part in range(stage.part_count(cfg, job.params)):
                 held.enter_context(store.lock(stage.name, f"{job.key}-{part}"))
         if _intact(store, stage.name, job.key, progress):
             return None, True

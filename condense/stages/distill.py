@@ -72,7 +72,7 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
 
 def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
     method = get_method(cfg.method)
-    return ("dataset", *(name for name in ("experts", "teacher") if name in method.needs))
+    return ("dataset", *(name for name in ("experts", "teacher", "progressive") if name in method.needs))
 
 
 def _inputs(ctx: Context) -> DistillInputs:
@@ -88,7 +88,15 @@ def _inputs(ctx: Context) -> DistillInputs:
         teacher=artifacts.load_teacher(ctx.store, str(keys["teacher"])).to(ctx.device)
         if "teacher" in keys
         else None,
+        # PDD: the last stage's set, which the stages before it made (the progressive stage).
+        frozen=artifacts.load_synthetic(ctx.store, _last(keys["progressive"]), "progressive")
+        if "progressive" in keys
+        else None,
     )
+
+
+def _last(keys: str | list[str]) -> str:
+    return keys if isinstance(keys, str) else keys[-1]
 
 
 def run_shard(ctx: Context, index: int) -> dict[str, Any]:
@@ -145,7 +153,7 @@ STAGE = Stage(
     reads=reads,
     code=lambda cfg: (get_method(cfg.method).module,),
     resumable=True,
-    parts=lambda cfg: cfg.compute.shard_count() if sharding(cfg) is not None else 0,
+    parts=lambda cfg, params: cfg.compute.shard_count() if sharding(cfg) is not None else 0,
     run_part=run_shard,
     part_label=lambda cfg, i: f"{i + 1}of{cfg.compute.shard_count()}",
     label=lambda cfg, params: cfg.method,

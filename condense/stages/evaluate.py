@@ -10,7 +10,10 @@ teacher's soft labels, or the labels the method learned), or with ``optimizer: a
 Adam; ``recipe: kd`` the RDED/SRe2L recipe (stored labels for the distilled set when relabel is
 stored, else the teacher online); ``recipe: replay`` trains the distilled set by the step schedule it
 carries (DD's own evaluation) and its baselines, which have no schedule, by the mtt recipe: their
-keys are the mtt recipe's, so they are shared with a run evaluated that way.
+keys are the mtt recipe's, so they are shared with a run evaluated that way; ``recipe: staged`` trains
+the distilled set stage by stage as PDD does (one network on its first stage, then its first two,
+..., each stage by the mtt recipe at its own learned step size, the optimiser's momentum carried
+over), its baselines, which have no stages, by the mtt recipe likewise.
 """
 
 from __future__ import annotations
@@ -35,10 +38,18 @@ def replays(cfg: PipelineConfig, subject: str) -> bool:
     return cfg.evaluate.recipe == "replay" and subject == "distilled"
 
 
+def staged(cfg: PipelineConfig, subject: str) -> bool:
+    """Whether ``subject`` is trained stage by stage (only the distilled set has stages)."""
+    return cfg.evaluate.recipe == "staged" and subject == "distilled"
+
+
 def evaluation_name(cfg: PipelineConfig, subject: str) -> str:
-    """How ``subject``'s accuracies were measured: ``mtt``, ``mtt+adam``, ``kd`` or ``replay``."""
+    """How ``subject``'s accuracies were measured: ``mtt``, ``mtt+adam``, ``kd``, ``replay`` or
+    ``staged``."""
     if replays(cfg, subject):
         return "replay"
+    if staged(cfg, subject):
+        return "staged"
     if cfg.evaluate.recipe == "kd":
         return "kd"
     return "mtt" if cfg.evaluate.optimizer == "sgd" else f"mtt+{cfg.evaluate.optimizer}"
@@ -141,6 +152,8 @@ def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
         fields = _recipe_fields(cfg, subject)
         fields["dsa"] = keyed(fields["dsa"]) if fields["dsa"] else None
         fields["labels"] = "hard" if subject == "full_data" else cfg.evaluate.labels
+        if staged(cfg, subject):  # the mtt recipe per stage; the stages come with the distill key
+            fields["recipe"] = "staged"
     return {
         "subject": subject,
         "arch": arch,
@@ -229,6 +242,39 @@ def _replay(
     ]
 
 
+def _staged(ctx: Context, data: RealData, seeds: list[int]) -> list[dict[str, float | None]]:
+    """The distilled set trained stage by stage from each seed's fresh network, each stage by the mtt
+    recipe at the stage's learned step size (``evaluate.lr: learned``) or at ``evaluate.lr``."""
+    synthetic = artifacts.load_synthetic(ctx.store, str(ctx.keys["distill"]))
+    stages = synthetic.stages
+    if stages is None:  # a config built past methods.configure, or a set stored before stages
+        raise ConfigError(
+            f"evaluate.recipe staged: the distilled set {ctx.keys['distill']} carries no stages (only"
+            " pdd's sets do): use evaluate.recipe mtt"
+        )
+    x, y = synthetic.images.to(ctx.device), synthetic.labels.to(ctx.device)
+    # Hard labels, or the probability rows the mtt recipe would train this set on (each stage its rows).
+    (targets,) = _targets(ctx, "distilled", data, [(x, y, synthetic.lr)])
+    learned = ctx.cfg.evaluate.lr == "learned"
+    run_recipe = recipe(ctx.cfg, "distilled", stages.lrs[0])  # the stages' own step sizes when learned
+    return [
+        evaluate.train_and_test_staged(
+            ctx.params["arch"],
+            data,
+            x,
+            targets,
+            stages,
+            run_recipe,
+            seed,
+            ctx.cfg.student,
+            ctx.progress,
+            _held_out(ctx, "distilled", data, seed),
+            learned_lr=learned,
+        )
+        for seed in seeds
+    ]
+
+
 def _train_kd(
     ctx: Context, subject: str, data: RealData, x: torch.Tensor | None, seed: int
 ) -> dict[str, float | None]:
@@ -309,6 +355,8 @@ def run(ctx: Context) -> dict[str, Any]:
     seeds = [eval_seed(cfg, index) for index in indices]
     if replays(cfg, subject):
         results = _replay(ctx, data, indices, seeds)
+    elif staged(cfg, subject):
+        results = _staged(ctx, data, seeds)
     else:
         results = _train_sets(ctx, subject, data, seeds)
     runs = [{"index": i, "seed": s, **r} for i, s, r in zip(indices, seeds, results, strict=True)]

@@ -39,8 +39,9 @@ def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
     return ("dataset", difficulty.STAGE) if cfg.experts.schedule is not None else ("dataset",)
 
 
-def _open_buffer(ctx: Context) -> zarr.Array:
-    """The shared buffer, created by whichever part gets there first (on any machine)."""
+def open_buffer(ctx: Context, snapshots: int) -> zarr.Array:
+    """The shared buffer of ``snapshots`` per expert, created by whichever part gets there first (on
+    any machine)."""
     ctx.pull(BUFFER_META)
     path = ctx.work / BUFFER
     if not path.exists():
@@ -49,7 +50,6 @@ def _open_buffer(ctx: Context) -> zarr.Array:
             models.CONVNET, data.channels, data.num_classes, data.resolution, ctx.cfg.model
         )
         tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-        snapshots = ctx.cfg.experts.epochs + 1
         create_buffer(tmp, ctx.cfg.experts.num_experts, snapshots, models.FlatParams(net).numel)
         try:
             os.rename(tmp, path)
@@ -62,7 +62,7 @@ def _open_buffer(ctx: Context) -> zarr.Array:
 def record_expert(ctx: Context, index: int) -> dict[str, Any]:
     """Train expert ``index`` and write its trajectory into the buffer."""
     cfg = ctx.cfg
-    buffer = _open_buffer(ctx)
+    buffer = open_buffer(ctx, cfg.experts.epochs + 1)
     order = None
     if cfg.experts.schedule is not None:
         order = difficulty.load_order(ctx.store, str(ctx.keys[difficulty.STAGE]), ctx.device)
@@ -100,7 +100,7 @@ STAGE = Stage(
     run=seal,
     config=config,
     reads=reads,
-    parts=lambda cfg: cfg.experts.num_experts,
+    parts=lambda cfg, params: cfg.experts.num_experts,
     run_part=record_expert,
     resumable=True,
 )

@@ -47,6 +47,7 @@ def run(ctx: Context) -> dict[str, Any]:
         soft,
         manifest,
         label_logits=arrays.get("label_logits"),
+        stages=artifacts.stages_of(arrays),
     )
     title = f"{card['name']} / {cfg.method} / ipc {cfg.ipc}: the distilled images"
     grid = plots.class_grid(arrays["pixels"], arrays["labels"], card["classes"], title)

@@ -102,9 +102,9 @@ def make_plan(
             for upstream in stage.reads(cfg, params):
                 add(upstream)
         fans_out = spread if stage.instances else None
-        keys = [
-            _add_instance(plan, jobs_of, stage, cfg, p, fans_out, spread, i) for i, p in enumerate(instances)
-        ]
+        keys: list[str] = []
+        for i, params in enumerate(instances):
+            keys.append(_add_instance(plan, jobs_of, stage, cfg, params, fans_out, spread, i, keys))
         plan.keys[name] = keys if stage.instances else keys[0]
         visiting.discard(name)
 
@@ -121,14 +121,23 @@ def _add_instance(
     fans_out: list[str] | None,
     spread: list[str],
     index: int,
+    earlier_keys: list[str],
 ) -> str:
     """Add an instance's jobs: its parts, spread over the devices in turn, then the instance itself
-    (on device ``index`` in turn when the stage fans out over instances, else on ``compute.device``)."""
+    (on device ``index`` in turn when the stage fans out over instances, else on ``compute.device``).
+    ``earlier_keys``: the keys of the stage's instances added before it (links a chain reads)."""
     reads = stage.reads(cfg, params)
-    keys = {name: plan.keys[name] for name in reads}
-    key = stage.key(cfg, keys, params)
+    keys: dict[str, str | list[str]] = {name: plan.keys[name] for name in reads}
     waits = [job for name in reads for job in jobs_of[name]]
-    count = stage.parts(cfg) if stage.parts else 0
+    if stage.name in stage.inputs(cfg, params):
+        assert stage.earlier is not None
+        links = list(stage.earlier(cfg, params))
+        if any(link >= index for link in links):
+            raise CondenseError(f"stage {stage.name}: instance {index} reads a later one ({links})")
+        keys[stage.name] = [earlier_keys[link] for link in links]
+        waits = waits + [jobs_of[stage.name][link] for link in links]
+    key = stage.key(cfg, keys, params)
+    count = stage.part_count(cfg, params)
     parts = [
         Job(stage.name, key, params, keys, part=i, device=devices.in_turn(spread, i)) for i in range(count)
     ]

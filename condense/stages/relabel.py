@@ -33,7 +33,7 @@ def _epochs(cfg: PipelineConfig) -> int:
     return relabel.stored_epoch_count(cfg.evaluate.epochs, cfg.relabel.stored_epochs)
 
 
-def shards(cfg: PipelineConfig) -> int:
+def shards(cfg: PipelineConfig, params: Params | None = None) -> int:
     """Jobs the stored relabeling splits into: ``compute.shards`` (0: one job, no parts)."""
     count = cfg.compute.shard_count()
     if count > _epochs(cfg):

@@ -176,7 +176,7 @@ STAGE = Stage(
     run=run,
     config=config,
     reads=reads,
-    parts=lambda cfg: len(cfg.teacher.ensemble),
+    parts=lambda cfg, params: len(cfg.teacher.ensemble),
     run_part=train_member,
     part_label=member_label,
 )

@@ -1,0 +1,150 @@
+"""PDD (condense/methods/pdd.py, condense/stages/progressive.py): a set distilled in stages, each
+stage's earlier images frozen, the experts regenerated between stages as jobs of their own, and the
+staged evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from condense import artifacts
+from condense.configure import load_config
+from condense.errors import ConfigError
+from condense.evaluate import Recipe, fit
+from condense.methods.pdd import SYNTHETIC_BATCH, class_major
+from condense.models import FlatParams
+from condense.prepare import load_once
+from condense.stages import base
+from condense.stages.progressive import NAME
+from condense.store import Store, load_arrays
+from condense.training import derived_seed, student_model
+from tests.conftest import TINY, KillAfter, Notes, plan_for, run_jobs, run_pipeline
+
+STAGED = [*TINY, "ipc=2", "distill.stages=2", "distill.synthetic_epochs=3"]
+
+
+def _config(*extra: str):
+    return load_config("digits-pdd", [*STAGED, *extra])
+
+
+def _links(plan) -> list[tuple[dict, str]]:
+    """(params, key) of each progressive job of the plan, in plan order (parts left out)."""
+    return [(job.params, job.key) for job in plan.jobs if job.stage == NAME and job.part is None]
+
+
+def test_the_plan_chains_sets_and_regenerated_experts(tmp_path: Path):
+    plan = plan_for(Store(tmp_path), _config("distill.stages=2", "ipc=4"))
+    links = _links(plan)
+    assert [(p["stage"], p["link"]) for p, _ in links] == [(1, "set"), (1, "experts"), (2, "set")]
+    (_, first), (_, experts), (_, second) = links
+    # One part job per regenerated expert, each waiting for stage 1's set.
+    parts = [job for job in plan.jobs if job.stage == NAME and job.part is not None]
+    assert len(parts) == 2 and all(job.key == experts for job in parts)
+    assert all(any(first in name for name in plan.after[job.name]) for job in parts)
+    # Stage 2 reads stage 1's set and the regenerated experts, by key; the distill job the last set.
+    stage2 = next(job for job in plan.jobs if job.key == second)
+    assert stage2.keys[NAME] == [first, experts]
+    distill = next(job for job in plan.jobs if job.stage == "distill")
+    assert distill.keys[NAME] == [first, experts, second]
+
+
+def test_stage_settings_rekey_only_their_own_and_later_links(tmp_path: Path):
+    store = Store(tmp_path)
+    a = [key for _, key in _links(plan_for(store, _config()))]
+    b = [key for _, key in _links(plan_for(store, _config("distill.synthetic_epochs=4")))]
+    # The stage count and every setting are in every link's key; a different one is a different chain.
+    assert len(a) == len(b) == 3 and a != b
+    assert a == [key for _, key in _links(plan_for(store, _config()))]
+
+
+def test_an_ipc_that_does_not_split_into_the_stages_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="ipc 3 does not split into distill.stages=2"):
+        load_config("digits-pdd", [*STAGED, "ipc=3"])
+
+
+def test_the_class_major_order_puts_each_class_s_earlier_images_first():
+    # 2 classes: earlier stages hold 2 a class (h0 h0 h1 h1), this stage adds 1 (n0 n1).
+    order = class_major(torch.zeros(6), 2, 2, 1)
+    assert order.tolist() == [0, 1, 4, 2, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory: pytest.TempPathFactory):
+    store = Store(tmp_path_factory.mktemp("pdd"))
+    cfg = _config("evaluate.recipe=staged")
+    summary = run_pipeline(store, cfg)
+    return store, cfg, plan_for(store, cfg), summary
+
+
+def test_the_earlier_stage_s_images_do_not_move_in_the_next_stage(staged_run):
+    store, cfg, plan, _ = staged_run
+    (_, first), _, (_, second) = _links(plan)
+    one = artifacts.load_synthetic(store, first, NAME)
+    two = artifacts.load_synthetic(store, second, NAME)
+    assert one.stages.ipc == (1,) and two.stages.ipc == (1, 1)
+    classes = 10
+    kept = two.images[two.stages.upto(1, classes)]
+    assert torch.equal(kept, one.images)  # bit-identical
+    assert torch.equal(two.labels[two.stages.upto(1, classes)], one.labels)
+    new = two.images.view(classes, 2, *two.images.shape[1:])[:, 1]
+    assert not torch.equal(new, one.images)
+    # Each stage learned its own step size; the distilled set is the last stage's, with both.
+    final = artifacts.load_synthetic(store, plan.keys["distill"])
+    assert torch.equal(final.images, two.images)
+    assert final.stages == two.stages and final.stages.lrs[0] == one.stages.lrs[0]
+
+
+def test_a_regenerated_expert_first_trains_on_exactly_the_stage_s_images(staged_run):
+    store, cfg, plan, _ = staged_run
+    (_, first), (_, experts), _ = _links(plan)
+    union = artifacts.load_synthetic(store, first, NAME)
+    original = artifacts.load_buffer(store, plan.keys["experts"])
+    regenerated = artifacts.load_buffer(store, experts, NAME)
+    assert regenerated.num_experts == cfg.experts.num_experts
+    assert regenerated.num_snapshots == cfg.distill.max_start_epoch + cfg.distill.expert_epochs + 1
+    data = load_once(store, plan.keys["dataset"], cfg.dataset, torch.device("cpu"))
+    for index in range(regenerated.num_experts):
+        seed = derived_seed(cfg.seed, 1, index)
+        model = student_model(data, cfg.model, seed)
+        FlatParams(model).load_into(original.snapshot(index, 0))
+        recipe = Recipe(
+            cfg.distill.synthetic_epochs, union.stages.lrs[0], SYNTHETIC_BATCH, 0.9, 5e-4, cfg.dsa
+        )
+        fit(model, union.images, union.labels, recipe, torch.Generator().manual_seed(seed))
+        assert torch.equal(regenerated.snapshot(index, 0), FlatParams(model).flatten())
+        assert not torch.equal(regenerated.snapshot(index, 0), original.snapshot(index, 0))
+
+
+def test_the_summary_names_the_staged_evaluation_of_the_set_and_not_of_its_baselines(staged_run):
+    _, _, _, summary = staged_run
+    assert summary["evaluation"]["distilled"] == "staged"
+    assert summary["evaluation"]["random_real"] == "mtt"
+
+
+def test_a_stage_killed_mid_way_resumes_to_identical_bytes(tmp_path: Path, monkeypatch):
+    cfg = _config()
+    store = Store(tmp_path / "killed")
+    plan = plan_for(store, cfg)
+    (_, first), (_, experts), (_, second) = _links(plan)
+    before = [job for job in plan.jobs if job.key in (first, experts) or job.stage == "experts"]
+    for job in before:
+        base.execute(job, cfg, store)
+    stage2 = next(job for job in plan.jobs if job.key == second)
+    original = base.TorchCheckpoints
+    with monkeypatch.context() as patch:
+        patch.setattr(base, "TorchCheckpoints", lambda path, *hook: KillAfter(original(path, *hook), 1))
+        with pytest.raises(KeyboardInterrupt):
+            base.execute(stage2, cfg, store)
+    assert not store.has(NAME, second)
+    notes = Notes()
+    base.execute(stage2, cfg, store, notes)
+    assert any("resuming MTT from checkpoint at iteration 2/6" in n for n in notes.lines)
+    resumed = load_arrays(store.path(NAME, second) / "synthetic.zarr")
+
+    fresh = Store(tmp_path / "fresh")
+    run_jobs(fresh, cfg, plan_for(fresh, cfg), {"experts", NAME})
+    uninterrupted = load_arrays(fresh.path(NAME, second) / "synthetic.zarr")
+    for name in ("images", "labels", "stage_ipc", "stage_lr"):
+        assert (resumed[name] == uninterrupted[name]).all(), name
