@@ -65,7 +65,7 @@ def test_editing_a_module_rekeys_what_imports_it_and_everything_downstream_and_n
     # One function changed in experts.py: the experts, the teacher picked from them and what reads
     # the teacher. Not the DSA set: its matching loop builds networks with training.student_model,
     # and nothing of the expert code (where that factory used to live, in every DSA key).
-    anchor = "``start``: flat parameters to start from instead (PDD's experts regenerated after a stage).\"\"\""
+    anchor = 'to start from instead (PDD\'s experts regenerated after a stage)."""'
     after = _plan_keys(_edited(tmp_path / "experts", "experts.py", anchor), store, dataset_key)
     changed = sorted(name for name in before if before[name] != after[name])
     print("\nkeys changed by editing experts.train_expert (digits-dsa):")

@@ -52,8 +52,11 @@ def earlier(cfg: PipelineConfig, params: Params) -> list[int]:
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
+    # A stage's set is shaped by the experts it matched (an input key), not by how long they trained
+    # on the earlier images: changing that regenerates the experts and what follows, not stage 1.
+    unused = {"synthetic_epochs"} if params["link"] == SET else set()
     section = {
-        "distill": keyed(cfg.distill),
+        "distill": keyed(cfg.distill, exclude=unused),
         "ipc": cfg.ipc,
         "seed": cfg.seed,
         "model": keyed(cfg.model),
@@ -72,10 +75,8 @@ def _links(ctx: Context) -> list[str]:
 
 def _start_buffer(ctx: Context) -> artifacts.ExpertBuffer:
     """The trajectories this link matches or starts from: the experts', or the last regenerated ones."""
-    links, stage = _links(ctx), ctx.params["stage"]
-    regenerated = stage > 1
-    if regenerated:
-        return artifacts.load_buffer(ctx.store, links[-1], NAME)
+    if ctx.params["stage"] > 1:  # both kinds of link list the last regenerated buffer last
+        return artifacts.load_buffer(ctx.store, _links(ctx)[-1], NAME)
     return artifacts.load_buffer(ctx.store, str(ctx.keys["experts"]))
 
 
