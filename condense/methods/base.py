@@ -33,7 +33,7 @@ class DistillInputs:
     it computes these units only; set by whoever runs it (every unit when the set is made whole)."""
     frozen: SyntheticSet | None = None
     """Images distilled before, which lead the set: trained on, never moved (PDD's earlier stages;
-    trajectory methods honour it); None: every image is optimised."""
+    the trajectory and matching loops honour it); None: every image is optimised."""
 
 
 class Checkpoints(Protocol):

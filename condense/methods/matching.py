@@ -11,6 +11,12 @@ DSA transform by (seed, clock, c). A run over some of the classes (``DistillInpu
 optimises them exactly as the run over all of them does, so a method whose classes are otherwise
 independent (DM: a frozen network, a per-class loss, an element-wise SGD) shards by class
 (:data:`CLASS_SHARDS`), and a resumed run needs no random state beyond the iteration it reached.
+
+Images distilled before (``DistillInputs.frozen``, PDD's earlier stages, class-major) lead each class's
+block of the set: they are in the class's synthetic batch (matched, embedded, trained on) exactly like
+the new images, and never move (their rows of the pixels' gradient are zeroed before every step, and
+the given images are put back, bit for bit, at the end). They draw nothing: the new images' start and
+every keyed draw are those of a run without them.
 """
 
 from __future__ import annotations
@@ -87,13 +93,17 @@ class MatchingRun:
     classes: range
     """The classes this run optimises: every class, or a shard's range."""
     images: torch.Tensor
-    """(len(classes) * ipc, C, H, W) leaf tensor being optimised, class-major."""
+    """(len(classes) * (held + ipc), C, H, W) leaf tensor being optimised, class-major: each class's
+    ``held`` frozen images, then its ``ipc`` new ones."""
     labels: torch.Tensor
     optimizer: torch.optim.Optimizer
     seed: int
     generator: torch.Generator
     """This iteration's generator, seeded from (seed, iteration) before each ``step``."""
     sampler: Sampler
+    held: int = 0
+    """Frozen images per class (``DistillInputs.frozen``) leading each class's block; ``ipc`` counts the
+    new ones only (DSA's loops follow it: the images this run distils)."""
 
     def fresh_net(self) -> ConvNet:
         """A randomly initialised ConvNet, seeded from the iteration's generator (so resumable)."""
@@ -102,9 +112,11 @@ class MatchingRun:
         return net
 
     def synthetic(self, c: int) -> torch.Tensor:
-        """Class ``c``'s synthetic images, a view that carries gradients back to the pixels."""
-        first = (c - self.classes.start) * self.ipc
-        return self.images[first : first + self.ipc]
+        """Class ``c``'s synthetic images (its frozen ones first), a view that carries gradients back to
+        the pixels."""
+        per_class = self.held + self.ipc
+        first = (c - self.classes.start) * per_class
+        return self.images[first : first + per_class]
 
     def pair(self, c: int, clock: int, net: ConvNet) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ``c``'s real batch and synthetic images under one DSA transform, both drawn from a
@@ -116,9 +128,13 @@ class MatchingRun:
         return dsa(real, self.dsa_cfg, seed), dsa(self.synthetic(c), self.dsa_cfg, seed)
 
     def update(self, loss: torch.Tensor) -> None:
-        """One SGD step on the pixels."""
+        """One SGD step on the pixels; the frozen images' gradient is zeroed first, so they do not move
+        (nor does their momentum, which stays zero)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad = self.images.grad
+        if self.held and grad is not None:
+            grad.view(len(self.classes), self.held + self.ipc, *grad.shape[1:])[:, : self.held] = 0
         self.optimizer.step()
 
 
@@ -138,11 +154,36 @@ def new_sampler(data: RealData, cfg: MatchingConfig, seed: int, carried: dict[st
     return sampler
 
 
+def frozen_prefix(inputs: DistillInputs, classes: range) -> tuple[int, torch.Tensor | None]:
+    """(frozen images per class, those of ``classes``, class-major) of ``inputs.frozen``; (0, None)
+    without one. Refuses a set that is not class-major with the same count in every class."""
+    frozen = inputs.frozen
+    if frozen is None:
+        return 0, None
+    num_classes = inputs.data.num_classes
+    held = len(frozen.images) // num_classes
+    expected = class_labels(range(num_classes), held)
+    if held * num_classes != len(frozen.images) or not torch.equal(frozen.labels.cpu().long(), expected):
+        raise ValueError(
+            f"frozen images must be class-major, as many in every class: {len(frozen.images)} images"
+            f" for {num_classes} classes"
+        )
+    return held, frozen.images[classes.start * held : classes.stop * held]
+
+
+def per_class_cat(first: torch.Tensor, m: int, second: torch.Tensor, n: int) -> torch.Tensor:
+    """Two class-major sets of ``m`` and ``n`` images a class as one, each class's ``m`` first."""
+    classes = len(first) // m
+    shape = first.shape[1:]
+    return torch.cat([first.reshape(classes, m, *shape), second.reshape(classes, n, *shape)], 1).flatten(0, 1)
+
+
 def run_matching(
     inputs: DistillInputs, checkpoints: Checkpoints, progress: Progress, step: Step, label: str
 ) -> SyntheticSet:
     """The outer loop of a matching method over the classes ``inputs.units`` (every class when None):
-    ``step`` once per iteration, checkpointed, resumable. Its history holds each iteration's loss as
+    ``step`` once per iteration, checkpointed, resumable; ``inputs.frozen`` leads each class's block
+    and never moves (the module docstring). Its history holds each iteration's loss as
     a fixed-point class sum; :func:`merge_classes` makes the set (and its loss curve) whole."""
     cfg: MatchingConfig = inputs.method_cfg
     data = inputs.data
@@ -153,7 +194,11 @@ def run_matching(
     start = initial_images(
         data, inputs.ipc, cfg.init, generator, lambda seed: student_model(data, inputs.model_cfg, seed)
     )
-    images = start[classes.start * inputs.ipc : classes.stop * inputs.ipc].clone().requires_grad_(True)
+    images = start[classes.start * inputs.ipc : classes.stop * inputs.ipc].clone()
+    held, kept = frozen_prefix(inputs, classes)
+    if kept is not None:  # each class's block: its frozen images, then its new ones
+        images = per_class_cat(kept.to(images.device), held, images, inputs.ipc)
+    images.requires_grad_(True)
     optimizer = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
     resumable = Resumable({"images": images}, {"opt_img": optimizer}, generator)
     loop = ResumableLoop(
@@ -171,11 +216,12 @@ def run_matching(
         dsa_cfg=inputs.dsa_cfg,
         classes=classes,
         images=images,
-        labels=class_labels(classes, inputs.ipc).to(images.device),
+        labels=class_labels(classes, held + inputs.ipc).to(images.device),
         optimizer=optimizer,
         seed=inputs.seed,
         generator=generator,
         sampler=new_sampler(data, cfg, inputs.seed, stats),
+        held=held,
     )
 
     for it in range(start_it, cfg.iterations):
@@ -194,8 +240,12 @@ def run_matching(
         progress.step(it + 1, cfg.iterations, f"loss {loss:.4f}")
         loop.checkpoint(it, history, sampler_stats=dict(run.sampler.stats))
 
+    final = images.detach().clone()
+    if kept is not None:  # exactly as given (they never moved; this makes it so by construction)
+        blocks = final.view(len(classes), held + inputs.ipc, *final.shape[1:])
+        blocks[:, :held] = kept.to(final.device).reshape(len(classes), held, *final.shape[1:])
     return SyntheticSet(
-        images=images.detach().clone(),
+        images=final,
         labels=run.labels,
         lr=None,
         history=history,

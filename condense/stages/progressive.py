@@ -6,6 +6,10 @@ regenerated experts read the set they trained on and the buffer whose first snap
 from. Each link is its own artifact, keyed by the links it reads, so changing stage 3's settings
 reuses stages 1 and 2, and each regenerated expert is a part job of its own (on the devices in turn,
 resumable, in parallel on a cluster). The distill job of a ``pdd`` run reads the last link.
+
+Over a base without experts (an IDC-style matching base: dm, dsa, datadam) the chain is the sets alone:
+stage k's set reads stage k-1's, no link reads or regenerates experts, and the experts stage is not
+planned (:func:`condense.methods.pdd.regenerates`).
 """
 
 from __future__ import annotations
@@ -26,34 +30,46 @@ SET, EXPERTS = "set", "experts"
 
 
 def instances(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """[stage 1's set, its regenerated experts, stage 2's set, ..., stage P's set]; none unless pdd."""
+    """[stage 1's set, its regenerated experts, stage 2's set, ..., stage P's set], or the sets alone
+    over a base without experts; none unless pdd."""
     if cfg.method != "pdd":
         return []
     links = []
     for stage in range(1, cfg.distill.stages + 1):
         links.append({"stage": stage, "link": SET})
-        if stage < cfg.distill.stages:
+        if stage < cfg.distill.stages and pdd.regenerates(cfg.distill):
             links.append({"stage": stage, "link": EXPERTS})
     return links
 
 
-def position(stage: int, link: str) -> int:
+def position(cfg: PipelineConfig, stage: int, link: str) -> int:
     """Where a link is in :func:`instances`."""
-    return 2 * (stage - 1) + (link == EXPERTS)
+    per_stage = 2 if pdd.regenerates(cfg.distill) else 1
+    return per_stage * (stage - 1) + (link == EXPERTS)
 
 
 def earlier(cfg: PipelineConfig, params: Params) -> list[int]:
-    """A set reads [the set before it, the experts regenerated from that]; regenerated experts read
-    [the set they train on, and after stage 1 the regenerated buffer they start from]."""
+    """A set reads [the set before it, the experts regenerated from that] (only the set before it over
+    a base without experts); regenerated experts read [the set they train on, and after stage 1 the
+    regenerated buffer they start from]."""
     stage = params["stage"]
     if params["link"] == SET:
-        return [] if stage == 1 else [position(stage - 1, SET), position(stage - 1, EXPERTS)]
-    return [position(stage, SET)] + ([position(stage - 1, EXPERTS)] if stage > 1 else [])
+        if stage == 1:
+            return []
+        regenerated = [position(cfg, stage - 1, EXPERTS)] if pdd.regenerates(cfg.distill) else []
+        return [position(cfg, stage - 1, SET), *regenerated]
+    return [position(cfg, stage, SET)] + ([position(cfg, stage - 1, EXPERTS)] if stage > 1 else [])
+
+
+def reads(cfg: PipelineConfig, params: Params) -> tuple[str, ...]:
+    """The dataset, and the experts' buffer when the base matches (and regenerates) trajectories."""
+    return ("dataset", "experts") if pdd.regenerates(cfg.distill) else ("dataset",)
 
 
 def config(cfg: PipelineConfig, params: Params) -> dict[str, Any]:
     # A stage's set is shaped by the experts it matched (an input key), not by how long they trained
     # on the earlier images: changing that regenerates the experts and what follows, not stage 1.
+    # Without experts to regenerate, the setting shapes nothing.
     unused = {"synthetic_epochs"} if params["link"] == SET else set()
     section = {
         "distill": keyed(cfg.distill, exclude=unused),
@@ -73,8 +89,11 @@ def _links(ctx: Context) -> list[str]:
     return [keys] if isinstance(keys, str) else list(keys)
 
 
-def _start_buffer(ctx: Context) -> artifacts.ExpertBuffer:
-    """The trajectories this link matches or starts from: the experts', or the last regenerated ones."""
+def _start_buffer(ctx: Context) -> artifacts.ExpertBuffer | None:
+    """The trajectories this link matches or starts from: the experts', or the last regenerated ones;
+    None over a base without experts."""
+    if not pdd.regenerates(ctx.cfg.distill):
+        return None
     if ctx.params["stage"] > 1:  # both kinds of link list the last regenerated buffer last
         return artifacts.load_buffer(ctx.store, _links(ctx)[-1], NAME)
     return artifacts.load_buffer(ctx.store, str(ctx.keys["experts"]))
@@ -111,12 +130,14 @@ def run_expert(ctx: Context, index: int) -> dict[str, Any]:
     real_epochs = pdd.regenerated_epochs(cfg.distill)
     buffer = open_buffer(ctx, real_epochs + 1)
     union = artifacts.load_synthetic(ctx.store, _links(ctx)[0], NAME)
+    start = _start_buffer(ctx)
+    assert start is not None, "experts are regenerated only over a base that has them"
     trajectory = pdd.regenerate_expert(
         ctx.data(),
         cfg.model,
         cfg.experts,
         cfg.dsa,
-        _start_buffer(ctx).snapshot(index, 0),
+        start.snapshot(index, 0),
         union,
         cfg.distill.synthetic_epochs,
         real_epochs,
@@ -142,7 +163,7 @@ STAGE = Stage(
     name=NAME,
     run=run,
     config=config,
-    reads=lambda cfg, params: ("dataset", "experts"),
+    reads=reads,
     code=lambda cfg: (get_method(cfg.method).module,),
     instances=instances,
     earlier=earlier,
