@@ -6,6 +6,7 @@
     python bench/method_table.py --dataset cifar10 --ipc 10 --methods datm,pad --set budget=paper
     python bench/method_table.py --ipc 10 --methods mtt,datm --pdd 2,5     # PDD over each, P = 2 and 5
     python bench/method_table.py --ipc 10 --methods rded,sre2l,cda,infer --teachers 1,3  # INFER, M teachers
+    python bench/method_table.py --ipc 1 --methods mtt,datm --mdt 0.3    # masked distillation training
 
 Each row is the method's preset (``<dataset>-<method>``) at the given IPC (with the preset's budget
 ``ipc<N>`` row when it has one, e.g. DATM's IPC 1 window), run through the pipeline's stages
@@ -27,8 +28,8 @@ INFER with M self-trained teachers (the preset's, plus M - 1 ConvNets of other s
 instead of its preset's. "stored" is what a set costs to keep (INFER: real images as exported plus
 float32 compensators) and how many images a student trains on. "ECE / T / MTS": the distilled set's
 expected calibration error (%) as trained, after temperature scaling and after masked temperature
-scaling, both fitted on the held-out calibration split; ``--set distill.mask_ratio=0.3`` adds
-masked distillation training to the trajectory methods.
+scaling, both fitted on the held-out calibration split; ``--mdt T`` adds, after each method that has
+it, the same method with masked distillation training at mask ratio T (``distill.mask_ratio``).
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def main() -> None:
         "--pdd-set", action="append", default=[], metavar="KEY=VALUE", help="override PDD rows"
     )
     parser.add_argument("--teachers", default="", metavar="M1,M2", help="INFER with M teachers instead")
+    parser.add_argument("--mdt", default="", metavar="T1,T2", help="add MDT rows at these mask ratios")
     parser.add_argument("--store", help="a store to use (default: a fresh temporary one)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -196,6 +198,10 @@ def main() -> None:
         # The IPC picks the CPU budget's row for it (e.g. DATM's window at IPC 1).
         common = [f"ipc={args.ipc}", *args.set]
         runs = [(method, common)]
+        if args.mdt and "mask_ratio" in type(load_config(preset, common).distill).model_fields:
+            runs += [
+                (f"{method} MDT t={t}", [*common, f"distill.mask_ratio={t}"]) for t in args.mdt.split(",")
+            ]
         if method == "infer" and args.teachers:
             runs = [
                 (f"infer M={m}", [*common, f"teacher.ensemble={json.dumps(['convnet'] * (m - 1))}"])
