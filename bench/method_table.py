@@ -145,7 +145,7 @@ def run_row(
         "random_real": summary["baselines"]["random_real"],
         "full_data": summary["baselines"]["full_data"],
         "distill_seconds": seconds,
-        "experts_seconds": summary["stages"]["experts"]["seconds"] if experts else None,
+        "experts_seconds": stored_seconds(store, plan, ("experts",)) if experts else None,
         "what_it_did": what_it_did(synthetic.history, stats, params),
         "iterations": getattr(cfg.distill, "iterations", None),
         "storage": summary["storage"],
