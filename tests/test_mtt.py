@@ -41,6 +41,25 @@ def test_a_killed_distillation_resumes_and_matches_an_uninterrupted_run(tmp_path
     assert store.meta("distill", key)["lr"] == fresh.meta("distill", key)["lr"]
 
 
+def test_a_resumed_distillation_records_the_seconds_of_every_attempt(tmp_path: Path, monkeypatch):
+    cfg = load_config("digits-mtt", TINY)
+    store = Store(tmp_path)
+    plan = plan_for(store, cfg)
+    run_jobs(store, cfg, plan, {"experts"})
+    key = plan.keys["distill"]
+    kill_distillation_at_first_checkpoint(store, cfg, plan, monkeypatch)
+    path = store.partial("distill", key) / "checkpoint.pt"
+    raw = torch.load(path, weights_only=True)
+    assert raw[base.STOPWATCH]["seconds"] > 0
+    assert base.STOPWATCH not in base.TorchCheckpoints(path).load()  # the stage never sees it
+    # Stand in for a first attempt that had computed for 1000 s before it was killed.
+    torch.save({**raw, base.STOPWATCH: {**raw[base.STOPWATCH], "seconds": 1000.0}}, path)
+
+    run_jobs(store, cfg, plan, {"distill"})
+    seconds = store.meta("distill", key)["seconds"]
+    assert 1000 < seconds < 2000  # carried once, never twice
+
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path):
     cfg = load_config("digits-mtt", [*TINY, "distill.lr_img=1e30", "distill.checkpoint_every=1"])
     store = Store(tmp_path)

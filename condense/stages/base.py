@@ -185,23 +185,50 @@ class Job:
         return f"{self.stage}{detail}-{self.key}"
 
 
+@dataclass
+class Stopwatch:
+    """The seconds a job has computed: this attempt's, plus those of the attempts it resumes from
+    (their checkpoint carries them), so that a resumed stage records its whole cost, not its last
+    attempt's. The time between attempts (killed, waiting for a rerun) is in neither."""
+
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.perf_counter)
+    carried: float = 0.0
+    """Seconds of earlier attempts, read from the checkpoint this attempt resumed from."""
+
+    def total(self) -> float:
+        return self.carried + time.perf_counter() - self.started
+
+
+STOPWATCH = "_stopwatch"
+"""The checkpoint entry that carries a job's seconds across attempts (never seen by the stage)."""
+
+
 class TorchCheckpoints:
     """Resumable state as one file written atomically (temporary name, then rename); ``on_save``
-    runs after each save (a remote store shares the checkpoint with other machines there).
+    runs after each save (a remote store shares the checkpoint with other machines there); with a
+    ``stopwatch``, each save records the job's seconds so far and a load by a later attempt adds them.
 
     Loaded with ``weights_only=True``: tensors and plain containers, never code. A checkpoint that
     does not load (damaged, or not one of ours) is moved aside and the work starts over."""
 
-    def __init__(self, path: Path, on_save: Callable[[], None] = lambda: None, progress: Progress = SILENT):
+    def __init__(
+        self,
+        path: Path,
+        on_save: Callable[[], None] = lambda: None,
+        progress: Progress = SILENT,
+        stopwatch: Stopwatch | None = None,
+    ):
         self.path = path
         self.on_save = on_save
         self.progress = progress
+        self.stopwatch = stopwatch
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is only lost work
             aside = self.path.with_name(f"{self.path.name}.unreadable-{uuid.uuid4().hex[:8]}")
             os.replace(self.path, aside)
@@ -210,9 +237,17 @@ class TorchCheckpoints:
                 f"checkpoint {self.path} does not load ({reason}); moved to {aside.name}, starting over"
             )
             return None
+        watch = state.pop(STOPWATCH, None) if isinstance(state, dict) else None
+        # A checkpoint this attempt wrote itself holds this attempt's seconds already.
+        if self.stopwatch is not None and watch is not None and watch["attempt"] != self.stopwatch.attempt:
+            self.stopwatch.carried = float(watch["seconds"])
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        if self.stopwatch is not None:
+            watch = {"attempt": self.stopwatch.attempt, "seconds": self.stopwatch.total()}
+            state = {**state, STOPWATCH: watch}
         torch.save(state, tmp)
         os.replace(tmp, self.path)
         self.on_save()
@@ -235,6 +270,8 @@ class Context:
     """The records of every part (in a stage with parts, when ``run`` seals them)."""
     part: str | None = None
     """The label of the part this job computes (``Stage.part_label``); None for a whole job."""
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
+    """This job's seconds, carried across the attempts that resume it."""
     _data: RealData | None = None
 
     def data(self) -> RealData:
@@ -263,7 +300,7 @@ class Context:
     def checkpoints(self) -> TorchCheckpoints:
         """This job's checkpoint file (a part's own), shared with other machines after every save."""
         name = CHECKPOINT if self.part is None else PART_CHECKPOINT.format(self.part)
-        return TorchCheckpoints(self.work / name, lambda: self.share(name), self.progress)
+        return TorchCheckpoints(self.work / name, lambda: self.share(name), self.progress, self.stopwatch)
 
 
 def _check_key(stage: Stage, job: Job, cfg: PipelineConfig) -> None:
@@ -284,8 +321,7 @@ def _run_part(stage: Stage, ctx: Context, index: int) -> tuple[dict[str, Any], b
     if (ctx.work / record_name).exists():
         return read_json(ctx.work / record_name), True
     assert stage.run_part is not None
-    started = time.perf_counter()
-    record = {**stage.run_part(ctx, index), "seconds": round(time.perf_counter() - started, 3)}
+    record = {**stage.run_part(ctx, index), "seconds": round(ctx.stopwatch.total(), 3)}
     write_json(ctx.work / record_name, record)
     ctx.share(record_name)  # after the part's own files: the record vouches for them
     return record, False
@@ -293,7 +329,6 @@ def _run_part(stage: Stage, ctx: Context, index: int) -> tuple[dict[str, Any], b
 
 def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
     """Run the stage (gathering its parts first) and commit what it wrote."""
-    started = time.perf_counter()
     count = stage.part_count(ctx.cfg, ctx.params)
     if count:
         ctx.pull()
@@ -307,7 +342,7 @@ def _seal(stage: Stage, ctx: Context) -> dict[str, Any]:
     meta = stage.run(ctx)
     if count:
         meta = {**meta, "parts": ctx.parts}
-    meta["seconds"] = round(time.perf_counter() - started, 3)
+    meta["seconds"] = round(ctx.stopwatch.total(), 3)
     meta[PREIMAGE] = stage.preimage(ctx.cfg, ctx.keys, ctx.params)
     scratch = ["checkpoint*.pt", "part-*.json", f"{CHECKPOINT}.*", "checkpoint-*.pt.*"]
     for path in [found for pattern in scratch for found in ctx.work.glob(pattern)]:
