@@ -189,7 +189,8 @@ class Job:
 class Stopwatch:
     """The seconds a job has computed: this attempt's, plus those of the attempts it resumes from
     (their checkpoint carries them), so that a resumed stage records its whole cost, not its last
-    attempt's. The time between attempts (killed, waiting for a rerun) is in neither."""
+    attempt's. Neither the time between attempts nor a killed attempt's work after its last checkpoint
+    (done again by the next) is counted."""
 
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.perf_counter)
