@@ -224,9 +224,9 @@ def main() -> None:
                 f"{row['method']:8} {fmt(row['distilled'])} vs random real {fmt(row['random_real'])}",
                 file=sys.stderr,
             )
-        # Written after every row, so a long table stopped part-way keeps the rows it has.
-        if args.json:
-            write_rows(args.json, args.dataset, args.ipc, args.set, rows)
+            # Written after every row, so a long table stopped part-way keeps the rows it has.
+            if args.json:
+                write_rows(args.json, args.dataset, args.ipc, args.set, rows)
 
     table = [
         {
