@@ -169,6 +169,32 @@ def fmt(acc: dict[str, Any]) -> str:
     return f"{acc['mean']:.2f} ± {acc['std']:.2f}"
 
 
+def table_text(dataset: str, ipc: int, rows: list[dict[str, Any]]) -> str:
+    """The rows as the table this bench prints (and `bench/results/*.txt` keep)."""
+    table = [
+        {
+            "method": r["method"],
+            "evaluation": r.get("evaluation", "mtt"),
+            "labels": r["labels"],
+            "distilled": fmt(r["distilled"]),
+            "random real": fmt(r["random_real"]),
+            "full data": fmt(r["full_data"]),
+            "distill s": f"{r['distill_seconds']:.1f}",
+            "experts s": "-" if r["experts_seconds"] is None else f"{r['experts_seconds']:.1f}",
+            "stored": stored(r["storage"]),
+            "ECE / T / MTS": " / ".join("-" if v is None else f"{v:.2f}" for v in r["calibration"].values()),
+            "what it did": r["what_it_did"],
+        }
+        for r in rows
+    ]
+    lines = [f"{dataset} IPC {ipc}, ConvNet, final epoch, mean ± std over seeds", ""]
+    widths = {c: max(len(c), *(len(row[c]) for row in table)) for c in table[0]}
+    lines.append("  ".join(c.ljust(w) for c, w in widths.items()))
+    for row in table:
+        lines.append("  ".join(row[c].ljust(w) for c, w in widths.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,27 +254,7 @@ def main() -> None:
             if args.json:
                 write_rows(args.json, args.dataset, args.ipc, args.set, rows)
 
-    table = [
-        {
-            "method": r["method"],
-            "evaluation": r.get("evaluation", "mtt"),
-            "labels": r["labels"],
-            "distilled": fmt(r["distilled"]),
-            "random real": fmt(r["random_real"]),
-            "full data": fmt(r["full_data"]),
-            "distill s": f"{r['distill_seconds']:.1f}",
-            "experts s": "-" if r["experts_seconds"] is None else f"{r['experts_seconds']:.1f}",
-            "stored": stored(r["storage"]),
-            "ECE / T / MTS": " / ".join("-" if v is None else f"{v:.2f}" for v in r["calibration"].values()),
-            "what it did": r["what_it_did"],
-        }
-        for r in rows
-    ]
-    print(f"\n{args.dataset} IPC {args.ipc}, ConvNet, final epoch, mean ± std over seeds\n")
-    widths = {c: max(len(c), *(len(row[c]) for row in table)) for c in table[0]}
-    print("  ".join(c.ljust(w) for c, w in widths.items()))
-    for row in table:
-        print("  ".join(row[c].ljust(w) for c, w in widths.items()))
+    print("\n" + table_text(args.dataset, args.ipc, rows))
 
 
 if __name__ == "__main__":
