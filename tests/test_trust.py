@@ -23,7 +23,7 @@ from condense.configure import load_config
 from condense.convert import write_image_folder
 from condense.errors import CondenseError, ConfigError, DamagedArtifactError
 from condense.export import write_distilled
-from condense.stages.base import TorchCheckpoints
+from condense.stages.base import Stopwatch, TorchCheckpoints
 from condense.store import Store, load_arrays
 from condense.teacher import load_teacher_file
 from tests.conftest import TINY, Notes, fake_key, run_pipeline
@@ -189,6 +189,17 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_work_starts_over(tmp_path
     notes = Notes()
     assert TorchCheckpoints(path, progress=notes).load() is None
     assert not path.exists() and any("does not load" in n for n in notes.lines)
+
+
+def test_a_checkpoint_carries_its_seconds_to_later_attempts_only(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    first = Stopwatch(carried=50.0)
+    TorchCheckpoints(path, stopwatch=first).save({"iteration": 3})
+    assert TorchCheckpoints(path, stopwatch=first).load() == {"iteration": 3}
+    assert first.carried == 50.0  # its own checkpoint: nothing carried twice
+    later = Stopwatch()
+    assert TorchCheckpoints(path, stopwatch=later).load() == {"iteration": 3}
+    assert later.carried >= 50.0
 
 
 # ----------------------------------------------------------------------------- nothing runs code
