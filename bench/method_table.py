@@ -244,8 +244,8 @@ def main() -> None:
             for recipe in ("staged", "mtt"):
                 runs.append((f"pdd({method}) P={stages}", [*wrapped, f"evaluate.recipe={recipe}"]))
         for label, overrides in runs:
-            rows.append(run_row(preset, overrides, store, progress, label))
-            row = rows[-1]
+            row = run_row(preset, overrides, store, progress, label)
+            rows.append(row)
             print(
                 f"{row['method']:8} {fmt(row['distilled'])} vs random real {fmt(row['random_real'])}",
                 file=sys.stderr,
